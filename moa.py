@@ -12,19 +12,26 @@ Run it:  python moa.py --model M --out DIR
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
+import itertools
 import json
 import math
 import os
 import sys
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import sparse
+from scipy.optimize import LinearConstraint, linprog, milp
 from tqdm.auto import tqdm
 
 import kernel
@@ -408,7 +415,170 @@ def rule_losses(hist, groups, alphas, betas):
 # ----------------------------------------------------------------------------------------------------------------
 # The optimizer: one rule per KV head under the density budget, the epsilon-constraint Pareto front (SPEC §6)
 
-# (MILP_PLACEHOLDER)
+def check_budget(density, budget, names=None):
+    """A clear error if a budget d_N lies below the smallest density any rule reaches at that length.
+    density: [R, M]; budget: [M]; names: the M lengths, for the message."""
+    for m, (d, lo) in enumerate(zip(budget, density.min(0))):
+        if d < lo:
+            where = f"length {names[m]}" if names is not None else f"length index {m}"
+            raise MoAError(f"density budget {d:g} at {where} is infeasible: the smallest reachable density is "
+                           f"{lo:.4f} (every head at a {MIN_WINDOW}-token window plus the sink): raise --density")
+
+
+def _program(loss, density, budget, layers, max_rules, weights, bounds, free):
+    """The MILP min Σ_p weights[p] F_p s.t. F_p <= bounds[p], densities <= budgets, over the free pairs (k, r)
+    (bool [K, R]), as (c, A_eq, b_eq, A_ub, b_ub). Columns: x[k, r] of the free pairs in row-major order, then
+    y[l, r] (layer l uses rule r) when rules per layer are limited."""
+    K, R, P = loss.shape
+    k, r = np.nonzero(free)
+    n, q = len(k), np.isfinite(bounds)
+    A_eq = sparse.csr_array((np.ones(n), (k, np.arange(n))), shape=(K, n))        # Σ_r x[k, r] = 1
+    A_ub = sparse.csr_array(np.vstack([density[r].T, loss[k, r][:, q].T]))        # budgets, ε-bounds
+    b_ub = np.concatenate([budget * K, bounds[q]])
+    c = loss[k, r] @ weights
+    if max_rules is not None:                                       # y[l, r] >= x[k, r], Σ_r y[l, r] <= max_rules
+        nl = layers.max() + 1
+        xy = sparse.csr_array((np.r_[np.ones(n), -np.ones(n)], (np.r_[np.arange(n), np.arange(n)],
+                               np.r_[np.arange(n), n + layers[k] * R + r])), shape=(n, n + nl * R))
+        ys = sparse.hstack([sparse.csr_array((nl, n)), sparse.kron(sparse.eye_array(nl), np.ones((1, R)))])
+        A_eq = sparse.hstack([A_eq, sparse.csr_array((K, nl * R))])
+        A_ub = sparse.vstack([sparse.hstack([A_ub, sparse.csr_array((A_ub.shape[0], nl * R))]), xy, ys])
+        b_ub = np.concatenate([b_ub, np.zeros(n), np.full(nl, max_rules)])
+        c = np.r_[c, np.zeros(nl * R)]
+    return c, A_eq.tocsr(), np.ones(K), A_ub.tocsr(), b_ub
+
+
+def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff, rel_gap):
+    """scipy's milp (HiGHS) to a relative gap, pruning at objective `cutoff` (HiGHS's objective_bound)."""
+    with warnings.catch_warnings():                                                # objective_bound passes verbatim
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return milp(c, integrality=np.ones_like(c), bounds=(0, 1),
+                    constraints=[LinearConstraint(A_eq, b_eq, b_eq), LinearConstraint(A_ub, -np.inf, b_ub)],
+                    options={"mip_rel_gap": rel_gap, "objective_bound": cutoff})
+
+
+def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_per_layer=None, names=None):
+    """Exact minimum of F_objective = Σ_{k,r} loss[k, r, objective] x[k, r] under the density budgets and the bounds
+    F_p <= bounds[p] (p != objective). loss: [K, R, P] ΔL per KV head, rule and profiling length; density: [R, M]
+    C_r(N)/N; budget: [M] d_N; bounds: [P] or None; layers: [K] layer of each head, with at most max_rules_per_layer
+    distinct rules per layer. Returns the rule per head, int [K], or None if infeasible.
+
+    Exact, and fast: (1) a rule s is dropped for a group of heads (a head; a layer if rules per layer are limited)
+    if a rule r is no worse for all of them in F_objective, every bounded F_p and every density (ties: the lower
+    index stays); (2) reduced-cost fixing: with the LP relaxation's duals, every plan using the pair (k, r) has
+    F >= z_L + λ[k, r] (z_L: the Lagrangian bound; λ >= 0: the reduced cost above the head's cheapest rule; valid for
+    any duals, so LP inaccuracy cannot break it). So the MILP over the pairs with λ <= t alone is the whole one's
+    once its best F <= z_L + t; t grows from 0, passes that cannot yet prove optimality only look for a good plan."""
+    K, R, P = loss.shape
+    check_budget(density, budget, names)
+    layers = None if layers is None else np.asarray(layers)
+    loss = np.asarray(loss, float)
+    scale = loss.mean((0, 1))
+    scale[scale == 0] = 1.0
+    loss = loss / scale                                                            # each F_p per head ~ 1
+    bounds = np.full(P, np.inf) if bounds is None else np.array(bounds, float) / scale
+    bounds[objective] = np.inf
+    used = np.isfinite(bounds) | (np.arange(P) == objective)
+    f = np.concatenate([loss[:, :, used], np.broadcast_to(density, (K, R, len(budget)))], 2)  # [K, R, features]
+    le = (f[:, :, None] <= f[:, None]).all(-1)                                     # [K, r, s]: r no worse than s
+    if max_rules_per_layer is not None:
+        worse = np.zeros((layers.max() + 1, R, R), int)
+        np.add.at(worse, layers, ~le)
+        le = (worse == 0)[layers]
+    free = ~(le & (~le.transpose(0, 2, 1) | np.tri(R, k=-1, dtype=bool).T)).any(1)  # [K, R] undominated pairs
+    program = partial(_program, loss, density, budget, layers, max_rules_per_layer, np.eye(P)[objective], bounds)
+    c, A_eq, b_eq, A_ub, b_ub = program(free)
+    lp = linprog(c, A_ub, b_ub, A_eq, b_eq, bounds=(0, 1), method="highs-ds", options={"presolve": False})
+    if lp.status == 2:
+        return None
+    ok = lp.status == 0                                                            # else any duals do, e.g. 0
+    y_eq, y_ub = (lp.eqlin.marginals, np.minimum(lp.ineqlin.marginals, 0)) if ok else (0 * b_eq, 0 * b_ub)
+    lam = c - A_eq.T @ y_eq - A_ub.T @ y_ub                                        # reduced costs of all columns
+    n = free.sum()
+    gap = np.full((K, R), np.inf)
+    gap[free] = lam[:n]
+    z_L = b_eq @ y_eq + b_ub @ y_ub + gap.min(1).sum() + np.minimum(lam[n:], 0).sum()
+    gap -= gap.min(1, keepdims=True)
+    t, best, plan = 1e-6, np.inf, None
+    while True:                                   # grow t until no plan outside sub = {λ <= t} can beat the best
+        sub = gap <= t
+        exact = t >= best - z_L or sub.sum() == n
+        res = _milp(*program(sub), cutoff=best, rel_gap=1e-9 if exact else 1e-4)
+        if res.x is not None and res.fun < best:
+            best, plan = res.fun, np.nonzero(sub)[1][np.round(res.x[:sub.sum()]) == 1]
+        if exact or best - z_L <= 1e-9 * abs(best):
+            return plan
+        t = max(t, min(4 * t + 1e-3, best - z_L))
+
+
+def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, names=None, workers=1):
+    """The ε-constraint front (SPEC §6): minimise each F_p alone; split each objective's range [min, max over those
+    P plans] into 4 intervals; minimise each F_p with the others bounded by the upper ends of every combination of
+    intervals (P + P·4^(P-1) solves, in `workers` processes). Returns the distinct, non-dominated plans (the rule
+    index per head, int [K] each), sorted by F of the first length."""
+    loss = np.asarray(loss, float)
+    K, R, P = loss.shape
+    check_budget(density, budget, names)
+    run = partial(solve, loss, density, budget, layers=layers, max_rules_per_layer=max_rules_per_layer)
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        mapper = pool.map if pool else map
+        plans = list(mapper(run, range(P)))
+        if plans[0] is None:
+            raise MoAError("no plan meets all the density budgets at once: raise --density")
+        F = loss[np.arange(K), np.array(plans)].sum(1)                            # [P plans, P objectives]
+        ends = np.linspace(F.min(0), F.max(0), 5)[1:]                              # [4, P] upper ends of the intervals
+        grid = [(p, np.insert(ends[list(i), np.arange(P) != p], p, np.inf))
+                for p in range(P if P > 1 else 0) for i in itertools.product(range(4), repeat=P - 1)]
+        plans += mapper(run, *zip(*grid)) if grid else []
+    X = np.unique([x for x in plans if x is not None], axis=0)
+    F = loss[np.arange(K), X].sum(1)                                               # [plans, P]
+    dominated = ((F[:, None] >= F[None]).all(-1) & (F[:, None] > F[None]).any(-1)).any(1)
+    X, F = X[~dominated], F[~dominated]
+    return list(X[np.argsort(F[:, 0], kind="stable")])
+
+
+def synthetic(n_layers=80, kv_heads=8, lengths=(1024, 2048, 4096), seed=0):
+    """A profiled-looking problem: each head's distance histogram hist[δ] = a (δ+1)^-p with a few long-distance bumps
+    and noise per length, loss = its suffix sums at the rules' windows (SPEC §5). Returns loss [K, 54, P],
+    density [54, P+1] (the validation length 2·max(lengths) last), layers [K]."""
+    rng = np.random.default_rng(seed)
+    K, n = n_layers * kv_heads, max(lengths)
+    alpha, beta = rules(lengths)
+    delta = np.arange(n)
+    hist = rng.lognormal(0, 1, (K, 1)) * (delta + 1.0) ** -rng.uniform(0.5, 2.0, (K, 1))
+    bump = rng.random(K) < 0.1
+    hist[bump] += 1e-2 * hist[bump, :1] * np.exp(-0.5 * ((delta - rng.uniform(500, 3500, (bump.sum(), 1))) / 200) ** 2)
+    loss = []
+    for N in lengths:
+        h = hist[:, :N] * rng.lognormal(0, 0.3, (K, N))
+        suffix = np.hstack([np.cumsum(h[:, ::-1], 1)[:, ::-1], np.zeros((K, 1))])  # suffix[:, w] = Σ_{δ>=w} h[δ]
+        loss.append(suffix[:, window(alpha, beta, N)])
+    budget_lengths = np.array([*lengths, 2 * n])
+    density = cache_size(alpha[:, None], beta[:, None], budget_lengths) / budget_lengths
+    return np.stack(loss, -1), density, np.repeat(np.arange(n_layers), kv_heads)
+
+
+def milp_bench(workers=2):
+    """The whole Pareto front of a Llama-3-70B-shaped synthetic problem (80 layers x 8 KV heads x 54 rules, 3
+    profiling lengths, budget 0.5 at 4 lengths) next to one naive single-objective milp. Prints the timings."""
+    loss, density, layers = synthetic()
+    K, R, P = loss.shape
+    budget = np.full(density.shape[1], 0.5)
+    t = time.perf_counter()
+    front = pareto_front(loss, density, budget, workers=workers)
+    seconds, solves = time.perf_counter() - t, P + P * 4 ** (P - 1)
+    ok = all((density[x].mean(0) <= budget + 1e-12).all() for x in front)
+    print(f"Pareto front ({workers} processes): {solves} solves in {seconds:.1f} s ({seconds / solves:.2f} s a solve), "
+          f"{len(front)} plans, every budget met: {ok}")
+    t = time.perf_counter()
+    x = solve(loss, density, budget, P - 1)
+    print(f"one solve, F_4096: {time.perf_counter() - t:.2f} s, F = {loss[np.arange(K), x, P - 1].sum():.8g}")
+    t = time.perf_counter()
+    c = loss[:, :, P - 1].ravel()
+    naive = milp(c, integrality=np.ones_like(c), bounds=(0, 1), constraints=[
+        LinearConstraint(sparse.kron(sparse.eye_array(K), np.ones((1, R))), 1, 1),
+        LinearConstraint(np.tile(density.T, (1, K)), -np.inf, budget * K)])
+    print(f"the same solve as one naive milp: {time.perf_counter() - t:.2f} s, F = {naive.fun:.8g}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -593,11 +763,7 @@ def check_config(cfg, config):
     if cfg.samples < 1:
         raise MoAError("--samples must be at least 1")
     lengths = list(cfg.lengths) + [cfg.validate_length]
-    reachable = rule_densities(*rules(cfg.lengths), lengths, cfg.sink).min(0)
-    for n, low in zip(lengths, reachable):
-        if cfg.density < low:
-            raise MoAError(f"density budget {cfg.density} is below the smallest reachable density {low:.4f} at length "
-                           f"{n} (every head at a {MIN_WINDOW}-token window plus the {cfg.sink} sink): raise --density")
+    check_budget(rule_densities(*rules(cfg.lengths), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
 
 
 def compress(model, tokenizer, cfg=None, out=None, **settings):
@@ -694,6 +860,10 @@ def profile_bench(model, n=8192):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["milp-bench"]:           # python moa.py milp-bench [--workers 2]
+        p = argparse.ArgumentParser(prog="moa.py milp-bench")
+        p.add_argument("--workers", type=int, default=2)
+        return milp_bench(p.parse_args(argv[1:]).workers)
     if argv[:1] == ["profile-bench"]:        # python moa.py profile-bench [--model M] [--length 8192] (a GPU)
         p = argparse.ArgumentParser(prog="moa.py profile-bench")
         p.add_argument("--model")

@@ -1,6 +1,7 @@
 """Tests for moa.py and kernel.py on the CPU: tiny random-weight models built here, plus the embedded SmolLM2 if present.
 Run: python -m pytest -q test_moa.py"""
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -185,6 +186,89 @@ def test_rule_losses_equal_masked_sums():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The optimizer (SPEC §6): exhaustive search on tiny instances
+
+LAYERS = np.array([0, 0, 1, 1])   # 4 heads in 2 layers
+
+
+def tiny(seed, K=4, R=5, P=2, M=3, ties=True):
+    """loss [K, R, P], density [R, M], budget [M] on binary grids, so every sum is exact. With ties, losses and
+    densities repeat and the last rule duplicates the first, as rules do whose windows coincide at every length."""
+    rng = np.random.default_rng(seed)
+    loss = rng.integers(0, 4, (K, R, P)) / 8 if ties else rng.random((K, R, P))
+    density = rng.integers(1, 16, (R, M)) / 16
+    if ties:
+        density = density[rng.integers(0, 3, R)]
+        loss[:, -1], density[-1] = loss[:, 0], density[0]
+    budget = rng.integers(np.ceil(density.min(0) * 64), 64, M) / 64
+    return loss, density, budget
+
+
+def brute(loss, density, budget, max_rules=None):
+    """Every assignment [R^K, K], its objectives F [R^K, P], and whether it meets the budgets (and the layer limit)."""
+    K, R, P = loss.shape
+    a = np.array(list(itertools.product(range(R), repeat=K)))
+    ok = (density[a].sum(1) <= budget * K).all(1)
+    if max_rules is not None:
+        ok &= np.array([max(len(set(x[LAYERS == l])) for l in set(LAYERS)) <= max_rules for x in a])
+    return a, loss[np.arange(K), a].sum(1), ok
+
+
+@pytest.mark.parametrize("max_rules", [None, 1])
+@pytest.mark.parametrize("bounded", [False, True])
+def test_solve_equals_brute_force(bounded, max_rules):
+    for seed in range(25):
+        loss, density, budget = tiny(seed, P=3 if bounded else 2)
+        a, F, ok = brute(loss, density, budget, max_rules)
+        rng = np.random.default_rng(seed)
+        for p in range(loss.shape[2]):
+            bounds = None
+            if bounded and ok.any():   # an upper bound on each other objective, often one a feasible plan meets exactly
+                bounds = np.array([rng.choice(F[ok, q]) if rng.random() < 0.7 else np.inf for q in range(3)])
+            feasible = ok & (F <= (np.inf if bounds is None else np.where(np.arange(3) == p, np.inf, bounds))).all(1)
+            x = moa.solve(loss, density, budget, p, bounds, LAYERS, max_rules)
+            assert (x is None) == (not feasible.any()), (seed, p)
+            if x is not None:
+                assert feasible[(a == x).all(1)].all(), (seed, p)
+                assert np.isclose(loss[np.arange(4), x, p].sum(), F[feasible, p].min(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("P, max_rules", [(2, None), (3, None), (2, 1)])
+def test_pareto_front(P, max_rules):
+    for seed in range(4):
+        loss, density, budget = tiny(100 + seed, P=P, ties=False)
+        a, F, ok = brute(loss, density, budget, max_rules)
+        if not ok.any():
+            continue
+        front = moa.pareto_front(loss, density, budget, LAYERS, max_rules, workers=2)
+        Fx = np.array([loss[np.arange(4), x].sum(0) for x in front])
+        assert len({tuple(x) for x in front}) == len(front) >= 1
+        assert (np.diff(Fx[:, 0]) >= 0).all()
+        for x, f in zip(front, Fx):
+            assert ok[(a == x).all(1)].all()                                          # meets every budget
+            assert not ((Fx <= f).all(1) & (Fx < f).any(1)).any()                    # not dominated by another plan
+            tol = 1e-9 * np.abs(F).max()
+            assert not ((F[ok] <= f + tol).all(1) & (F[ok] < f - tol).any(1)).any()  # nor by any feasible plan
+
+
+def test_pareto_front_single_length():
+    loss, density, budget = tiny(7, P=1, ties=False)
+    a, F, ok = brute(loss, density, budget)
+    front = moa.pareto_front(loss, density, budget)
+    assert len(front) == 1 and np.isclose(loss[np.arange(4), front[0], 0].sum(), F[ok, 0].min())
+
+
+def test_infeasible_budget_names_smallest_density():
+    loss, density, budget = tiny(0)
+    budget[1] = density[:, 1].min() - 1 / 64
+    with pytest.raises(moa.MoAError, match=f"{density[:, 1].min():.4f}") as e:
+        moa.solve(loss, density, budget, 0)
+    assert "length index 1" in str(e.value)
+    with pytest.raises(moa.MoAError, match="length 2048"):
+        moa.pareto_front(loss, density, budget, names=[1024, 2048, 4096])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Masked attention (SPEC §2, §10)
 
 
@@ -340,7 +424,7 @@ def test_cli_on_tiny_model(tmp_path, tokenizer):
            "--samples", "2", "--answer-tokens", "8", "--density", "0.6"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "validation loss @768" in run.stdout and "uniform" in run.stdout
+    assert "validation @768" in run.stdout and "uniform" in run.stdout
     check_plan(moa.load_plan(tmp_path / "out" / "plan.json"), model.config)
     bad = subprocess.run(cmd[:-1] + ["0.05"], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "smallest reachable density" in bad.stderr and "Traceback" not in bad.stderr
