@@ -506,7 +506,7 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
         res = _milp(*program(sub), cutoff=best, rel_gap=1e-9 if exact else 1e-4)
         if res.x is not None and res.fun < best:
             best, plan = res.fun, np.nonzero(sub)[1][np.round(res.x[:sub.sum()]) == 1]
-        if exact or best - z_L <= 1e-9 * abs(best):
+        if exact or best - z_L <= 1e-9 * abs(best) < np.inf:
             return plan
         t = max(t, min(4 * t + 1e-3, best - z_L))
 
