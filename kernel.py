@@ -12,6 +12,7 @@ import functools
 import os
 import warnings
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -198,3 +199,64 @@ def decode_reference(q, keys, values, scale=None):
         a = (qh @ k.transpose(1, 2) * (scale if scale is not None else d ** -0.5)).softmax(-1)
         outs.append(a @ v)
     return torch.cat(outs, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark: python kernel.py (a GPU). Decode attention of one layer against dense SDPA and FlexAttention decode.
+
+
+def spread_capacities(heads, n, density, sink, rng):
+    """Per-KV-head capacities with a realistic spread, mean exactly density * n: a few heads dense, the rest
+    local windows of varied size. Returns a list of `heads` ints."""
+    if density >= 1:
+        return [n] * heads
+    dense = max(1, heads // 8) if density * heads >= 1.5 else 0
+    budget = round(density * heads * n) - dense * n
+    share = rng.dirichlet(np.ones(heads - dense)) * budget
+    caps = np.clip(share.round(), sink + 64, n).astype(int)
+    for i in np.argsort(-caps):                               # land exactly on the budget, within [sink + 64, n]
+        caps[i] = np.clip(caps[i] + budget - caps.sum(), sink + 64, n)
+    return [n] * dense + sorted(caps.tolist())
+
+
+def bench(copy_bandwidth=3.0e12):
+    from triton.testing import do_bench
+    rng = np.random.default_rng(0)
+    flex_decode = torch.compile(flex_attention, dynamic=True)   # one compilation for every batch and length
+    shapes = {"llama3-8b": (32, 8, 128), "smollm2": (9, 3, 64)}
+    print(f"{'shape':<10} {'B':>3} {'N':>6} {'density':>7} {'us':>8} {'MiB':>8} {'GB/s':>7} {'%copy':>6} "
+          f"{'xSDPA':>6} {'xFlex':>6}")
+    for name, (H, G, d) in shapes.items():
+        for B in (1, 8, 32):
+            for n in (4096, 16384, 65536):
+                q = torch.randn(B, H, d, device="cuda", dtype=torch.bfloat16)
+                full_k = torch.randn(B, G, n, d, device="cuda", dtype=torch.bfloat16)
+                full_v = torch.randn_like(full_k)
+                sdpa = do_bench(lambda: F.scaled_dot_product_attention(q[:, :, None], full_k, full_v, enable_gqa=True),
+                                return_mode="median")
+                for density in (1.0, 0.5, 0.25):
+                    caps = spread_capacities(G, n, density, 64, rng)
+                    nbytes = 2 * B * sum(caps) * d * 2
+                    copies = max(1, -(-(256 << 20) // nbytes))          # rotate past the 50 MB L2
+                    caches = []
+                    for _ in range(copies):
+                        c = SinkRingCache(B, caps, d, 64, torch.bfloat16, "cuda")
+                        c.k.normal_(), c.v.normal_()
+                        caches.append(c)
+                    valid = caches[0].valid(torch.full((B,), n - 1, device="cuda"))
+                    turn = iter(range(1 << 40))
+                    ours = do_bench(lambda: decode(q, caches[next(turn) % copies], valid), return_mode="median")
+                    windows = torch.tensor([c - 64 for c in caps], device="cuda")
+                    mask = create_block_mask(lambda b, h, qi, kv: (kv < 64) | (n - 1 - kv < windows[h // (H // G)]),
+                                             None, H, 1, n, device="cuda")
+                    flex = do_bench(lambda: flex_decode(q[:, :, None], full_k, full_v, block_mask=mask,
+                                                           enable_gqa=True), return_mode="median")
+                    print(f"{name:<10} {B:>3} {n:>6} {density:>7.2f} {ours * 1e3:>8.1f} {nbytes / 2**20:>8.1f} "
+                          f"{nbytes / ours / 1e6:>7.0f} {100 * nbytes / ours / 1e-3 / copy_bandwidth:>6.0f} "
+                          f"{sdpa / ours:>6.2f} {flex / ours:>6.2f}")
+                    del caches
+                del full_k, full_v
+
+
+if __name__ == "__main__":
+    bench()

@@ -537,12 +537,12 @@ def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, n
     return list(X[np.argsort(F[:, 0], kind="stable")])
 
 
-def synthetic(n_layers=80, kv_heads=8, lengths=(1024, 2048, 4096), seed=0):
+def synthetic(n_layers=80, heads=8, lengths=(1024, 2048, 4096), seed=0):
     """A profiled-looking problem: each head's distance histogram hist[δ] = a (δ+1)^-p with a few long-distance bumps
     and noise per length, loss = its suffix sums at the rules' windows (SPEC §5). Returns loss [K, 54, P],
     density [54, P+1] (the validation length 2·max(lengths) last), layers [K]."""
     rng = np.random.default_rng(seed)
-    K, n = n_layers * kv_heads, max(lengths)
+    K, n = n_layers * heads, max(lengths)
     alpha, beta = rules(lengths)
     delta = np.arange(n)
     hist = rng.lognormal(0, 1, (K, 1)) * (delta + 1.0) ** -rng.uniform(0.5, 2.0, (K, 1))
@@ -555,7 +555,7 @@ def synthetic(n_layers=80, kv_heads=8, lengths=(1024, 2048, 4096), seed=0):
         loss.append(suffix[:, window(alpha, beta, N)])
     budget_lengths = np.array([*lengths, 2 * n])
     density = cache_size(alpha[:, None], beta[:, None], budget_lengths) / budget_lengths
-    return np.stack(loss, -1), density, np.repeat(np.arange(n_layers), kv_heads)
+    return np.stack(loss, -1), density, np.repeat(np.arange(n_layers), heads)
 
 
 def milp_bench(workers=2):
