@@ -47,7 +47,8 @@ def tiny_model(family="llama", layers=2, heads=4, kv=2, dtype=torch.float32, see
     config = AutoConfig.for_model(family, vocab_size=384, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                                   head_dim=64 // heads, max_position_embeddings=2048, eos_token_id=1,
-                                  pad_token_id=1, attn_implementation="sdpa")
+                                  pad_token_id=1, attn_implementation="sdpa",
+                                  **({"sliding_window": None} if family == "mistral" else {}))
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
@@ -281,10 +282,14 @@ def test_prefill_matches_masked_reference(H, G, N, d, windows):
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_apply_plan_follows_the_mask():
-    """A model with a plan applied gives the same logits as with an explicit masked attention of the same windows."""
+@pytest.mark.parametrize("family", moa.FAMILIES)
+def test_apply_plan_follows_the_mask(family):
+    """Every supported family profiles, and with a plan applied gives the same logits as with an explicit masked
+    attention of the same windows."""
     from transformers import AttentionInterface
-    model = tiny_model(layers=3, heads=4, kv=2, seed=3)
+    model = tiny_model(family, layers=3, heads=4, kv=2, seed=3)
+    hist = moa.profile(model, random_samples(1, 150, answer=10))
+    assert hist.shape == (3, 4, 150) and torch.isfinite(hist).all() and hist.sum() > 0
     rng = np.random.default_rng(0)
     plan = moa.make_plan(rng.choice([-200, 0, 50], (3, 2)), rng.choice([0, 0.25, 1], (3, 2)), sink=4)
     ids = torch.randint(0, 384, (2, 150))
