@@ -17,49 +17,74 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # Compiling FlexAttention costs 10-30 s per shape on a CPU; below this many scores the eager version is faster.
 COMPILE_MIN_SCORES = 1 << 22
+BLOCK = 128   # FlexAttention's tile: whole BLOCK x BLOCK tiles of a mask are skipped
 _flex_compiled = torch.compile(flex_attention, dynamic=False)
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")   # small shapes, on purpose
 
 
-def sink_window_mask(windows, sink, group):
-    """The SPEC §2 mask as a FlexAttention mask_mod: query i sees key j iff j <= i and (j < sink or i - j < W).
-    windows: [G] int tensor, one window per KV head; query head h belongs to KV head h // group."""
+def sink_window_mask(windows, sink, group, pad=None):
+    """The SPEC §2 mask as a FlexAttention mask_mod, in true positions (padding excluded): query i sees key j iff
+    j <= i and (j < sink or i - j < W). windows: [G] int tensor, one window per KV head (query head h belongs to KV
+    head h // group); pad: [B] int tensor of leading padding tokens per sequence, or None. Rows of padding see
+    nothing (FlexAttention returns zeros there)."""
     def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & ((kv_idx < sink) | (q_idx - kv_idx < windows[h // group]))
+        j = kv_idx if pad is None else kv_idx - pad[b]                  # the key's true position
+        return (j >= 0) & (kv_idx <= q_idx) & ((j < sink) | (q_idx - kv_idx < windows[h // group]))
     return mask_mod
 
 
 @functools.lru_cache(maxsize=256)
-def _block_mask(windows: tuple, sink: int, heads: int, n: int, device: str):
-    w = torch.tensor(windows, device=device)
-    mask_mod = sink_window_mask(w, sink, heads // len(windows))
-    return create_block_mask(mask_mod, None, heads, n, n, device=device, _compile=device != "cpu")
+def _block_mask(windows: tuple, sink: int, heads: int, n: int, device: str, pad: tuple | None):
+    """The BlockMask of sink_window_mask, each BLOCK x BLOCK tile classified from its corner positions instead of
+    by evaluating all N^2 pairs: a tile none of whose pairs is allowed is skipped; one all of whose pairs are is
+    full (no mask_mod needed); the rest are partial. Costs milliseconds where create_block_mask costs seconds."""
+    group = heads // len(windows)
+    per_kv, p = torch.tensor(windows, device=device), torch.tensor(pad or (0,), device=device)
+    w = per_kv.repeat_interleave(group)[None, :, None, None]                                  # [1, H, 1, 1]
+    p = p[:, None, None, None]                                                                # [B, 1, 1, 1]
+    start = torch.arange(0, n, BLOCK, device=device)
+    i_lo, i_hi = start[:, None], (start + BLOCK - 1).clamp(max=n - 1)[:, None]     # query rows of each tile row
+    j_lo, j_hi = start[None, :], (start + BLOCK - 1).clamp(max=n - 1)[None, :]     # key columns of each tile column
+    lo = torch.maximum(j_lo, p)                                                    # first key past the padding
+    some = (j_hi >= p) & (i_hi >= lo) & ((lo - p < sink) | ((i_lo - j_hi).clamp_min(0) < w))
+    every = (j_lo >= p) & (i_lo >= j_hi) & ((j_hi - p < sink) | (i_hi - j_lo < w))
+
+    def kv_blocks(m):   # [B, H, tiles, tiles] bool -> counts [B, H, tiles], indices of the True tiles first
+        return m.sum(-1, dtype=torch.int32), m.int().argsort(dim=-1, descending=True, stable=True).int()
+
+    mask_mod = sink_window_mask(per_kv, sink, group, None if pad is None else p.flatten())
+    return BlockMask.from_kv_blocks(*kv_blocks(some & ~every), *kv_blocks(every), BLOCK_SIZE=BLOCK,
+                                    mask_mod=mask_mod, seq_lengths=(n, n))
 
 
-def prefill(q, k, v, windows, sink, scale=None):
-    """Sink + sliding-window attention over a whole sequence through FlexAttention.
-    q: [B, H, N, d]; k, v: [B, G, N, d]; windows: sequence of G ints. Returns [B, H, N, d]."""
+def prefill(q, k, v, windows, sink, scale=None, pad=None):
+    """Sink + sliding-window attention over a whole (left-padded) sequence through FlexAttention.
+    q: [B, H, N, d]; k, v: [B, G, N, d]; windows: G ints; pad: [B] leading padding tokens or None.
+    Returns [B, H, N, d] (zeros at padding queries)."""
     B, H, N, d = q.shape
-    block_mask = _block_mask(tuple(int(w) for w in windows), int(sink), H, N, str(q.device))
+    pad = None if pad is None or not bool(pad.any()) else tuple(pad.tolist())
+    block_mask = _block_mask(tuple(int(w) for w in windows), int(sink), H, N, str(q.device), pad)
     flex = _flex_compiled if q.is_cuda or H * N * N >= COMPILE_MIN_SCORES else flex_attention
     return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
 
 
-def masked_reference(q, k, v, windows, sink, scale=None):
+def masked_reference(q, k, v, windows, sink, scale=None, pad=None):
     """Plain PyTorch version of `prefill` (float64 if given float64): a dense boolean mask and softmax.
-    q: [B, H, N, d]; k, v: [B, G, N, d]; windows: G ints. Returns [B, H, N, d]."""
+    q: [B, H, N, d]; k, v: [B, G, N, d]; windows: G ints; pad: [B] or None. Returns [B, H, N, d]."""
     B, H, N, d = q.shape
     g = H // k.shape[1]
     i = torch.arange(N, device=q.device)[:, None]
     j = torch.arange(N, device=q.device)[None, :]
+    true_j = j - (0 if pad is None else pad.to(q.device)[:, None, None, None])                # [B|1, 1, 1, N]
     w = torch.as_tensor(list(windows), device=q.device).repeat_interleave(g)[:, None, None]  # [H, 1, 1]
-    allowed = (j <= i) & ((j < sink) | (i - j < w))                                          # [H, N, N]
+    allowed = (true_j >= 0) & (j <= i) & ((true_j < sink) | (i - j < w))                       # [B|1, H, N, N]
     s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * (scale if scale is not None else d ** -0.5)
-    return s.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.repeat_interleave(g, 1)
+    a = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num()     # padding rows: all masked -> zeros
+    return a @ v.repeat_interleave(g, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,16 +94,20 @@ def masked_reference(q, k, v, windows, sink, scale=None):
 class SinkRingCache:
     """One layer's KV cache for a plan: KV head k owns `capacities[k]` slots of one flat buffer.
         k, v:     [B, S, d], S = Σ_k C_k; head k's slots are offsets[k] .. offsets[k+1] - 1
-        offsets:  [G + 1] int32
+        offsets:  [G + 1] int32;  capacity: [G] int32
+        pad:      [B] int32, leading padding tokens of each sequence
+        length:   tokens (padding included) stored so far, a host int: the next token has true position length - pad
     Token t of a sequence (t its true position, padding excluded) goes to slot t if t < sink, else to
     sink + (t - sink) mod (C_k - sink): the sink never moves, the rest is a ring holding the latest C_k - sink
     tokens. Keys are stored after RoPE, so nothing is ever re-rotated."""
 
     def __init__(self, batch, capacities, head_dim, sink, dtype, device):
         self.capacities = [int(c) for c in capacities]                  # on the host too: no syncs when decoding
-        self.capacity = torch.tensor(self.capacities, dtype=torch.int32, device=device)              # [G]
-        self.offsets = F.pad(self.capacity.cumsum(0, dtype=torch.int32), (1, 0))                     # [G + 1]
+        self.capacity = torch.tensor(self.capacities, dtype=torch.int32, device=device)
+        self.offsets = F.pad(self.capacity.cumsum(0, dtype=torch.int32), (1, 0))
         self.sink = int(sink)
+        self.pad = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.length = 0
         size = (batch, sum(self.capacities), head_dim)
         self.k = torch.zeros(size, dtype=dtype, device=device)
         self.v = torch.zeros(size, dtype=dtype, device=device)
@@ -90,17 +119,11 @@ class SinkRingCache:
         slot = torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % ring)
         return self.offsets[:-1] + slot
 
-    def write(self, key, value, pos):
-        """Store one token per sequence. key, value: [B, G, d]; pos: [B] true positions (>= 0)."""
-        b = torch.arange(key.shape[0], device=key.device)[:, None]
-        idx = self.slots(pos)                                                                      # [B, G]
-        self.k[b, idx] = key
-        self.v[b, idx] = value
-
     def prefill(self, key, value, pad):
         """Store a left-padded prompt. key, value: [B, G, P, d]; pad: [B] leading padding tokens per sequence.
         Only what the cache keeps is written: the sink and each head's latest C_k - sink tokens."""
         B, G, P, _ = key.shape
+        self.pad, self.length = pad.to(torch.int32), P
         pos = torch.arange(P, device=key.device)[None] - pad[:, None]                              # [B, P]
         last = (P - pad)[:, None, None]                                                            # prompt length
         idx = self.slots(pos.clamp_min(0))                                                          # [B, P, G]
@@ -110,84 +133,122 @@ class SinkRingCache:
         self.k[b, idx[b, p, g]] = key[b, g, p]
         self.v[b, idx[b, p, g]] = value[b, g, p]
 
-    def valid(self, pos):
-        """Slots holding tokens once position pos was written: [B] -> [B, G] int32 (min(C_k, pos + 1))."""
-        return torch.minimum(self.capacity, pos[:, None].int() + 1)
-
 
 # ----------------------------------------------------------------------------------------------------------------
-# Fused decode: one query token per sequence over the valid slots of its KV head (SPEC §10)
+# Fused decode: store one new token per sequence and attend over its KV head's valid slots (SPEC §9, §10)
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, Out, Lse, Offsets, Valid, chunk, splits, qk_scale,
-                   stride_qb, stride_kb, stride_ob,
+def _decode_kernel(Q, Knew, Vnew, K, V, Out, Lse, Offsets, Capacity, Pad, length, sink, chunk, splits, qk_scale,
+                   stride_qb, stride_nb, stride_kb,
                    G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr):
     """Program (kv * splits + split, b): KV head kv of sequence b, slots split*chunk .. +chunk of its valid ones.
-    Writes the normalised partial output Out[b, kv, split] [GROUP, D] and its log2-sum-exp Lse[b, kv, split]."""
+    Split 0 also writes the new token into its slot and counts it from registers; every split skips that slot, so
+    no program reads a slot while it is being written. Writes the normalised partial output Out[b, kv, split]
+    [GROUP, D] (float32) and its log2-sum-exp Lse[b, kv, split] [GROUP]."""
     kv, split, b = tl.program_id(0) // splits, tl.program_id(0) % splits, tl.program_id(1)
-    n = tl.load(Valid + b * G + kv)
+    pos = length - tl.load(Pad + b)                                 # the new token's true position
+    cap = tl.load(Capacity + kv)
+    n = tl.minimum(cap, pos + 1)                                    # slots in use, the new one included
+    new = tl.where(pos < sink, pos, sink + (pos - sink) % tl.maximum(cap - sink, 1))   # its slot (SPEC §9)
     base = tl.load(Offsets + kv)
     rows, cols = tl.arange(0, GROUP_PAD), tl.arange(0, D)
     # the GROUP query heads that share this KV head, padded to a tensor-core tile
     q = tl.load(Q + b * stride_qb + (kv * GROUP + rows)[:, None] * D + cols[None, :],
                 mask=rows[:, None] < GROUP, other=0.0)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, D], tl.float32)
+    k_new = tl.load(Knew + b * stride_nb + kv * D + cols)
+    v_new = tl.load(Vnew + b * stride_nb + kv * D + cols)
+    first = split == 0
+    only_first = cols < D * (1 - split)                             # all true in split 0, all false elsewhere
+    tl.store(K + b * stride_kb + (base + new) * D + cols, k_new, mask=only_first)
+    tl.store(V + b * stride_kb + (base + new) * D + cols, v_new, mask=only_first)
+    # split 0 starts from the new token (score s_new, weight 1), the others from nothing
+    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale                  # log2 units
+    m = tl.where(first, s_new, float("-inf"))
+    l = tl.where(first, 1.0, 0.0) + tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.where(first, 1.0, 0.0) * v_new.to(tl.float32)[None, :] + tl.zeros([GROUP_PAD, D], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, n)
     for s0 in range(start, end, BLOCK_N):
         offs = s0 + tl.arange(0, BLOCK_N)
-        keep = offs < end
+        keep = (offs < end) & (offs != new)
         kv_ptr = b * stride_kb + (base + offs)[:, None] * D + cols[None, :]
         k = tl.load(K + kv_ptr, mask=keep[:, None], other=0.0)
         v = tl.load(V + kv_ptr, mask=keep[:, None], other=0.0)
         if F32_DOT:   # exact float32 products (not tf32)
             q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale                         # log2 units
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
         s = tl.where(keep[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)       # a block of only the skipped slot: no NaN
+        alpha = tl.exp2(m - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m = m_new
-    out = b * stride_ob + ((kv * splits + split) * GROUP + rows)[:, None] * D + cols[None, :]
-    tl.store(Out + out, acc / tl.where(l > 0, l, 1.0)[:, None], mask=rows[:, None] < GROUP)
-    tl.store(Lse + b * (stride_ob // D) + (kv * splits + split) * GROUP + rows, m + tl.log2(l), mask=rows < GROUP)
+    part = (b * G + kv) * splits + split
+    tl.store(Out + (part * GROUP + rows)[:, None] * D + cols[None, :], acc / tl.where(l > 0, l, 1.0)[:, None],
+             mask=rows[:, None] < GROUP)
+    tl.store(Lse + part * GROUP + rows, m + tl.log2(l), mask=rows < GROUP)
 
 
-def decode(q, cache, valid, scale=None, block_n=64, programs=None, num_warps=4, num_stages=2):
-    """Attention of one new token per sequence over its KV head's valid slots (order does not matter to softmax).
-    q: [B, H, d]; cache: SinkRingCache; valid: [B, G] slots in use. Returns [B, H, d] in q's dtype.
+@triton.jit
+def _merge_kernel(Out, Lse, Final, splits, G: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
+    """Program (h, b): merge query head h's partial outputs over the splits, weighted by 2^(lse - max lse).
+    An empty split has lse = -inf and weight 0; split 0 always holds the new token, so the max is finite."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    kv, r = h // GROUP, h % GROUP
+    cols = tl.arange(0, D)
+    row = (b * G + kv) * splits                                     # first split of (b, kv)
+    top = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        top = tl.maximum(top, tl.load(Lse + (row + s) * GROUP + r, mask=s < splits, other=float("-inf")))
+    top_all = tl.max(top, 0)
+    num = tl.zeros([D], tl.float32)
+    den = 0.0
+    for s0 in range(0, splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        w = tl.exp2(tl.load(Lse + (row + s) * GROUP + r, mask=s < splits, other=float("-inf")) - top_all)
+        o = tl.load(Out + ((row + s) * GROUP + r)[:, None] * D + cols[None, :], mask=(s < splits)[:, None], other=0.0)
+        num += tl.sum(w[:, None] * o, 0)
+        den += tl.sum(w, 0)
+    tl.store(Final + (b * G * GROUP + h) * D + cols, num / den)
+
+
+def decode(q, key, value, cache, scale=None, block_n=64, programs=None, num_warps=4, num_stages=2):
+    """One decode step: store each sequence's new token in its slot and attend over its KV head's valid slots
+    (order does not matter to softmax). Two kernel launches, no host sync.
+    q: [B, H, d]; key, value: [B, G, d], the new token (key after RoPE); cache: SinkRingCache, whose `length`
+    advances by one. Returns [B, H, d] in q's dtype.
     Each KV head's slots are read once for all its query heads; heads are split into chunks of slots across
     programs (split-KV), and the partial results are merged by log-sum-exp."""
     B, H, d = q.shape
     G = len(cache.capacities)
     group = H // G
-    cap = max(cache.capacities)
-    programs = programs or 4 * (torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
+    programs = programs or (4 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
     total = B * sum(cache.capacities)                          # slots to read; chunks spread them over the programs
     chunk = max(block_n, triton.cdiv(triton.cdiv(total, programs), block_n) * block_n)
-    splits = triton.cdiv(cap, chunk)
+    splits = triton.cdiv(max(cache.capacities), chunk)
     out = torch.empty(B, G, splits, group, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, G, splits, group, dtype=torch.float32, device=q.device)
-    scale = scale if scale is not None else d ** -0.5
+    key, value = key.contiguous(), value.contiguous()
     _decode_kernel[(G * splits, B)](
-        q.contiguous(), cache.k, cache.v, out, lse, cache.offsets, valid.contiguous(), chunk, splits,
-        scale * 1.4426950408889634,                           # 1/ln(2): the kernel works in exp2
-        H * d, cache.k.stride(0), G * splits * group * d,
+        q.contiguous(), key, value, cache.k, cache.v, out, lse, cache.offsets, cache.capacity, cache.pad,
+        cache.length, cache.sink, chunk, splits,
+        (scale if scale is not None else d ** -0.5) * 1.4426950408889634,   # 1/ln(2): the kernel works in exp2
+        H * d, key.stride(0), cache.k.stride(0),
         G=G, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=block_n,
         # float32 inputs get exact products; so do bf16/fp16 under TRITON_INTERPRET, whose half-precision tl.dot
         # gives wrong results on the CPU (triton 3.9)
         F32_DOT=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=num_warps, num_stages=num_stages)
-    # merge the splits: weights 2^(lse - max); an empty split has lse = -inf and weight 0
-    w = torch.exp2(lse - lse.amax(2, keepdim=True))
-    merged = (w[..., None] * out).sum(2) / w.sum(2)[..., None]                                 # [B, G, group, d]
-    return merged.reshape(B, H, d).to(q.dtype)
+    cache.length += 1
+    final = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _merge_kernel[(H, B)](out, lse, final, splits, G=G, GROUP=group, D=d, BLOCK_S=16)
+    return final
 
 
 def decode_reference(q, keys, values, scale=None):
@@ -238,6 +299,7 @@ def bench(copy_bandwidth=3.0e12):
                 q = torch.randn(B, H, d, device="cuda", dtype=torch.bfloat16)
                 full_k = torch.randn(B, G, n, d, device="cuda", dtype=torch.bfloat16)
                 full_v = torch.randn_like(full_k)
+                new_k, new_v = torch.randn(2, B, G, d, device="cuda", dtype=torch.bfloat16)   # the token written
                 sdpa = do_bench(lambda: F.scaled_dot_product_attention(q[:, :, None], full_k, full_v, enable_gqa=True),
                                 return_mode="median")
                 for density in (1.0, 0.5, 0.25):
@@ -248,11 +310,11 @@ def bench(copy_bandwidth=3.0e12):
                     for _ in range(copies):
                         c = SinkRingCache(B, caps, d, 64, torch.bfloat16, "cuda")
                         c.k.normal_(), c.v.normal_()
+                        c.length = n - 1                                # every slot in use
                         caches.append(c)
-                    valid = caches[0].valid(torch.full((B,), n - 1, device="cuda"))
                     turn = iter(range(1 << 40))
-                    times = [do_bench(lambda: decode(q, caches[next(turn) % copies], valid, **cfg), return_mode="median")
-                             for cfg in CONFIGS]
+                    times = [do_bench(lambda: decode(q, new_k, new_v, caches[next(turn) % copies], **cfg),
+                                      return_mode="median") for cfg in CONFIGS]
                     ours, best = min(times), int(np.argmin(times))
                     windows = torch.tensor([c - 64 for c in caps], device="cuda")
                     mask = create_block_mask(lambda b, h, qi, kv: (kv < 64) | (n - 1 - kv < windows[h // (H // G)]),

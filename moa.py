@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from scipy import sparse
 from scipy.optimize import LinearConstraint, linprog, milp
 from tqdm.auto import tqdm
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 import kernel
 
@@ -638,16 +640,42 @@ def kv_rules(plan, config):
     return alphas, betas
 
 
+def check_length(n, limit):
+    if n > limit:
+        raise MoAError(f"{n} tokens (prompt + new tokens) exceed the {limit} this plan allows (its validation "
+                       "length, or the model's context): shorten the prompt or max_new_tokens")
+
+
+def left_padding(attention_mask, n):
+    """Leading padding tokens per sequence from a 2D mask [B, >= n] (its last n columns), or None if unpadded."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -n:].bool()
+    pad = (~mask).sum(1)
+    if not bool((mask == (torch.arange(n, device=mask.device)[None] >= pad[:, None])).all()):
+        raise MoAError("moa supports left padding only: set tokenizer.padding_side = \"left\"")
+    return pad
+
+
 def plan_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface entry "moa": the plan's sink + window mask at N = the key length.
-    query [B, H, N, d], key/value [B, G, N, d] -> [B, N, H, d]."""
-    if query.shape[2] != key.shape[2]:
-        raise MoAError("this attention path is for whole-sequence forward passes; cached generation with a plan "
-                       "needs kernel.py's static cache")
-    if attention_mask is not None and not bool(attention_mask.all()):
-        raise MoAError("padded batches are not supported by the whole-sequence path: pass equal-length rows")
-    w = window(*module.moa_rule, key.shape[2])
-    return kernel.prefill(query, key, value, w.tolist(), module.moa_sink, scaling).transpose(1, 2), None
+    """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d].
+    With a PlanCache (generation), the windows are those at the cache's N; the prompt is stored in the cache and
+    attended with FlexAttention, every later token goes through the fused decode kernel, which stores it too.
+    Without one (a whole-sequence forward pass), N is the sequence length."""
+    layer = module.__dict__.pop("moa_layer", None)            # set by PlanCache.update for this call only
+    if layer is not None and layer.ring.length:               # a decode step
+        if query.shape[2] != 1 or layer.ring.length >= layer.n:
+            raise MoAError(f"the plan cache was built for {layer.n} tokens and takes one new token per step; "
+                           f"got {query.shape[2]} more after {layer.ring.length}")
+        out = kernel.decode(query[:, :, 0], key[:, :, 0], value[:, :, 0], layer.ring, scaling)
+        return out[:, None], None
+    n = layer.n if layer is not None else key.shape[2]
+    check_length(n, module.moa_limit)
+    pad = left_padding(attention_mask, key.shape[2])
+    if layer is not None:
+        layer.ring.prefill(key, value, torch.zeros(len(key), dtype=torch.long, device=key.device) if pad is None else pad)
+    w = window(*module.moa_rule, n).tolist()
+    return kernel.prefill(query, key, value, w, module.moa_sink, scaling, pad).transpose(1, 2), None
 
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -656,15 +684,84 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
     return attention_mask
 
 
+class PlanLayer(CacheLayerMixin):
+    """One layer of a PlanCache: a kernel.SinkRingCache with per-KV-head capacities `capacities` for N = n tokens,
+    allocated at the first update with the keys' batch, dtype and device. The attention stores the tokens."""
+
+    def __init__(self, capacities, sink, n):
+        super().__init__()
+        self.capacities, self.sink, self.n, self.ring = capacities, sink, n, None
+
+    def lazy_initialization(self, key_states, value_states=None):
+        B, _, _, d = key_states.shape
+        self.ring = kernel.SinkRingCache(B, self.capacities, d, self.sink, key_states.dtype, key_states.device)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+        return key_states, value_states
+
+    def get_seq_length(self):
+        return self.ring.length if self.ring else 0
+
+    def get_max_length(self):
+        return self.n
+
+    def get_mask_sizes(self, query_length, *args):   # transformers passes an int, or in older versions a position tensor
+        q = query_length if isinstance(query_length, int) else query_length.shape[0]
+        return self.get_seq_length() + q, 0
+
+    def reorder_cache(self, beam_idx):
+        ring = self.ring
+        ring.k, ring.v, ring.pad = (x.index_select(0, beam_idx.to(x.device)) for x in (ring.k, ring.v, ring.pad))
+
+
+class PlanCache(Cache):
+    """The static sink + ring KV cache (SPEC §9) of a model that follows a plan, sized for N = n tokens
+    (prompt + new tokens). After apply_plan, model.generate builds one itself; build one for a manual decode loop:
+    model(ids, attention_mask=mask, past_key_values=PlanCache(model, n)), then one token per step."""
+
+    def __init__(self, model, n):
+        self.modules = attention_modules(model)
+        if not all(hasattr(m, "moa_rule") for m in self.modules):
+            raise MoAError("the model follows no plan: call moa.apply_plan(model, plan) first")
+        check_length(n, self.modules[0].moa_limit)
+        super().__init__(layers=[PlanLayer(cache_size(*m.moa_rule, n, m.moa_sink).tolist(), m.moa_sink, n)
+                                 for m in self.modules])
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.modules[layer_idx].moa_layer = self.layers[layer_idx]      # for plan_attention, this call only
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+def _generate_with_plan_cache(model):
+    """model._prepare_cache_for_generation that gives generate a PlanCache for N = generation_config.max_length."""
+    original = type(model)._prepare_cache_for_generation.__get__(model)
+
+    def prepare(*args, **kwargs):
+        arguments = inspect.signature(original).bind(*args, **kwargs).arguments
+        config, model_kwargs = arguments["generation_config"], arguments["model_kwargs"]
+        if model_kwargs.get("past_key_values") is None and config.use_cache is not False:
+            model_kwargs["past_key_values"] = PlanCache(model, config.max_length)
+        return original(*args, **kwargs)
+    return prepare
+
+
 def apply_plan(model, plan):
-    """Make the model's attention follow `plan` in plain forward passes; plan None restores dense attention."""
+    """Make the model follow `plan` (SPEC §2): in forward passes through FlexAttention, and in model.generate
+    through the static sink + ring cache and the fused decode kernel (N = prompt + max_new_tokens).
+    plan None restores dense attention."""
     if plan is None:
+        model.__dict__.pop("_prepare_cache_for_generation", None)
         model.set_attn_implementation("sdpa")
         return model
     alphas, betas = kv_rules(plan, model.config)
+    limit = plan.get("validate_length") or getattr(model.config, "max_position_embeddings", None) or math.inf
     for m in attention_modules(model):
-        m.moa_rule, m.moa_sink = (alphas[m.layer_idx], betas[m.layer_idx]), int(plan["sink"])
+        m.moa_rule, m.moa_sink, m.moa_limit = (alphas[m.layer_idx], betas[m.layer_idx]), int(plan["sink"]), limit
     model.set_attn_implementation("moa")
+    model._prepare_cache_for_generation = _generate_with_plan_cache(model)
     return model
 
 

