@@ -1137,7 +1137,8 @@ def plot(rows, plan, config, out):
     fig, axes = plt.subplots(1, 2, figsize=(8, 6))
     for ax, n in zip(axes, (2048, 8192)):
         im = ax.imshow(window(*kv_rules(plan, config), n) / n, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-        ax.set(title=f"window / N at N = {n}", xlabel="KV head", ylabel="layer")
+        ax.set(title=f"window / N at N = {n}", xlabel="KV head")
+    axes[0].set_ylabel("layer")
     fig.colorbar(im, ax=axes)
     fig.savefig(out / "windows.png", dpi=120)
     plt.close(fig)
