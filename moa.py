@@ -1142,7 +1142,7 @@ def plot(rows, plan, config, out):
     fig.colorbar(im, ax=axes)
     fig.savefig(out / "windows.png", dpi=120)
     plt.close(fig)
-    print(f"wrote {out}/results.csv, accuracy_vs_length.png, accuracy_vs_depth.png, windows.png")
+    print(f"wrote {out}/accuracy_vs_length.png, accuracy_vs_depth.png, windows.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------
