@@ -959,6 +959,87 @@ def profile_bench(model, n=8192):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# End-to-end decode benchmark: model.generate, dense (transformers' static cache) against plans
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=32768,
+                 rope_theta=500000.0)
+
+
+def random_model(shape, device, dtype=torch.bfloat16):
+    """A Llama-architecture model with random weights of the given shape (no download)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=dtype,
+                                                attn_implementation="sdpa").eval()
+
+
+def synthetic_plan(config, density, n, seed=0):
+    """Fixed windows (beta = 0) with a realistic spread per layer (a few heads dense, the rest local of varied size)
+    whose KV density at length n is exactly `density` (kernel.spread_capacities)."""
+    rng = np.random.default_rng(seed)
+    caps = np.array([kernel.spread_capacities(kv_heads(config)[1], n, density, SINK, rng)
+                     for _ in range(config.num_hidden_layers)])
+    return make_plan(caps - SINK, np.zeros(caps.shape), validate_length=n)
+
+
+def kv_bytes(model, plan, batch, n):
+    """Bytes of K and V the cache holds for `batch` sequences of N = n tokens."""
+    H, G = kv_heads(model.config)
+    d = getattr(model.config, "head_dim", None) or model.config.hidden_size // H
+    slots = G * n * model.config.num_hidden_layers if plan is None else cache_size(*kv_rules(plan, model.config), n,
+                                                                                        plan["sink"]).sum()
+    return 2 * int(slots) * d * batch * model.dtype.itemsize
+
+
+def time_generate(model, plan, batch, prompt, new_tokens):
+    """One generate of `new_tokens` after a random prompt: prefill seconds (timed alone), decode tokens/s, ms per
+    token, peak GiB. Dense (plan None) uses transformers' static cache and SDPA."""
+    ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device)
+    settings = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0,
+                    cache_implementation="static" if plan is None else None,
+                    disable_compile=True)   # transformers would compile (CUDA graphs) its static cache only: neither
+    apply_plan(model, plan)
+    try:
+        def run(tokens):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **settings)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+        run(2)                                                            # warm-up: compiles, autotuning
+        torch.cuda.reset_peak_memory_stats()
+        prefill = run(1)
+        total = run(new_tokens)
+        decode = (total - prefill) / (new_tokens - 1)
+        return prefill, batch / decode, 1e3 * decode, torch.cuda.max_memory_allocated() / 2**30
+    finally:
+        apply_plan(model, None)
+
+
+def decode_bench(model, plans, prompts=(8192, 16384), new_tokens=256, batch=8):
+    """For each prompt length and method: the same batch, then doubling batches while they fit in GPU memory; prints
+    one row per run with prefill s, decode tokens/s, ms per token, peak GiB and KV-cache GiB."""
+    print(f"{'prompt':>6} {'method':>8} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'ms/tok':>7} {'peak GiB':>8} "
+          f"{'KV GiB':>7}")
+    for prompt in prompts:
+        n = prompt + new_tokens
+        for name, plan in plans(n).items():
+            b = batch
+            while True:
+                try:
+                    r = time_generate(model, plan, b, prompt, new_tokens)
+                except torch.cuda.OutOfMemoryError:
+                    print(f"{prompt:>6} {name:>8} {b:>5} out of memory")
+                    break
+                finally:
+                    torch.cuda.empty_cache()
+                print(f"{prompt:>6} {name:>8} {b:>5} {r[0]:>9.2f} {r[1]:>8.1f} {r[2]:>7.2f} {r[3]:>8.1f} "
+                      f"{kv_bytes(model, plan, b, n) / 2**30:>7.2f}", flush=True)
+                b *= 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Evaluation: dense vs the uniform baseline vs a plan, on the same held-out inputs at several lengths
 
 EVAL_LENGTHS = (1024, 2048, 4096, 8192)
@@ -1161,6 +1242,19 @@ def main(argv=None):
         p.add_argument("--length", type=int, default=8192)
         a = p.parse_args(argv[1:])
         return profile_bench(load_model(a.model, "cuda")[0], a.length)
+    if argv[:1] == ["bench"]:                # python moa.py bench [--model llama3-8b|smollm2|M] (a GPU)
+        p = argparse.ArgumentParser(prog="moa.py bench", description="model.generate: dense vs MoA plans")
+        p.add_argument("--model", default="llama3-8b", help="llama3-8b (random weights), or a model as in --model")
+        p.add_argument("--plans", nargs="*", default=[], help="plan files (default: synthetic plans at 50%% and 25%%)")
+        p.add_argument("--prompts", type=int, nargs="+", default=[8192, 16384])
+        p.add_argument("--new-tokens", type=int, default=256)
+        p.add_argument("--batch", type=int, default=8)
+        a = p.parse_args(argv[1:])
+        model = random_model(LLAMA3_8B, "cuda") if a.model == "llama3-8b" else load_model(a.model, "cuda")[0]
+        files = {Path(f).stem: load_plan(f) for f in a.plans}
+        plans = lambda n: {"dense": None, **(files or {f"moa{int(100 * d)}": synthetic_plan(model.config, d, n)
+                                                       for d in (0.5, 0.25)})}
+        return decode_bench(model, plans, a.prompts, a.new_tokens, a.batch)
     if argv[:1] == ["eval"]:                 # python moa.py eval --plan P --out DIR [--model M]
         p = argparse.ArgumentParser(prog="moa.py eval", description="dense vs uniform vs a plan: retrieval and loss")
         p.add_argument("--model")

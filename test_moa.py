@@ -459,6 +459,16 @@ def test_generate_on_embedded_model():
     assert not torch.equal(got, want)                                                   # the plan made a difference
 
 
+def test_synthetic_plan_meets_density_and_kv_bytes():
+    """The benchmark's synthetic plans land on their density, and the cache bytes follow the plan's capacities."""
+    model = tiny_model(layers=3, heads=4, kv=2)
+    for density in (0.5, 0.25):
+        plan = moa.synthetic_plan(model.config, density, 4096, seed=1)
+        assert moa.plan_density(plan, model.config, 4096) == pytest.approx(density, abs=1 / 4096)
+        assert moa.kv_bytes(model, plan, 2, 4096) == pytest.approx(density * moa.kv_bytes(model, None, 2, 4096), rel=1e-3)
+    assert moa.kv_bytes(model, None, 2, 4096) == 2 * 3 * 2 * 4096 * 16 * 2 * 4    # K and V, layers, heads, N, d, B, fp32
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Plans (SPEC §8)
 
