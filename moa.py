@@ -390,11 +390,12 @@ def profile(model, samples, sink=SINK):
     model.requires_grad_(False)                 # gradients flow to the activations only
     model.set_attn_implementation("moa_profile")
     try:
-        batch = max(1, BATCH_TOKENS // N)
-        for b0 in tqdm(range(0, n, batch), desc=f"profile @{N}", leave=False):
-            embeds = model.get_input_embeddings()(ids[b0:b0 + batch]).detach().requires_grad_()
+        batches = row_batches(ids)
+        for b0 in tqdm(batches, desc=f"profile @{N}", leave=False):
+            rows = slice(b0, b0 + batches.step)
+            embeds = model.get_input_embeddings()(ids[rows]).detach().requires_grad_()
             # The mean over all n samples: each sample's loss enters divided by n, so hist sums to the average.
-            (answer_loss(model, ids[b0:b0 + batch], starts[b0:b0 + batch], inputs_embeds=embeds).sum() / n).backward()
+            (answer_loss(model, ids[rows], starts[rows], inputs_embeds=embeds).sum() / n).backward()
     finally:
         model.set_attn_implementation("sdpa")
         for m in mods:
@@ -765,6 +766,21 @@ def apply_plan(model, plan):
     return model
 
 
+@contextlib.contextmanager
+def following(model, plan):
+    """with following(model, plan): the model follows `plan` (None: dense) inside the block, dense again after."""
+    apply_plan(model, plan)
+    try:
+        yield model
+    finally:
+        apply_plan(model, None)
+
+
+def row_batches(ids):
+    """Starts of batches of rows of ids [n, N] holding at most BATCH_TOKENS tokens each."""
+    return range(0, len(ids), max(1, BATCH_TOKENS // ids.shape[1]))
+
+
 def _register():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -784,13 +800,10 @@ _register()
 def answer_losses(model, samples, plan=None, desc="loss"):
     """Answer loss of each sample [n] (float32, CPU) with the model following `plan` (None: dense)."""
     ids, starts = samples["input_ids"].to(model.device), samples["answer_start"].to(model.device)
-    batch = max(1, BATCH_TOKENS // ids.shape[1])
-    apply_plan(model, plan)
-    try:
-        return torch.cat([answer_loss(model, ids[b:b + batch], starts[b:b + batch]).cpu()
-                          for b in tqdm(range(0, len(ids), batch), desc=desc, leave=False)])
-    finally:
-        apply_plan(model, None)
+    batches = row_batches(ids)
+    with following(model, plan):
+        return torch.cat([answer_loss(model, ids[b:b + batches.step], starts[b:b + batches.step]).cpu()
+                          for b in tqdm(batches, desc=desc, leave=False)])
 
 
 def mean_loss(model, samples, plan=None, desc="loss"):
@@ -999,22 +1012,21 @@ def time_generate(model, plan, batch, prompt, new_tokens):
     settings = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0,
                     cache_implementation="static" if plan is None else None,
                     disable_compile=True)   # transformers would compile (CUDA graphs) its static cache only: neither
-    apply_plan(model, plan)
-    try:
-        def run(tokens):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **settings)
-            torch.cuda.synchronize()
-            return time.perf_counter() - t0
+
+    def run(tokens):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **settings)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    with following(model, plan):
         run(2)                                                            # warm-up: compiles, autotuning
         torch.cuda.reset_peak_memory_stats()
         prefill = run(1)
         total = run(new_tokens)
-        decode = (total - prefill) / (new_tokens - 1)
-        return prefill, batch / decode, 1e3 * decode, torch.cuda.max_memory_allocated() / 2**30
-    finally:
-        apply_plan(model, None)
+    decode = (total - prefill) / (new_tokens - 1)
+    return prefill, batch / decode, 1e3 * decode, torch.cuda.max_memory_allocated() / 2**30
 
 
 def decode_bench(model, plans, prompts=(8192, 16384), new_tokens=256, batch=8):
@@ -1072,16 +1084,13 @@ def copy_inputs(tokenizer, docs, n, depth, count, rng):
 
 def copy_accuracy(model, ids, plan):
     """Teacher-forced top-1 accuracy on the repeated segment after its cue, per row [B]."""
-    apply_plan(model, plan)
-    try:
-        out, batch = [], max(1, BATCH_TOKENS // ids.shape[1])
-        for b in range(0, len(ids), batch):
-            row = ids[b:b + batch].to(model.device)
+    out, batches = [], row_batches(ids)
+    with following(model, plan):
+        for b in batches:
+            row = ids[b:b + batches.step].to(model.device)
             logits = model(row, logits_to_keep=SEGMENT - CUE + 1).logits[:, :-1]
             out.append((logits.argmax(-1) == row[:, -(SEGMENT - CUE):]).float().mean(1).cpu())
-        return torch.cat(out)
-    finally:
-        apply_plan(model, None)
+    return torch.cat(out)
 
 
 def passkey_inputs(tokenizer, docs, n, depth, count, rng, new_tokens):
@@ -1102,32 +1111,26 @@ def passkey_inputs(tokenizer, docs, n, depth, count, rng, new_tokens):
 
 def passkey_accuracy(model, tokenizer, ids, keys, plan, new_tokens):
     """1 where greedy generation (through the plan's cache and decode kernel) states the key, else 0, per row."""
-    apply_plan(model, plan)
-    try:
-        out, batch = [], max(1, BATCH_TOKENS // ids.shape[1])
-        for b in range(0, len(ids), batch):
-            rows = ids[b:b + batch].to(model.device)
+    out, batches = [], row_batches(ids)
+    with following(model, plan):
+        for b in batches:
+            rows = ids[b:b + batches.step].to(model.device)
             gen = model.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.eos_token_id)
             text = tokenizer.batch_decode(gen[:, rows.shape[1]:], skip_special_tokens=True)
-            out += [float(k in t) for k, t in zip(keys[b:b + batch], text)]
-        return torch.tensor(out)
-    finally:
-        apply_plan(model, None)
+            out += [float(k in t) for k, t in zip(keys[b:b + batches.step], text)]
+    return torch.tensor(out)
 
 
 def token_losses(model, ids, plan):
     """Mean next-token cross-entropy over each whole row [B] (for perplexity)."""
-    apply_plan(model, plan)
-    try:
-        out = []
-        for row in ids.split(1):
+    out = []
+    with following(model, plan):
+        for row in ids.split(1):                                          # full-vocabulary logits: one row at a time
             row = row.to(model.device)
             logits = model(row).logits[:, :-1].float()
             out.append(F.cross_entropy(logits.transpose(1, 2), row[:, 1:]).reshape(1).cpu())
-        return torch.cat(out)
-    finally:
-        apply_plan(model, None)
+    return torch.cat(out)
 
 
 def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed=0, new_tokens=16):
