@@ -1162,7 +1162,7 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
                     measure("passkey", lambda: passkey_accuracy(model, tokenizer, *passkeys[z], p, new_tokens), z)
                 measure("answer_loss", lambda: answer_losses(model, answers, p))
                 measure("text_loss", lambda: token_losses(model, text, p))
-    rows = [(what, name, n, z, float(v.mean()), float(v.std() / max(1, len(v) - 1) ** 0.5), len(v))
+    rows = [(what, name, n, z, float(v.mean()), float(v.std() / len(v) ** 0.5), len(v))
             for what, name, n, z, v in rows]
     with open(Path(out) / "results.csv", "w") as f:
         f.write("measure,method,length,depth,mean,sem,count\n")
@@ -1289,6 +1289,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=c.seed)
     p.add_argument("--max-rules-per-layer", type=int, help="at most this many distinct rules in a layer")
     p.add_argument("--answer-tokens", type=int, default=c.answer_tokens, help="longest calibration answer")
+    p.add_argument("--instruction", default=c.instruction, help="the calibration instruction after each document")
     a = p.parse_args(argv)
     try:
         t0 = time.perf_counter()
@@ -1296,7 +1297,8 @@ def main(argv=None):
         print(f"loaded {model.name_or_path} on {model.device} in {time.perf_counter() - t0:.1f} s")
         compress(model, tokenizer, out=a.out, lengths=tuple(a.lengths), validate_length=a.validate_length,
                  density=a.density, samples=a.samples, calib=a.calib, seed=a.seed,
-                 max_rules_per_layer=a.max_rules_per_layer, answer_tokens=a.answer_tokens)
+                 max_rules_per_layer=a.max_rules_per_layer, answer_tokens=a.answer_tokens,
+                 instruction=a.instruction)
         print(f"wrote {Path(a.out) / 'plan.json'}; total {time.perf_counter() - t0:.1f} s")
     except MoAError as e:
         sys.exit(f"error: {e}")
