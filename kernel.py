@@ -120,18 +120,58 @@ class SinkRingCache:
         return self.offsets[:-1] + slot
 
     def prefill(self, key, value, pad):
-        """Store a left-padded prompt. key, value: [B, G, P, d]; pad: [B] leading padding tokens per sequence.
-        Only what the cache keeps is written: the sink and each head's latest C_k - sink tokens."""
+        """Start the cache with a left-padded prompt. key, value: [B, G, P, d]; pad: [B] leading padding tokens."""
+        self.pad, self.length = pad.to(torch.int32), 0
+        self.store(key, value)
+
+    def store(self, key, value):
+        """Append P tokens to every sequence. key, value: [B, G, P, d]. Only what the cache keeps is written: the
+        sink and each head's latest C_k - sink tokens."""
         B, G, P, _ = key.shape
-        self.pad, self.length = pad.to(torch.int32), P
-        pos = torch.arange(P, device=key.device)[None] - pad[:, None]                              # [B, P]
-        last = (P - pad)[:, None, None]                                                            # prompt length
+        pos = self.length + torch.arange(P, device=key.device)[None] - self.pad[:, None]             # [B, P]
+        last = (self.length + P - self.pad)[:, None, None]                                          # tokens after
         idx = self.slots(pos.clamp_min(0))                                                          # [B, P, G]
         kept = (pos[..., None] >= 0) & ((pos[..., None] < self.sink) |
                                         (pos[..., None] >= last - (self.capacity - self.sink)))
         b, p, g = kept.nonzero(as_tuple=True)
         self.k[b, idx[b, p, g]] = key[b, g, p]
         self.v[b, idx[b, p, g]] = value[b, g, p]
+        self.length += P
+
+    def positions(self):
+        """True position held by every slot [B, S] (int64), -1 where a slot holds nothing yet."""
+        slot = torch.arange(self.k.shape[1], device=self.k.device)
+        head = torch.searchsorted(self.offsets[1:], slot.to(torch.int32), right=True)                # [S]
+        r = slot - self.offsets[head]                                              # slot within its head
+        ring = (self.capacity[head] - self.sink).clamp_min(1)
+        stored = (self.length - self.pad.long())[:, None]                          # [B, 1] true tokens stored
+        latest = r + ring * torch.div(stored - 1 - r, ring, rounding_mode="floor")   # newest position in the slot
+        pos = torch.where(r < self.sink, r, latest)                                  # [B, S]
+        return torch.where(stored > r, pos, -1)                                      # position r fills it first
+
+
+def chunk_attention(q, k, v, cache, windows, scale=None):
+    """A later prefill chunk: queries attend to what the cache holds plus the chunk itself, under the mask of
+    SPEC §2, through SDPA with a boolean mask (one call per KV head); then the chunk is stored.
+    q: [B, H, P, d]; k, v: [B, G, P, d], the chunk's keys and values (after RoPE); cache: SinkRingCache holding
+    the tokens before the chunk; windows: G ints. Returns [B, H, P, d]."""
+    B, H, P, d = q.shape
+    G = k.shape[1]
+    g = H // G
+    held = cache.positions()                                                         # [B, S]
+    new = cache.length - cache.pad.long()[:, None] + torch.arange(P, device=q.device)   # [B, P] true positions
+    out = []
+    for h in range(G):
+        lo, hi = cache.offsets[h].item(), cache.offsets[h + 1].item()
+        keys = torch.cat([cache.k[:, lo:hi], k[:, h]], 1)[:, None]                    # [B, 1, C_h + P, d]
+        values = torch.cat([cache.v[:, lo:hi], v[:, h]], 1)[:, None]
+        j = torch.cat([held[:, lo:hi], new], 1)[:, None, None]                       # [B, 1, 1, C_h + P]
+        i = new[:, None, :, None]                                                     # [B, 1, P, 1]
+        allowed = (j >= 0) & (j <= i) & ((j < cache.sink) | (i - j < int(windows[h])))
+        out.append(F.scaled_dot_product_attention(q[:, h * g:(h + 1) * g], keys, values, attn_mask=allowed,
+                                                  scale=scale, enable_gqa=True))
+    cache.store(k, v)
+    return torch.cat(out, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------------

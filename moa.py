@@ -660,16 +660,23 @@ def left_padding(attention_mask, n):
 
 def plan_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d].
-    With a PlanCache (generation), the windows are those at the cache's N; the prompt is stored in the cache and
-    attended with FlexAttention, every later token goes through the fused decode kernel, which stores it too.
-    Without one (a whole-sequence forward pass), N is the sequence length."""
+    With a PlanCache (generation), the windows are those at the cache's N; the prompt (or its first chunk) is
+    stored in the cache and attended with FlexAttention, a later prompt chunk (generate's prefill_chunk_size)
+    attends to the cache and itself through SDPA, and every new token goes through the fused decode kernel, which
+    stores it too. Without a cache (a whole-sequence forward pass), N is the sequence length."""
     layer = module.__dict__.pop("moa_layer", None)            # set by PlanCache.update for this call only
-    if layer is not None and layer.ring.length:               # a decode step
-        if query.shape[2] != 1 or layer.ring.length >= layer.n:
-            raise MoAError(f"the plan cache was built for {layer.n} tokens and takes one new token per step; "
-                           f"got {query.shape[2]} more after {layer.ring.length}")
-        out = kernel.decode(query[:, :, 0], key[:, :, 0], value[:, :, 0], layer.ring, scaling)
-        return out[:, None], None
+    if layer is not None and layer.ring.length:               # a decode step or a later prompt chunk
+        q = query.shape[2]
+        if layer.ring.length + q > layer.n:
+            raise MoAError(f"the plan cache was built for {layer.n} tokens; got {q} more after {layer.ring.length}")
+        if q == 1:
+            return kernel.decode(query[:, :, 0], key[:, :, 0], value[:, :, 0], layer.ring, scaling)[:, None], None
+        pad = left_padding(attention_mask, q)
+        if pad is not None and bool(pad.any()):
+            raise MoAError("a sequence's left padding runs past the first prefill chunk: use a larger "
+                           "prefill_chunk_size")
+        w = window(*module.moa_rule, layer.n).tolist()
+        return kernel.chunk_attention(query, key, value, layer.ring, w, scaling).transpose(1, 2), None
     n = layer.n if layer is not None else key.shape[2]
     check_length(n, module.moa_limit)
     pad = left_padding(attention_mask, key.shape[2])

@@ -288,6 +288,24 @@ def test_prefill_matches_masked_reference(H, G, N, d, windows, padded):
         torch.testing.assert_close(out[1:, :, N // 3:], alone, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("H,G,N,first,chunk,windows", [(4, 2, 70, 30, 7, (64, 3)), (3, 1, 130, 9, 40, (5,)),
+                                                        (8, 4, 41, 17, 5, (1, 40, 7, 33)), (2, 2, 300, 100, 64, (300, 9))])
+def test_chunked_prefill_matches_masked_reference(H, G, N, first, chunk, windows):
+    """A prompt stored chunk by chunk (generate's prefill_chunk_size): each later chunk attends to the cache (whose
+    rings wrap) and to itself exactly as the whole-sequence mask says, on a left-padded batch, in float64."""
+    sink, d = 4, 8
+    q, k, v = torch.randn(2, H, N, d).double(), torch.randn(2, G, N, d).double(), torch.randn(2, G, N, d).double()
+    pad = torch.tensor([0, first // 2])
+    ref = kernel.masked_reference(q, k, v, windows, sink, pad=pad)
+    cache = kernel.SinkRingCache(2, [min(N, sink + w) for w in windows], d, sink, torch.float64, "cpu")
+    cache.prefill(k[:, :, :first], v[:, :, :first], pad)
+    for a in range(first, N, chunk):
+        b = min(N, a + chunk)
+        got = kernel.chunk_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], cache, windows)
+        torch.testing.assert_close(got, ref[:, :, a:b], rtol=1e-10, atol=1e-10)
+    assert cache.length == N
+
+
 @pytest.mark.parametrize("family", moa.FAMILIES)
 def test_apply_plan_follows_the_mask(family):
     """Every supported family profiles, and with a plan applied gives the same logits as with an explicit masked
@@ -409,6 +427,11 @@ def test_generate_with_sparse_plan_equals_masked_recompute(monkeypatch):
     windows = moa.window(*moa.kv_rules(plan, model.config), 70)
     assert windows.min() < 20 and windows.max() == 70                                 # sparse and dense heads
     assert got.tolist() == reference_generate(model, plan, ids, mask, 40).tolist()
+    chunked = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=1,
+                             eos_token_id=None, prefill_chunk_size=18)             # the prompt in chunks of 18 + 12
+    assert chunked.tolist() == got.tolist()
+    with pytest.raises(moa.MoAError, match="larger prefill_chunk_size"):          # 17 padding tokens > a chunk of 8
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=1, prefill_chunk_size=8)
 
 
 def test_generate_sampling_and_limits():
