@@ -1012,50 +1012,118 @@ def kv_bytes(model, plan, batch, n):
     return 2 * int(slots) * d * batch * model.dtype.itemsize
 
 
-def time_generate(model, plan, batch, prompt, new_tokens):
-    """One generate of `new_tokens` after a random prompt: prefill seconds (timed alone), decode tokens/s, ms per
-    token, peak GiB. Dense (plan None) uses transformers' static cache and SDPA."""
-    ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device)
-    settings = dict(attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=None, pad_token_id=0,
-                    cache_implementation="static" if plan is None else None,
-                    disable_compile=True)   # transformers would compile (CUDA graphs) its static cache only: neither
+PREFILL_CHUNK = 2048   # bench prompts are prefilled in chunks of this many tokens, dense and MoA alike
 
-    def run(tokens):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, **settings)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
+
+def generate_settings(plan):
+    """generate() settings of a bench run: greedy, exactly max_new_tokens, chunked prefill; dense (plan None) with
+    transformers' static cache and SDPA. Both eager: transformers compiles (CUDA graphs) only its own static cache,
+    and the plan's cache is not one of those, so neither side is compiled."""
+    return dict(do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=PREFILL_CHUNK,
+                cache_implementation="static" if plan is None else None, disable_compile=True)
+
+
+def time_generate(model, plan, batch, prompt, new_tokens):
+    """One generate of `new_tokens` after a random prompt [batch, prompt], after a prefill-only warm-up. Returns
+    prefill seconds (to the first token), decode tokens/s and ms per token over the rest, peak GiB."""
+    ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device)
+    stamps = []
+
+    class Clock:   # generate's streamer hook: called with the prompt, then once per new token
+        def put(self, _):
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
 
     with following(model, plan):
-        run(2)                                                            # warm-up: compiles, autotuning
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, **generate_settings(plan))
         torch.cuda.reset_peak_memory_stats()
-        prefill = run(1)
-        total = run(new_tokens)
-    decode = (total - prefill) / (new_tokens - 1)
-    return prefill, batch / decode, 1e3 * decode, torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       streamer=Clock(), **generate_settings(plan))
+    decode = (stamps[-1] - stamps[1]) / (new_tokens - 1)
+    return stamps[1] - t0, batch / decode, 1e3 * decode, torch.cuda.max_memory_allocated() / 2**30
 
 
-def decode_bench(model, plans, prompts=(8192, 16384), new_tokens=256, batch=8):
-    """For each prompt length and method: the same batch, then doubling batches while they fit in GPU memory; prints
-    one row per run with prefill s, decode tokens/s, ms per token, peak GiB and KV-cache GiB."""
+def largest_batch(model, plan, batch, prompt, new_tokens, measured):
+    """The largest batch that fits: extrapolate from the peak memory at `batch` (weights + per-sequence bytes), then
+    step down by 5% per out-of-memory. measured: time_generate's result at `batch`. Returns (batch, result)."""
+    weights = torch.cuda.memory_allocated() / 2**30
+    free = torch.cuda.get_device_properties(model.device).total_memory / 2**30 - 1.0        # 1 GiB for the runtime
+    b = max(batch, int((free - weights) / ((measured[3] - weights) / batch)))
+    while b > batch:
+        try:
+            return b, time_generate(model, plan, b, prompt, new_tokens)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            b = int(b * 0.95)
+    return batch, measured
+
+
+def step_profile(model, plan, batch, prompt, steps=16):
+    """Where one decode step's time goes, in ms: CUDA time in attention, in matrix multiplies (the weights), in other
+    kernels, and the rest of the step's wall time (the host: Python, launches). Two generates of 2 and 2 + steps
+    tokens are profiled (after the bench's runs: nothing left to compile); their difference is `steps` decode steps."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device)
+    kinds = {"attention": ("decode_kernel", "merge_kernel", "flash", "fmha", "attention", "sdpa"),
+             "matmul": ("gemm", "nvjet", "cutlass", "matmul", "cublas")}
+    totals = []
+    with following(model, plan):
+        for tokens in (2, 2 + steps):
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                               min_new_tokens=tokens, **generate_settings(plan))
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - t0
+            t = {"wall": wall * 1e3, "attention": 0.0, "matmul": 0.0, "other": 0.0}
+            for e in prof.key_averages():
+                name = e.key.lower()
+                kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other")
+                t[kind] += e.device_time_total / 1e3
+            totals.append(t)
+    step = {k: (totals[1][k] - totals[0][k]) / steps for k in totals[0]}
+    step["host"] = step["wall"] - step["attention"] - step["matmul"] - step["other"]
+    return step
+
+
+def decode_bench(model, plans, prompts=(8192, 16384), new_tokens=256, batch=8, profile_steps=True):
+    """For each prompt length and method: the same batch, then the largest batch that fits in GPU memory; prints
+    one row per run with prefill s, decode tokens/s, ms per token, peak GiB and KV-cache GiB, then a profile of one
+    decode step at each method's largest batch for the longest prompt. Prompts longer than the model's context allows are shortened."""
+    top = getattr(model.config, "max_position_embeddings", math.inf)
     print(f"{'prompt':>6} {'method':>8} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'ms/tok':>7} {'peak GiB':>8} "
           f"{'KV GiB':>7}")
-    for prompt in prompts:
+    largest = []
+    for prompt in sorted({min(p, top - new_tokens) for p in prompts}):
         n = prompt + new_tokens
         for name, plan in plans(n).items():
-            b = batch
-            while True:
-                try:
-                    r = time_generate(model, plan, b, prompt, new_tokens)
-                except torch.cuda.OutOfMemoryError:
-                    print(f"{prompt:>6} {name:>8} {b:>5} out of memory")
-                    break
-                finally:
-                    torch.cuda.empty_cache()
+            try:
+                first = time_generate(model, plan, batch, prompt, new_tokens)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{prompt:>6} {name:>8} {batch:>5} out of memory")
+                torch.cuda.empty_cache()
+                continue
+            for b, r in ((batch, first), largest_batch(model, plan, batch, prompt, new_tokens, first)):
                 print(f"{prompt:>6} {name:>8} {b:>5} {r[0]:>9.2f} {r[1]:>8.1f} {r[2]:>7.2f} {r[3]:>8.1f} "
                       f"{kv_bytes(model, plan, b, n) / 2**30:>7.2f}", flush=True)
-                b *= 2
+            largest.append((prompt, name, plan, b))
+            torch.cuda.empty_cache()
+    if profile_steps:
+        print(f"\none decode step, ms (torch.profiler):\n{'prompt':>6} {'method':>8} {'batch':>5} {'wall':>7} "
+              f"{'attention':>9} {'matmul':>7} {'other':>7} {'host':>7}")
+        for prompt, name, plan, b in largest:
+            if prompt != largest[-1][0]:
+                continue                                                # the longest prompt only
+            t = step_profile(model, plan, b, prompt)
+            print(f"{prompt:>6} {name:>8} {b:>5} {t['wall']:>7.2f} {t['attention']:>9.2f} {t['matmul']:>7.2f} "
+                  f"{t['other']:>7.2f} {t['host']:>7.2f}", flush=True)
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1259,12 +1327,15 @@ def main(argv=None):
         p.add_argument("--prompts", type=int, nargs="+", default=[8192, 16384])
         p.add_argument("--new-tokens", type=int, default=256)
         p.add_argument("--batch", type=int, default=8)
+        p.add_argument("--methods", nargs="*", help="run only these (dense, moa50, moa25, or plan file stems)")
+        p.add_argument("--no-profile", action="store_true", help="skip the per-step profile")
         a = p.parse_args(argv[1:])
         model = random_model(LLAMA3_8B, "cuda") if a.model == "llama3-8b" else load_model(a.model, "cuda")[0]
         files = {Path(f).stem: load_plan(f) for f in a.plans}
         plans = lambda n: {"dense": None, **(files or {f"moa{int(100 * d)}": synthetic_plan(model.config, d, n)
                                                        for d in (0.5, 0.25)})}
-        return decode_bench(model, plans, a.prompts, a.new_tokens, a.batch)
+        chosen = lambda n: {k: v for k, v in plans(n).items() if not a.methods or k in a.methods}
+        return decode_bench(model, chosen, a.prompts, a.new_tokens, a.batch, not a.no_profile)
     if argv[:1] == ["eval"]:                 # python moa.py eval --plan P --out DIR [--model M]
         p = argparse.ArgumentParser(prog="moa.py eval", description="dense vs uniform vs a plan: retrieval and loss")
         p.add_argument("--model")
