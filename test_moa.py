@@ -288,33 +288,6 @@ def test_prefill_matches_masked_reference(H, G, N, d, windows, padded):
         torch.testing.assert_close(out[1:, :, N // 3:], alone, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", moa.FAMILIES)
-def test_apply_plan_follows_the_mask(family):
-    """Every supported family profiles, and with a plan applied gives the same logits as with an explicit masked
-    attention of the same windows."""
-    from transformers import AttentionInterface
-    model = tiny_model(family, layers=3, heads=4, kv=2, seed=3)
-    hist = moa.profile(model, random_samples(1, 150, answer=10))
-    assert hist.shape == (3, 4, 150) and torch.isfinite(hist).all() and hist.sum() > 0
-    rng = np.random.default_rng(0)
-    plan = moa.make_plan(rng.choice([-200, 0, 50], (3, 2)), rng.choice([0, 0.25, 1], (3, 2)), sink=4)
-    ids = torch.randint(0, 384, (2, 150))
-    with torch.no_grad():
-        got = moa.apply_plan(model, plan)(ids).logits
-        alphas, betas = moa.kv_rules(plan, model.config)
-
-        def reference(module, query, key, value, attention_mask, scaling=None, **kw):
-            w = moa.window(alphas[module.layer_idx], betas[module.layer_idx], key.shape[2]).tolist()
-            return kernel.masked_reference(query, key, value, w, 4, scaling).transpose(1, 2), None
-
-        AttentionInterface.register("test_reference", reference)
-        model.set_attn_implementation("test_reference")
-        want = model(ids).logits
-        dense = moa.apply_plan(model, None)(ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert (got - dense).abs().max() > 1e-3                                    # the plan did change something
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The static cache and the fused decode kernel (SPEC §9, §10)
 
@@ -515,7 +488,7 @@ def test_bad_input_errors(tmp_path):
     with pytest.raises(moa.MoAError, match="at least 2"):
         moa.load_documents(tmp_path / "short.txt")
     from transformers import AutoConfig
-    with pytest.raises(moa.MoAError, match="not supported"):
+    with pytest.raises(moa.MoAError, match="no rotary position embeddings"):
         moa.check_family(AutoConfig.for_model("gpt2"))
     model = tiny_model()
     with pytest.raises(moa.MoAError, match="exceeds the model's context"):
@@ -536,6 +509,30 @@ def check_plan(plan, config):
         assert d <= plan["density_budget"] + 1e-9, (n, d)
     v = plan["validation_loss"]
     assert v["plan"] == min(v["pareto"]) and np.isfinite([v["dense"], v["uniform"]]).all()
+
+
+@pytest.mark.parametrize("family", moa.FAMILIES)
+def test_family_end_to_end(family, tokenizer):
+    """Every supported family compresses (TINY settings); with the plan it chose, a forward pass gives the logits of
+    the plain masked attention of the same windows, and generate (the plan's cache and decode kernel) the greedy
+    tokens of the masked reference that recomputes the whole sequence."""
+    model = tiny_model(family, layers=2, heads=4, kv=2, seed=6, init=0.2).to(DEVICE)
+    plan = moa.compress(model, tokenizer, **TINY)
+    check_plan(plan, model.config)
+    n, steps = TINY["lengths"][0], 6                       # at n, the plan's density is at most the budget (0.6)
+    ids = torch.randint(2, 384, (1, n - steps), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        got = moa.apply_plan(model, plan)(ids).logits
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(kernel, "prefill", kernel.masked_reference)
+            want = model(ids).logits
+        dense = moa.apply_plan(model, None)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - dense).abs().max() > 1e-3                                    # the plan did change something
+    out = moa.apply_plan(model, plan).generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                                               eos_token_id=None, pad_token_id=1)
+    assert out.tolist() == reference_generate(model, plan, ids, mask, steps).tolist()
 
 
 def test_cli_on_tiny_model(tmp_path, tokenizer):
