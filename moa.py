@@ -354,7 +354,7 @@ def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
     keep = N - int(answer_start.min()) + 1            # positions answer_start-1 .. N-2 predict the answer
     logits = model(input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
                    logits_to_keep=keep).logits[:, :-1].float()
-    targets = input_ids[:, N - keep + 1:]
+    targets = input_ids[:, N - keep + 1:].to(logits.device)
     ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")   # [B, keep-1]
     mask = torch.arange(N - keep + 1, N, device=ce.device)[None] >= answer_start[:, None].to(ce.device)
     return (ce * mask).sum(1) / mask.sum(1)
@@ -424,21 +424,24 @@ class ProfiledAttention(torch.autograd.Function):
 
 
 def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface entry "moa_profile": query [B, H, N, d], key/value [B, G, N, d] -> [B, N, H, d]."""
+    """AttentionInterface entry "moa_profile": query [B, H, N, d], key/value [B, G, N, d] -> [B, N, H, d].
+    The layer's histogram [H, N] is made at its first call, on the device of its tensors (layers may be spread over
+    GPUs by a device map)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if module.moa_hist is None:
+        module.moa_hist = torch.zeros(query.shape[1], query.shape[2], dtype=torch.float64, device=query.device)
     out = ProfiledAttention.apply(query, key, value, scale, module.moa_hist, module.moa_sink)
     return out.transpose(1, 2), None
 
 
 def profile(model, samples, sink=SINK):
-    """Influence histograms averaged over the samples: [L, H, N] float64 (on the CPU)."""
+    """Influence histograms averaged over the samples: [L, H, N] float64 (on the CPU).
+    samples: {"input_ids": [n, N], "answer_start": [n]}."""
     ids, starts = samples["input_ids"].to(model.device), samples["answer_start"].to(model.device)
     n, N = ids.shape
-    H, _ = kv_heads(model.config)
-    hist = torch.zeros(model.config.num_hidden_layers, H, N, dtype=torch.float64, device=model.device)
     mods = attention_modules(model)
     for m in mods:
-        m.moa_hist, m.moa_sink = hist[m.layer_idx], sink
+        m.moa_hist, m.moa_sink = None, sink
     grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)                 # gradients flow to the activations only
     model.set_attn_implementation("moa_profile")
@@ -449,13 +452,13 @@ def profile(model, samples, sink=SINK):
             embeds = model.get_input_embeddings()(ids[rows]).detach().requires_grad_()
             # The mean over all n samples: each sample's loss enters divided by n, so hist sums to the average.
             (answer_loss(model, ids[rows], starts[rows], inputs_embeds=embeds).sum() / n).backward()
+        return torch.stack([m.moa_hist.cpu() for m in sorted(mods, key=lambda m: m.layer_idx)])
     finally:
         model.set_attn_implementation("sdpa")
         for m in mods:
             del m.moa_hist, m.moa_sink
         for p, g in zip(model.parameters(), grad):
             p.requires_grad_(g)
-    return hist.cpu()
 
 
 def rule_losses(hist, groups, alphas, betas):
@@ -886,7 +889,7 @@ def fingerprint(*parts):
 
 def model_fingerprint(model):
     return fingerprint(model.name_or_path, model.config.to_dict(), str(model.dtype),
-                       float(sum(p.detach().double().sum() for p in model.parameters())))
+                       sum(float(p.detach().sum(dtype=torch.float64)) for p in model.parameters()))
 
 
 class Stages:
@@ -1142,7 +1145,7 @@ def copy_accuracy(model, ids, plan):
         for b in batches:
             row = ids[b:b + batches.step].to(model.device)
             logits = model(row, logits_to_keep=SEGMENT - CUE + 1).logits[:, :-1]
-            out.append((logits.argmax(-1) == row[:, -(SEGMENT - CUE):]).float().mean(1).cpu())
+            out.append((logits.argmax(-1) == row[:, -(SEGMENT - CUE):].to(logits.device)).float().mean(1).cpu())
     return torch.cat(out)
 
 
@@ -1182,7 +1185,7 @@ def token_losses(model, ids, plan):
         for row in ids.split(1):                                          # full-vocabulary logits: one row at a time
             row = row.to(model.device)
             logits = model(row).logits[:, :-1].float()
-            out.append(F.cross_entropy(logits.transpose(1, 2), row[:, 1:]).reshape(1).cpu())
+            out.append(F.cross_entropy(logits.transpose(1, 2), row[:, 1:].to(logits.device)).reshape(1).cpu())
     return torch.cat(out)
 
 

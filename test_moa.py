@@ -535,6 +535,28 @@ def test_family_end_to_end(family, tokenizer):
     assert out.tolist() == reference_generate(model, plan, ids, mask, steps).tolist()
 
 
+def test_device_map_through_accelerate_hooks():
+    """A model dispatched by accelerate with a device map and its hooks (as device_map="auto" sets them up over
+    several GPUs; here every part is on the CPU, with the hooks forced on) profiles, scores a plan and generates with
+    it exactly as the plain model. examples/multi_gpu.py checks a real split over two GPUs."""
+    from accelerate import dispatch_model
+    plain, hooked = (tiny_model(seed=7, init=0.2) for _ in range(2))
+    parts = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    dispatch_model(hooked, dict.fromkeys(parts, "cpu"), force_hooks=True)
+    assert hasattr(hooked.model.layers[1], "_hf_hook")
+    samples = random_samples(2, 200, answer=20)
+    plan = moa.make_plan([[0, -200], [50, 0]], [[0.25, 0], [0, 1]], validate_length=256)
+    ids, mask = (x.cpu() for x in ragged_prompts(2, 150, [0, 20]))
+    results = []
+    for model in (plain, hooked):
+        with moa.following(model, plan):
+            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                    pad_token_id=1)
+        results.append((moa.profile(model, samples), moa.answer_losses(model, samples, plan), tokens))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_cli_on_tiny_model(tmp_path, tokenizer):
     model = tiny_model(layers=2, heads=4, kv=2)
     model.save_pretrained(tmp_path / "tiny")
