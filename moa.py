@@ -102,9 +102,9 @@ class Config:
 
     def resolved(self, device):
         """A copy with every None default filled in for `device`."""
-        lengths = tuple(sorted(int(n) for n in self.lengths))
+        lengths = tuple(int(n) for n in self.lengths)
         return dataclasses.replace(
-            self, lengths=lengths, validate_length=self.validate_length or 2 * lengths[-1],
+            self, lengths=lengths, validate_length=self.validate_length or 2 * max(lengths),
             samples=self.samples or (32 if torch.device(device).type == "cuda" else 1))
 
 
@@ -274,7 +274,8 @@ def load_documents(calib=None):
         return [topics[k] for k in sorted(topics)]
     path = Path(calib)
     if not path.is_file():
-        raise MoAError(f"calibration file {path} does not exist")
+        raise MoAError(f"calibration file {path} does not exist: give a .txt or .jsonl file, or leave --calib out "
+                       "for the bundled documents")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         try:
@@ -285,7 +286,8 @@ def load_documents(calib=None):
         docs = [p.strip() for p in text.split("\n\n")]
     docs = [d for d in docs if d.strip()]
     if len(docs) < 2:
-        raise MoAError(f"{path} holds {len(docs)} document(s); calibration and validation need at least 2")
+        raise MoAError(f"{path} holds {len(docs)} document(s); calibration and validation need at least 2: separate "
+                       "documents by blank lines (.txt) or give one per line (.jsonl)")
     return docs
 
 
@@ -310,23 +312,36 @@ def chat_frame(tokenizer, instruction):
     return encode(before), encode(after)
 
 
-def make_samples(model, tokenizer, docs, n, length, cfg, seed):
-    """n samples of exactly `length` tokens: a document cut to fit, the instruction, and the answer the dense model
-    generates greedily (at most cfg.answer_tokens). Returns {"input_ids": [n, length], "answer_start": [n]}."""
-    before, after = chat_frame(tokenizer, cfg.instruction)
-    room = length - len(before) - len(after) - cfg.answer_tokens
-    if room <= 0:
-        raise MoAError(f"length {length} leaves no room for a document beside the template and the answer")
-    doc_ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+def tokenize_documents(tokenizer, docs):
+    """Each document's token ids followed by those of a blank line: a list of lists of int."""
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    total = sum(len(d) + len(sep) for d in doc_ids)
-    if total < room + cfg.answer_tokens:
-        raise MoAError(f"the calibration text holds {total} tokens, but a sample of length {length} needs "
-                       f"{room + cfg.answer_tokens}: give a longer --calib file or shorter --lengths")
+    return [tokenizer(d, add_special_tokens=False)["input_ids"] + sep for d in docs]
+
+
+def sample_frame(tokenizer, doc_ids, length, cfg, role="calibration"):
+    """(before, after, room): the chat frame's token ids around the document, and the tokens of document plus answer
+    a sample of `length` holds. A clear error if the documents (token ids, as tokenize_documents) cannot fill it."""
+    before, after = chat_frame(tokenizer, cfg.instruction)
+    room = length - len(before) - len(after)
+    if room <= cfg.answer_tokens:
+        raise MoAError(f"length {length} leaves no room for a document beside the chat template and "
+                       f"{cfg.answer_tokens} answer tokens: use longer lengths or fewer --answer-tokens")
+    total = sum(map(len, doc_ids))
+    if total < room:
+        raise MoAError(f"the {role} documents hold {total} tokens, but a sample of length {length} needs {room}: "
+                       "give a longer --calib file or shorter lengths")
+    return before, after, room
+
+
+def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
+    """n samples of exactly `length` tokens: documents (token ids, as tokenize_documents) cut to fit, the
+    instruction, and the answer the dense model generates greedily (at most cfg.answer_tokens).
+    Returns {"input_ids": [n, length], "answer_start": [n]}."""
+    before, after, room = sample_frame(tokenizer, doc_ids, length, cfg)
     rng = np.random.default_rng(seed)
     texts = []
     for _ in range(n):   # each sample: the documents in a fresh random order, concatenated
-        texts.append([t for i in rng.permutation(len(doc_ids)) for t in doc_ids[i] + sep][:room + cfg.answer_tokens])
+        texts.append([t for i in rng.permutation(len(doc_ids)) for t in doc_ids[i]][:room])
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     apply_plan(model, None)
@@ -650,23 +665,41 @@ def make_plan(alphas, betas, sink=SINK, **meta):
             "min_window": MIN_WINDOW, "heads": "kv", **meta}
 
 
-def save_plan(plan, path):
+def write_atomically(path, write):
+    """write(f) into path.tmp (a binary file), flushed to disk, then renamed over path: a reader, or a run that was
+    killed meanwhile, sees the old file or the whole new one, never a part."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=1))
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def save_plan(plan, path):
+    write_atomically(path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
+
+
+PLAN_FIX = "fix the file, or make a new plan with python moa.py"
+PLAN_KEYS = ("alphas", "betas", "sink", "min_window", "heads",                                  # the rules (SPEC §8)
+             "model", "lengths", "validate_length", "density_budget", "density", "validation_loss", "seed", "samples")
+
+
 def load_plan(path):
-    """Read a plan: ours ("heads": "kv") or the paper's per-query-head {"alphas", "betas"}."""
+    """Read a plan: ours ("heads": "kv") or the paper's per-query-head {"alphas", "betas"}. Keys outside PLAN_KEYS
+    are refused: a misspelt "validate_length" would silently lift the plan's length limit."""
     try:
         plan = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise MoAError(f"plan file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise MoAError(f"plan file {path} is not valid JSON ({e})") from None
+        raise MoAError(f"plan file {path} does not exist: give a plan.json written by python moa.py") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoAError(f"plan file {path} is not valid JSON ({e}): {PLAN_FIX}") from None
     if not isinstance(plan, dict) or not {"alphas", "betas"} <= plan.keys():
-        raise MoAError(f"plan file {path} needs \"alphas\" and \"betas\" (lists per layer of lists per head)")
+        raise MoAError(f"plan file {path} needs \"alphas\" and \"betas\": lists per layer of lists per head")
+    if plan.keys() - set(PLAN_KEYS):
+        raise MoAError(f"plan file {path} has unknown keys {sorted(plan.keys() - set(PLAN_KEYS))}: a plan holds "
+                       f"only {', '.join(PLAN_KEYS)}")
     plan.setdefault("heads", "query")
     plan.setdefault("sink", SINK)
     plan.setdefault("min_window", MIN_WINDOW)
@@ -680,27 +713,37 @@ def kv_rules(plan, config):
     L = config.num_hidden_layers
     per = {"kv": G, "query": H}.get(plan.get("heads"))
     if per is None:
-        raise MoAError(f"plan \"heads\" must be \"kv\" or \"query\", not {plan.get('heads')!r}")
+        raise MoAError(f"plan \"heads\" must be \"kv\" or \"query\", not {plan.get('heads')!r}: {PLAN_FIX}")
     try:
         alphas, betas = np.asarray(plan["alphas"], dtype=float), np.asarray(plan["betas"], dtype=float)
+        sink, limit = int(plan["sink"]), float(plan.get("validate_length") or math.inf)
     except (ValueError, TypeError):
-        raise MoAError("plan alphas/betas must be lists per layer of numbers per head, all layers alike") from None
+        raise MoAError("plan alphas/betas must be lists per layer of numbers per head, all layers alike, and its "
+                       f"sink and validate_length numbers: {PLAN_FIX}") from None
     if alphas.shape != (L, per) or betas.shape != (L, per):
         raise MoAError(f"plan has alphas {alphas.shape} and betas {betas.shape}, but the model needs "
-                       f"({L} layers, {per} {plan['heads']} heads): was it made for another model?")
+                       f"({L} layers, {per} {plan['heads']} heads): was it made for another model? {PLAN_FIX}")
+    # A negative alpha is a rule like any other (the window is clipped to MIN_WINDOW, SPEC §2); a negative beta
+    # would make windows shrink as the input grows.
     if not (np.isfinite(alphas).all() and ((betas >= 0) & (betas <= 1)).all()):
-        raise MoAError("plan betas must lie in [0, 1] and alphas must be finite")
-    if plan["min_window"] != MIN_WINDOW or int(plan["sink"]) < 0:
-        raise MoAError(f"plan min_window must be {MIN_WINDOW} and sink >= 0")
+        raise MoAError(f"plan betas must lie in [0, 1] (windows never shrink as N grows) and alphas must be finite: "
+                       f"{PLAN_FIX}")
+    if plan["min_window"] != MIN_WINDOW or sink < 0 or limit <= 0:
+        raise MoAError(f"plan min_window must be {MIN_WINDOW}, its sink >= 0 and its validate_length > 0: {PLAN_FIX}")
     if per == H and H != G:
         alphas, betas = (x.reshape(L, G, H // G).max(-1) for x in (alphas, betas))
     return alphas, betas
 
 
-def check_length(n, limit):
+def length_limit(plan, config):
+    """The longest N (prompt + new tokens) a plan may run at: its validation length, and the model's context."""
+    return min(plan.get("validate_length") or math.inf, getattr(config, "max_position_embeddings", None) or math.inf)
+
+
+def check_length(n, limit, fix="shorten the prompt or max_new_tokens"):
     if n > limit:
         raise MoAError(f"{n} tokens (prompt + new tokens) exceed the {limit} this plan allows (its validation "
-                       "length, or the model's context): shorten the prompt or max_new_tokens")
+                       f"length, or the model's context): {fix}")
 
 
 def left_padding(attention_mask, n):
@@ -814,7 +857,7 @@ def apply_plan(model, plan):
         model.set_attn_implementation("sdpa")
         return model
     alphas, betas = kv_rules(plan, model.config)
-    limit = plan.get("validate_length") or getattr(model.config, "max_position_embeddings", None) or math.inf
+    limit = length_limit(plan, model.config)
     for m in attention_modules(model):
         m.moa_rule, m.moa_sink, m.moa_limit = (alphas[m.layer_idx], betas[m.layer_idx]), int(plan["sink"]), limit
     model.set_attn_implementation("moa")
@@ -923,19 +966,23 @@ class Stages:
 
 
 def check_config(cfg, config):
-    """Clear errors for settings no run can satisfy."""
+    """Clear errors for settings no run can satisfy (cfg resolved)."""
     top = getattr(config, "max_position_embeddings", None)
-    if len(set(cfg.lengths)) != len(cfg.lengths) or min(cfg.lengths) <= cfg.sink + MIN_WINDOW:
-        raise MoAError(f"--lengths must be distinct and longer than sink + min window ({cfg.sink + MIN_WINDOW})")
+    if list(cfg.lengths) != sorted(set(cfg.lengths)):
+        raise MoAError(f"--lengths {' '.join(map(str, cfg.lengths))} are not increasing: give each length once, "
+                       "smallest first")
+    if cfg.lengths[0] <= cfg.sink + MIN_WINDOW:
+        raise MoAError(f"--lengths must exceed sink + min window ({cfg.sink + MIN_WINDOW} tokens)")
     if cfg.validate_length <= cfg.lengths[-1]:
-        raise MoAError(f"--validate-length {cfg.validate_length} must exceed the largest profiling length")
+        raise MoAError(f"--validate-length {cfg.validate_length} must exceed the largest profiling length "
+                       f"{cfg.lengths[-1]}: raise it, or leave it out for twice that length")
     if top and cfg.validate_length > top:
         raise MoAError(f"length {cfg.validate_length} exceeds the model's context of {top} tokens: "
                        "use shorter --lengths / --validate-length")
     if not 0 < cfg.density <= 1:
         raise MoAError(f"--density must be in (0, 1], not {cfg.density}")
-    if cfg.samples < 1:
-        raise MoAError("--samples must be at least 1")
+    if cfg.samples < 1 or cfg.answer_tokens < 1:
+        raise MoAError("--samples and --answer-tokens must be at least 1")
     lengths = list(cfg.lengths) + [cfg.validate_length]
     check_budget(rule_densities(*rules(cfg.lengths), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
 
@@ -945,13 +992,14 @@ def compress(model, tokenizer, cfg=None, out=None, **settings):
     Stages are saved under `out` (if given) and resumed. Returns the chosen plan (dict, SPEC §8)."""
     cfg = (cfg or Config(**settings)).resolved(model.device)
     check_config(cfg, model.config)
-    stages = Stages(out)
     H, G = kv_heads(model.config)
     L, lengths, nv = model.config.num_hidden_layers, cfg.lengths, cfg.validate_length
-    model_key = model_fingerprint(model)
     docs = load_documents(cfg.calib)
-    calib_docs, valid_docs = split_documents(docs, cfg.seed)
-    data_key = fingerprint(model_key, docs, cfg.seed, cfg.samples, cfg.answer_tokens, cfg.instruction)
+    calib_docs, valid_docs = (tokenize_documents(tokenizer, d) for d in split_documents(docs, cfg.seed))
+    sample_frame(tokenizer, calib_docs, lengths[-1], cfg, "calibration")      # errors now, before any output
+    sample_frame(tokenizer, valid_docs, nv, cfg, "validation")
+    stages = Stages(out)
+    data_key = fingerprint(model_fingerprint(model), docs, cfg.seed, cfg.samples, cfg.answer_tokens, cfg.instruction)
 
     def samples(role, docs, n):
         return stages(f"samples_{role}{n}", fingerprint(data_key, role, n), lambda: make_samples(
@@ -1194,10 +1242,13 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
     length: copy and pass-key retrieval at each depth (`samples` each), answer loss on SPEC §4 samples and
     perplexity on plain text (`samples` each). Measurements are saved under `out` and resumed; writes
     out/results.csv and PNGs. Returns the rows (measure, method, length, depth, mean, sem, count)."""
-    stages = Stages(out)
+    kv_rules(plan, model.config)                             # clear errors before any output
+    check_length(max(lengths), length_limit(plan, model.config), fix="give shorter --lengths")
     cfg = Config(seed=seed, samples=samples).resolved(model.device)
     _, docs = split_documents(load_documents(), seed)       # validation documents: never used in calibration
-    check_length(max(lengths), plan.get("validate_length") or math.inf)
+    held_out = tokenize_documents(tokenizer, docs)
+    sample_frame(tokenizer, held_out, max(lengths), cfg, "held-out")
+    stages = Stages(out)
     base = fingerprint(model_fingerprint(model), samples, seed, new_tokens)
     rows = []
     with torch.no_grad():
@@ -1207,7 +1258,7 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
             passkeys = {z: passkey_inputs(tokenizer, docs, n, z, samples, rng, new_tokens) for z in DEPTHS}
             text = torch.tensor([filler(tokenizer, docs, n, rng) for _ in range(samples)])
             answers = stages(f"answers_{n}", fingerprint(base, n), lambda: make_samples(
-                model, tokenizer, docs, samples, n, cfg, seed=[seed, n, 2]))
+                model, tokenizer, held_out, samples, n, cfg, seed=[seed, n, 2]))
             uniform = uniform_plan(model.config, plan_density(plan, model.config, n), n, plan["sink"])
             for name, p in {"dense": None, "uniform": uniform, "plan": plan}.items():
                 w = None if p is None else window(*kv_rules(p, model.config), n).tolist()
@@ -1220,6 +1271,7 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
                 measure("text_loss", lambda: token_losses(model, text, p))
     rows = [(what, name, n, z, float(v.mean()), float(v.std() / max(1, len(v) - 1) ** 0.5), len(v))
             for what, name, n, z, v in rows]
+    Path(out).mkdir(parents=True, exist_ok=True)
     with open(Path(out) / "results.csv", "w") as f:
         f.write("measure,method,length,depth,mean,sem,count\n")
         f.writelines(",".join(map(str, r)) + "\n" for r in rows)
@@ -1289,8 +1341,38 @@ def plot(rows, plan, config, out):
 # Command line
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")   # accelerate's ways to spread layers over GPUs
+
+
+def model_flags(p):
+    """The flags that choose and place the model, shared by compress and eval."""
+    p.add_argument("--model", help="transformers folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on a GPU, float32 on a CPU), bfloat16, float16 or float32")
+    p.add_argument("--device-map", choices=DEVICE_MAPS,
+                   help="spread the layers over every visible GPU (accelerate), for a model larger than one GPU")
+
+
+@contextlib.contextmanager
+def cli_errors():
+    """Bad input ends a command with its one-line message (exit status 1); Ctrl-C with how to resume (130)."""
+    try:
+        yield
+    except MoAError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the stages already saved", file=sys.stderr)
+        sys.exit(130)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    with cli_errors():
+        return command(argv)
+
+
+def command(argv):
     if argv[:1] == ["milp-bench"]:           # python moa.py milp-bench [--workers 2]
         p = argparse.ArgumentParser(prog="moa.py milp-bench")
         p.add_argument("--workers", type=int, default=2)
@@ -1316,28 +1398,21 @@ def main(argv=None):
         return decode_bench(model, plans, a.prompts, a.new_tokens, a.batch)
     if argv[:1] == ["eval"]:                 # python moa.py eval --plan P --out DIR [--model M]
         p = argparse.ArgumentParser(prog="moa.py eval", description="dense vs uniform vs a plan: retrieval and loss")
-        p.add_argument("--model")
+        model_flags(p)
         p.add_argument("--plan", required=True)
         p.add_argument("--out", required=True, help="folder for results.csv, the PNGs and the resumable measurements")
         p.add_argument("--lengths", type=int, nargs="+", default=list(EVAL_LENGTHS))
         p.add_argument("--samples", type=int, default=20, help="per depth (retrieval) and per length (losses)")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--dtype", default="auto")
         p.add_argument("--seed", type=int, default=0)
         a = p.parse_args(argv[1:])
-        try:
-            plan = load_plan(a.plan)
-            model, tokenizer = load_model(a.model, a.device, a.dtype)
-            return evaluate(model, tokenizer, plan, a.out, tuple(a.lengths), a.samples, a.seed)
-        except MoAError as e:
-            sys.exit(f"error: {e}")
+        plan = load_plan(a.plan)
+        model, tokenizer = load_model(a.model, a.device, a.dtype, a.device_map)
+        return evaluate(model, tokenizer, plan, a.out, tuple(a.lengths), a.samples, a.seed)
     c = Config()
     p = argparse.ArgumentParser(description="Compress a causal LM's attention with MoA: writes OUT/plan.json.")
-    p.add_argument("--model", help="transformers folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    model_flags(p)
     p.add_argument("--out", required=True, help="folder for plan.json and the resumable stages")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU), bfloat16, float16 or float32")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(c.lengths), help="profiling lengths")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(c.lengths), help="profiling lengths, increasing")
     p.add_argument("--validate-length", type=int, help="default: 2 x the largest profiling length")
     p.add_argument("--density", type=float, default=c.density, help="KV density budget at every length")
     p.add_argument("--samples", type=int, help="samples per length (default: 32 on a GPU, 1 on a CPU)")
@@ -1346,16 +1421,14 @@ def main(argv=None):
     p.add_argument("--max-rules-per-layer", type=int, help="at most this many distinct rules in a layer")
     p.add_argument("--answer-tokens", type=int, default=c.answer_tokens, help="longest calibration answer")
     a = p.parse_args(argv)
-    try:
-        t0 = time.perf_counter()
-        model, tokenizer = load_model(a.model, a.device, a.dtype)
-        print(f"loaded {model.name_or_path} on {model.device} in {time.perf_counter() - t0:.1f} s")
-        compress(model, tokenizer, out=a.out, lengths=tuple(a.lengths), validate_length=a.validate_length,
-                 density=a.density, samples=a.samples, calib=a.calib, seed=a.seed,
-                 max_rules_per_layer=a.max_rules_per_layer, answer_tokens=a.answer_tokens)
-        print(f"wrote {Path(a.out) / 'plan.json'}; total {time.perf_counter() - t0:.1f} s")
-    except MoAError as e:
-        sys.exit(f"error: {e}")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(a.model, a.device, a.dtype, a.device_map)
+    devices = sorted({str(p.device) for p in model.parameters()})
+    print(f"loaded {model.name_or_path} on {', '.join(devices)} in {time.perf_counter() - t0:.1f} s")
+    compress(model, tokenizer, out=a.out, lengths=tuple(a.lengths), validate_length=a.validate_length,
+             density=a.density, samples=a.samples, calib=a.calib, seed=a.seed,
+             max_rules_per_layer=a.max_rules_per_layer, answer_tokens=a.answer_tokens)
+    print(f"wrote {Path(a.out) / 'plan.json'}; total {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -461,44 +461,8 @@ def test_plan_round_trip_and_paper_format(tmp_path):
     assert a.tolist() == [[10, 7], [2, 4]] and b.tolist() == [[0.5, 1], [0, 0.125]]
 
 
-@pytest.mark.parametrize("content,match", [
-    ("not json", "not valid JSON"),
-    (json.dumps({"alpha": []}), "needs \"alphas\""),
-    (json.dumps({"alphas": [[0, 0]], "betas": [[0, 0]], "heads": "kv"}), "another model"),
-    (json.dumps({"alphas": [[0, 0]] * 2, "betas": [[0, 2]] * 2, "heads": "kv"}), "betas must lie"),
-    (json.dumps({"alphas": [[0, 0]] * 2, "betas": [[0, 0]] * 2, "heads": "layer"}), "must be \"kv\""),
-])
-def test_bad_plans_get_clear_errors(tmp_path, content, match):
-    model = tiny_model(layers=2, heads=4, kv=2)
-    (tmp_path / "p.json").write_text(content)
-    with pytest.raises(moa.MoAError, match=match):
-        moa.kv_rules(moa.load_plan(tmp_path / "p.json"), model.config)
-
-
-def test_bad_input_errors(tmp_path):
-    with pytest.raises(moa.MoAError, match="not a transformers model folder"):
-        moa.load_model(str(tmp_path))
-    with pytest.raises(moa.MoAError, match="does not exist"):
-        moa.load_model(str(tmp_path / "missing.gguf"))
-    with pytest.raises(moa.MoAError, match="unsupported dtype"):
-        moa.resolve_dtype("int3", "cpu")
-    with pytest.raises(moa.MoAError, match="unknown device"):
-        moa.resolve_device("tpu")
-    (tmp_path / "short.txt").write_text("only one document")
-    with pytest.raises(moa.MoAError, match="at least 2"):
-        moa.load_documents(tmp_path / "short.txt")
-    from transformers import AutoConfig
-    with pytest.raises(moa.MoAError, match="no rotary position embeddings"):
-        moa.check_family(AutoConfig.for_model("gpt2"))
-    model = tiny_model()
-    with pytest.raises(moa.MoAError, match="exceeds the model's context"):
-        moa.check_config(moa.Config(lengths=(1024, 2048)).resolved("cpu"), model.config)
-    with pytest.raises(moa.MoAError, match="smallest reachable"):
-        moa.compress(model, None, lengths=(256, 512), validate_length=1024, density=0.1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# The whole pipeline: CLI, resume after an interruption, and the embedded model
+# The whole pipeline: families, bad input, interruption, the CLI, evaluation and the embedded model
 
 TINY = dict(lengths=(384, 512), validate_length=768, samples=2, answer_tokens=8, density=0.6)
 
@@ -557,6 +521,94 @@ def test_device_map_through_accelerate_hooks():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved as a transformers folder with the test tokenizer, for the command line."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model(layers=2, heads=4, kv=2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def cli_flags(**settings):
+    """moa.py flags for Config settings, e.g. cli_flags(**TINY)."""
+    return [x for k, v in settings.items()
+            for x in (f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, tuple) else (v,)))]
+
+
+# Every case: the flags after the command's, files to write first (under the test's folder), and a fragment of the
+# one-line error. {tmp}, {model}, {out} stand for the test's folder, the tiny model folder and the output folder.
+COMPRESS = ["--model", "{model}", "--out", "{out}", "--device", "cpu", *cli_flags(**TINY)]
+EVAL = ["eval", "--model", "{model}", "--plan", "{tmp}/plan.json", "--out", "{out}", "--device", "cpu",
+        "--lengths", "512", "--samples", "1"]
+PLAN = {"alphas": [[0, 0]] * 2, "betas": [[1, 1]] * 2, "heads": "kv", "validate_length": 768}   # right for the model
+plan_file = lambda **change: {"plan.json": json.dumps({**PLAN, **change})}
+BAD_INPUT = [
+    ("missing model", COMPRESS + ["--model", "{tmp}/nowhere"], {}, "does not exist"),
+    ("missing .gguf file", COMPRESS + ["--model", "{tmp}/nowhere.gguf"], {}, "does not exist"),
+    ("folder that is not a model", COMPRESS + ["--model", "{tmp}"], {}, "no config.json"),
+    ("model without weights", COMPRESS + ["--model", "{tmp}/m"], {"m/config.json": '{"model_type": "llama"}'},
+     "cannot load a causal LM"),
+    ("family without RoPE", COMPRESS + ["--model", "{tmp}/m"], {"m/config.json": '{"model_type": "gpt2"}'},
+     "no rotary position embeddings"),
+    ("family with sliding windows", COMPRESS + ["--model", "{tmp}/m"], {"m/config.json": '{"model_type": "gemma2"}'},
+     "sliding window"),
+    ("encoder-decoder", COMPRESS + ["--model", "{tmp}/m"], {"m/config.json": '{"model_type": "t5"}'},
+     "cross-attention"),
+    ("unsupported dtype", COMPRESS + ["--dtype", "int8"], {}, "unsupported dtype"),
+    ("unsupported device", COMPRESS + ["--device", "tpu"], {}, "unknown device"),
+    ("device map on the CPU", COMPRESS + ["--device-map", "auto"], {}, "leave --device-map out"),
+    ("budget below the reachable minimum", COMPRESS + ["--density", "0.05"], {}, "smallest reachable density"),
+    ("lengths not ordered", COMPRESS + ["--lengths", "512", "384"], {}, "not increasing"),
+    ("lengths repeated", COMPRESS + ["--lengths", "384", "384"], {}, "not increasing"),
+    ("lengths beyond the context", COMPRESS + ["--lengths", "1024", "1536", "--validate-length", "3072"], {},
+     "exceeds the model's context"),
+    ("validation length too short", COMPRESS + ["--validate-length", "512"], {}, "must exceed the largest"),
+    ("missing calibration file", COMPRESS + ["--calib", "{tmp}/none.txt"], {}, "does not exist"),
+    ("empty calibration file", COMPRESS + ["--calib", "{tmp}/c.txt"], {"c.txt": ""}, "holds 0 document"),
+    ("too short calibration file", COMPRESS + ["--calib", "{tmp}/c.txt"], {"c.txt": "One.\n\nTwo.\n\nThree."},
+     "the calibration documents hold"),
+    ("calibration .jsonl without text", COMPRESS + ["--calib", "{tmp}/c.jsonl"], {"c.jsonl": '{"txt": "a"}\n'},
+     "\"text\" field"),
+    ("missing plan", EVAL, {}, "does not exist"),
+    ("corrupt plan", EVAL, {"plan.json": '{"alphas": [[0, 0], [0'}, "not valid JSON"),
+    ("plan for more layers", EVAL, plan_file(alphas=[[0, 0]] * 3, betas=[[1, 1]] * 3), "another model"),
+    ("plan for other heads", EVAL, plan_file(alphas=[[0, 0, 0]] * 2, betas=[[1, 1, 1]] * 2), "another model"),
+    ("plan with ragged layers", EVAL, plan_file(alphas=[[0, 0], [0]]), "all layers alike"),
+    ("plan with negative windows", EVAL, plan_file(betas=[[-0.5, 1]] * 2), "never shrink"),
+    ("plan with a negative sink", EVAL, plan_file(sink=-1), "sink >= 0"),
+    ("plan with wrong keys", EVAL, {"plan.json": json.dumps({"alpha": PLAN["alphas"], "beta": PLAN["betas"]})},
+     "needs \"alphas\""),
+    ("plan with an unknown key", EVAL, plan_file(validate_len=768), "unknown keys ['validate_len']"),
+    ("plan with other heads kind", EVAL, plan_file(heads="layer"), "must be \"kv\" or \"query\""),
+    ("prompt longer than the plan allows", EVAL + ["--lengths", "1024"], plan_file(), "exceed the 768 this plan"),
+]
+SUBPROCESS_CASE = "budget below the reachable minimum"   # also run as `python moa.py`, to see exactly what it prints
+
+
+@pytest.mark.parametrize("case, flags, files, fragment", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input(case, flags, files, fragment, tmp_path, tiny_folder, capsys):
+    """Every mistake ends the command with one line that says what was wrong and what to do (exit status 1), no
+    traceback, and nothing written to the output folder."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    argv = [f.format(tmp=tmp_path, model=tiny_folder, out=tmp_path / "out") for f in flags]
+    with pytest.raises(SystemExit) as exit:
+        moa.main(argv)
+    message = exit.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    assert fragment in message and ": " in message[len("error: "):]                  # what was wrong: what to do
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    if case == SUBPROCESS_CASE:
+        quiet = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        run = subprocess.run([sys.executable, "moa.py", *argv], capture_output=True, text=True, env=quiet,
+                             timeout=300)
+        assert (run.returncode, run.stderr) == (1, message + "\n")
+        assert not (tmp_path / "out").exists()
+
+
 def test_cli_on_tiny_model(tmp_path, tokenizer):
     model = tiny_model(layers=2, heads=4, kv=2)
     model.save_pretrained(tmp_path / "tiny")
@@ -568,8 +620,6 @@ def test_cli_on_tiny_model(tmp_path, tokenizer):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "validation @768" in run.stdout and "uniform" in run.stdout
     check_plan(moa.load_plan(tmp_path / "out" / "plan.json"), model.config)
-    bad = subprocess.run(cmd[:-1] + ["0.05"], capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and "smallest reachable density" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_resume_after_interruption(tmp_path, tokenizer, monkeypatch):
