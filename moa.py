@@ -937,31 +937,40 @@ def model_fingerprint(model):
 
 class Stages:
     """Each stage's result is saved as out/NAME.pt with the key of the settings that made it; a rerun with the same
-    key loads it, a changed key recomputes it. Writes go to a temporary file first, so none is ever half-written."""
+    key loads it, a changed key recomputes it, and so does a file that cannot be read whole (cut short, or not a
+    stage's). Writes go through write_atomically, so a killed run leaves no half-written stage behind; the folder is
+    made at the first write."""
 
     def __init__(self, out):
         self.out = Path(out) if out else None
         self.seconds, self.memo = {}, {}
-        if self.out:
-            self.out.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def read(path):
+        """The {"key", "value"} saved at path, or None if there is none or it is unreadable."""
+        if not path.is_file():
+            return None
+        try:
+            saved = torch.load(path, weights_only=False)
+        except Exception as e:        # torch.load fails in many ways on a damaged file; recomputing is the remedy
+            print(f"{path} is unreadable ({type(e).__name__}); recomputing it")
+            return None
+        return saved if isinstance(saved, dict) and saved.keys() == {"key", "value"} else None
 
     def __call__(self, name, key, fn):
         path = self.out / f"{name}.pt" if self.out else None
-        if name in self.memo and self.memo[name]["key"] == key:
+        if path and self.memo.get(name, {}).get("key") != key:
+            self.memo[name] = self.read(path) or {}
+        if self.memo.get(name, {}).get("key") == key:
             return self.memo[name]["value"]
-        if path and path.is_file():
-            self.memo[name] = torch.load(path, weights_only=False)
-            if self.memo[name]["key"] == key:
-                return self.memo[name]["value"]
         t0 = time.perf_counter()
         value = fn()
         stage = name.split("_")[0]
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
         self.memo[name] = {"key": key, "value": value}
         if path:
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(self.memo[name], tmp)
-            os.replace(tmp, path)
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, partial(torch.save, self.memo[name]))
         return value
 
 

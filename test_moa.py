@@ -4,8 +4,10 @@ import importlib.util
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -609,43 +611,49 @@ def test_bad_input(case, flags, files, fragment, tmp_path, tiny_folder, capsys):
         assert not (tmp_path / "out").exists()
 
 
-def test_cli_on_tiny_model(tmp_path, tokenizer):
-    model = tiny_model(layers=2, heads=4, kv=2)
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    cmd = [sys.executable, "moa.py", "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "out"),
-           "--device", "cpu", "--dtype", "float32", "--lengths", "384", "512", "--validate-length", "768",
-           "--samples", "2", "--answer-tokens", "8", "--density", "0.6"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "validation @768" in run.stdout and "uniform" in run.stdout
-    check_plan(moa.load_plan(tmp_path / "out" / "plan.json"), model.config)
+def start_cli(argv, log):
+    return subprocess.Popen([sys.executable, "moa.py", *argv], stdout=log, stderr=subprocess.STDOUT, text=True)
 
 
-def test_resume_after_interruption(tmp_path, tokenizer, monkeypatch):
-    model = tiny_model(layers=2, heads=4, kv=2, seed=5)
-    fresh = moa.compress(model, tokenizer, out=tmp_path / "fresh", **TINY)
-    calls = {"n": 0}
-    mean_loss = moa.mean_loss
+def test_kill_and_resume(tmp_path, tiny_folder, tokenizer):
+    """The command line, killed (SIGKILL; SIGINT once) inside each stage in turn, resumes each time and finally writes
+    the plan an uninterrupted run with the same seed writes; stage files damaged by hand are recomputed, a stray
+    temporary file is never read, and a finished run resumes every stage it can."""
+    out, log = tmp_path / "out", open(tmp_path / "log.txt", "w+")
+    argv = [x.format(model=tiny_folder, out=out, tmp=tmp_path) for x in COMPRESS]
+    rng = np.random.default_rng(0)
+    # (stage, file whose appearance starts the countdown, a file the stage writes last, signal, seconds to wait)
+    kills = [("samples", "samples_calib384.pt", "samples_valid768.pt", signal.SIGKILL, 0.0),
+             ("profile", "profile_384.pt", "profile_512.pt", signal.SIGKILL, 0.0),
+             ("optimize", "profile_512.pt", "optimize.pt", signal.SIGKILL, rng.uniform(0, 1.0)),   # ~3 s here
+             ("validate", "optimize.pt", "validate_dense.pt", signal.SIGINT, rng.uniform(0, 0.5))]  # ~1.5 s here
+    for stage, start, last, sig, wait in kills:
+        run = start_cli(argv, log)
+        while not (out / start).exists() and run.poll() is None:
+            time.sleep(0.002)
+        time.sleep(wait)
+        run.send_signal(sig)
+        assert run.wait(timeout=120) == (130 if sig == signal.SIGINT else -signal.SIGKILL), stage
+        assert not (out / last).exists() and not (out / "plan.json").exists(), f"the kill missed the {stage} stage"
+    log.seek(0)
+    assert "interrupted: rerun the same command to resume" in log.read()
+    whole = (out / "profile_384.pt").read_bytes()
+    (out / "profile_384.pt").write_bytes(whole[:len(whole) // 2])                  # cut short
+    (out / "samples_valid768.pt").write_bytes(b"not a stage")
+    (out / "optimize.pt.tmp").write_bytes(b"half of a stage that was being written")
 
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return mean_loss(*args, **kwargs)
-
-    monkeypatch.setattr(moa, "mean_loss", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        moa.compress(model, tokenizer, out=tmp_path / "run", **TINY)
-    assert not list((tmp_path / "run").glob("*.tmp")) and not (tmp_path / "run" / "plan.json").exists()
-    monkeypatch.setattr(moa, "mean_loss", mean_loss)
-    monkeypatch.setattr(moa, "profile", lambda *a, **k: pytest.fail("profiling should have been resumed"))
-    monkeypatch.setattr(moa, "make_samples", lambda *a, **k: pytest.fail("samples should have been resumed"))
-    resumed = moa.compress(model, tokenizer, out=tmp_path / "run", **TINY)
-    assert resumed == fresh
-    check_plan(resumed, model.config)
-    # a changed budget reruns only the optimizer and validation
-    moa.compress(model, tokenizer, out=tmp_path / "run", **{**TINY, "density": 0.7})
+    done = subprocess.run([sys.executable, "moa.py", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "profile_384.pt is unreadable" in done.stdout and "samples_valid768.pt is unreadable" in done.stdout
+    model, _ = moa.load_model(str(tiny_folder), "cpu")
+    want = moa.compress(model, tokenizer, **TINY)                      # uninterrupted, same seed, nothing saved
+    got = moa.load_plan(out / "plan.json")
+    assert got == json.loads(json.dumps(want))
+    check_plan(got, model.config)
+    with pytest.MonkeyPatch.context() as m:                # a new budget reruns only the optimizer and the validation
+        m.setattr(moa, "profile", lambda *a, **k: pytest.fail("profiling should have been resumed"))
+        m.setattr(moa, "make_samples", lambda *a, **k: pytest.fail("samples should have been resumed"))
+        check_plan(moa.compress(model, tokenizer, out=out, **{**TINY, "density": 0.7}), model.config)
 
 
 def test_eval_on_tiny_model(tmp_path, tokenizer):
