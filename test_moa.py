@@ -4,8 +4,10 @@ import importlib.util
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -306,33 +308,6 @@ def test_chunked_prefill_matches_masked_reference(H, G, N, first, chunk, windows
     assert cache.length == N
 
 
-@pytest.mark.parametrize("family", moa.FAMILIES)
-def test_apply_plan_follows_the_mask(family):
-    """Every supported family profiles, and with a plan applied gives the same logits as with an explicit masked
-    attention of the same windows."""
-    from transformers import AttentionInterface
-    model = tiny_model(family, layers=3, heads=4, kv=2, seed=3)
-    hist = moa.profile(model, random_samples(1, 150, answer=10))
-    assert hist.shape == (3, 4, 150) and torch.isfinite(hist).all() and hist.sum() > 0
-    rng = np.random.default_rng(0)
-    plan = moa.make_plan(rng.choice([-200, 0, 50], (3, 2)), rng.choice([0, 0.25, 1], (3, 2)), sink=4)
-    ids = torch.randint(0, 384, (2, 150))
-    with torch.no_grad():
-        got = moa.apply_plan(model, plan)(ids).logits
-        alphas, betas = moa.kv_rules(plan, model.config)
-
-        def reference(module, query, key, value, attention_mask, scaling=None, **kw):
-            w = moa.window(alphas[module.layer_idx], betas[module.layer_idx], key.shape[2]).tolist()
-            return kernel.masked_reference(query, key, value, w, 4, scaling).transpose(1, 2), None
-
-        AttentionInterface.register("test_reference", reference)
-        model.set_attn_implementation("test_reference")
-        want = model(ids).logits
-        dense = moa.apply_plan(model, None)(ids).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    assert (got - dense).abs().max() > 1e-3                                    # the plan did change something
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The static cache and the fused decode kernel (SPEC §9, §10)
 
@@ -511,44 +486,8 @@ def test_plan_round_trip_and_paper_format(tmp_path):
     assert a.tolist() == [[10, 7], [2, 4]] and b.tolist() == [[0.5, 1], [0, 0.125]]
 
 
-@pytest.mark.parametrize("content,match", [
-    ("not json", "not valid JSON"),
-    (json.dumps({"alpha": []}), "needs \"alphas\""),
-    (json.dumps({"alphas": [[0, 0]], "betas": [[0, 0]], "heads": "kv"}), "another model"),
-    (json.dumps({"alphas": [[0, 0]] * 2, "betas": [[0, 2]] * 2, "heads": "kv"}), "betas must lie"),
-    (json.dumps({"alphas": [[0, 0]] * 2, "betas": [[0, 0]] * 2, "heads": "layer"}), "must be \"kv\""),
-])
-def test_bad_plans_get_clear_errors(tmp_path, content, match):
-    model = tiny_model(layers=2, heads=4, kv=2)
-    (tmp_path / "p.json").write_text(content)
-    with pytest.raises(moa.MoAError, match=match):
-        moa.kv_rules(moa.load_plan(tmp_path / "p.json"), model.config)
-
-
-def test_bad_input_errors(tmp_path):
-    with pytest.raises(moa.MoAError, match="not a transformers model folder"):
-        moa.load_model(str(tmp_path))
-    with pytest.raises(moa.MoAError, match="does not exist"):
-        moa.load_model(str(tmp_path / "missing.gguf"))
-    with pytest.raises(moa.MoAError, match="unsupported dtype"):
-        moa.resolve_dtype("int3", "cpu")
-    with pytest.raises(moa.MoAError, match="unknown device"):
-        moa.resolve_device("tpu")
-    (tmp_path / "short.txt").write_text("only one document")
-    with pytest.raises(moa.MoAError, match="at least 2"):
-        moa.load_documents(tmp_path / "short.txt")
-    from transformers import AutoConfig
-    with pytest.raises(moa.MoAError, match="not supported"):
-        moa.check_family(AutoConfig.for_model("gpt2"))
-    model = tiny_model()
-    with pytest.raises(moa.MoAError, match="exceeds the model's context"):
-        moa.check_config(moa.Config(lengths=(1024, 2048)).resolved("cpu"), model.config)
-    with pytest.raises(moa.MoAError, match="smallest reachable"):
-        moa.compress(model, None, lengths=(256, 512), validate_length=1024, density=0.1)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# The whole pipeline: CLI, resume after an interruption, and the embedded model
+# The whole pipeline: families, bad input, interruption, the CLI, evaluation and the embedded model
 
 TINY = dict(lengths=(384, 512), validate_length=768, samples=2, answer_tokens=8, density=0.6)
 
@@ -561,45 +500,183 @@ def check_plan(plan, config):
     assert v["plan"] == min(v["pareto"]) and np.isfinite([v["dense"], v["uniform"]]).all()
 
 
-def test_cli_on_tiny_model(tmp_path, tokenizer):
-    model = tiny_model(layers=2, heads=4, kv=2)
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    cmd = [sys.executable, "moa.py", "--model", str(tmp_path / "tiny"), "--out", str(tmp_path / "out"),
-           "--device", "cpu", "--dtype", "float32", "--lengths", "384", "512", "--validate-length", "768",
-           "--samples", "2", "--answer-tokens", "8", "--density", "0.6"]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "validation @768" in run.stdout and "uniform" in run.stdout
-    check_plan(moa.load_plan(tmp_path / "out" / "plan.json"), model.config)
-    bad = subprocess.run(cmd[:-1] + ["0.05"], capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and "smallest reachable density" in bad.stderr and "Traceback" not in bad.stderr
+@pytest.mark.parametrize("family", moa.FAMILIES)
+def test_family_end_to_end(family, tokenizer):
+    """Every supported family compresses (TINY settings); with the plan it chose, a forward pass gives the logits of
+    the plain masked attention of the same windows, and generate (the plan's cache and decode kernel) the greedy
+    tokens of the masked reference that recomputes the whole sequence."""
+    model = tiny_model(family, layers=2, heads=4, kv=2, seed=6, init=0.2).to(DEVICE)
+    plan = moa.compress(model, tokenizer, **TINY)
+    check_plan(plan, model.config)
+    n, steps = TINY["lengths"][0], 6                       # at n, the plan's density is at most the budget (0.6)
+    ids = torch.randint(2, 384, (1, n - steps), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        got = moa.apply_plan(model, plan)(ids).logits
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(kernel, "prefill", kernel.masked_reference)
+            want = model(ids).logits
+        dense = moa.apply_plan(model, None)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - dense).abs().max() > 1e-3                                    # the plan did change something
+    out = moa.apply_plan(model, plan).generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                                               eos_token_id=None, pad_token_id=1)
+    assert out.tolist() == reference_generate(model, plan, ids, mask, steps).tolist()
 
 
-def test_resume_after_interruption(tmp_path, tokenizer, monkeypatch):
-    model = tiny_model(layers=2, heads=4, kv=2, seed=5)
-    fresh = moa.compress(model, tokenizer, out=tmp_path / "fresh", **TINY)
-    calls = {"n": 0}
-    mean_loss = moa.mean_loss
+def test_device_map_through_accelerate_hooks():
+    """A model dispatched by accelerate with a device map and its hooks (as device_map="auto" sets them up over
+    several GPUs; here every part is on the CPU, with the hooks forced on) profiles, scores a plan and generates with
+    it exactly as the plain model. examples/multi_gpu.py checks a real split over two GPUs."""
+    from accelerate import dispatch_model
+    plain, hooked = (tiny_model(seed=7, init=0.2) for _ in range(2))
+    parts = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    dispatch_model(hooked, dict.fromkeys(parts, "cpu"), force_hooks=True)
+    assert hasattr(hooked.model.layers[1], "_hf_hook")
+    samples = random_samples(2, 200, answer=20)
+    plan = moa.make_plan([[0, -200], [50, 0]], [[0.25, 0], [0, 1]], validate_length=256)
+    ids, mask = (x.cpu() for x in ragged_prompts(2, 150, [0, 20]))
+    results = []
+    for model in (plain, hooked):
+        with moa.following(model, plan):
+            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                    pad_token_id=1)
+        results.append((moa.profile(model, samples), moa.answer_losses(model, samples, plan), tokens))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return mean_loss(*args, **kwargs)
 
-    monkeypatch.setattr(moa, "mean_loss", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        moa.compress(model, tokenizer, out=tmp_path / "run", **TINY)
-    assert not list((tmp_path / "run").glob("*.tmp")) and not (tmp_path / "run" / "plan.json").exists()
-    monkeypatch.setattr(moa, "mean_loss", mean_loss)
-    monkeypatch.setattr(moa, "profile", lambda *a, **k: pytest.fail("profiling should have been resumed"))
-    monkeypatch.setattr(moa, "make_samples", lambda *a, **k: pytest.fail("samples should have been resumed"))
-    resumed = moa.compress(model, tokenizer, out=tmp_path / "run", **TINY)
-    assert resumed == fresh
-    check_plan(resumed, model.config)
-    # a changed budget reruns only the optimizer and validation
-    moa.compress(model, tokenizer, out=tmp_path / "run", **{**TINY, "density": 0.7})
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved as a transformers folder with the test tokenizer, for the command line."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model(layers=2, heads=4, kv=2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def cli_flags(**settings):
+    """moa.py flags for Config settings, e.g. cli_flags(**TINY)."""
+    return [x for k, v in settings.items()
+            for x in (f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, tuple) else (v,)))]
+
+
+# Every case: the flags after the command's, files to write first (under the test's folder), and a fragment of the
+# one-line error. {tmp}, {model}, {out} stand for the test's folder, the tiny model folder and the output folder.
+COMPRESS = ["--model", "{model}", "--out", "{out}", "--device", "cpu", *cli_flags(**TINY)]
+EVAL = ["eval", "--model", "{model}", "--plan", "{tmp}/plan.json", "--out", "{out}", "--device", "cpu",
+        "--lengths", "512", "--samples", "1"]
+PLAN = {"alphas": [[0, 0]] * 2, "betas": [[1, 1]] * 2, "heads": "kv", "validate_length": 768}   # right for the model
+plan_file = lambda **change: {"plan.json": json.dumps({**PLAN, **change})}
+BAD_INPUT = [
+    ("missing model", COMPRESS + ["--model", "{tmp}/nowhere"], {}, "does not exist"),
+    ("missing .gguf file", COMPRESS + ["--model", "{tmp}/nowhere.gguf"], {}, "does not exist"),
+    ("folder that is not a model", COMPRESS + ["--model", "{tmp}"], {}, "no config.json"),
+    ("model without weights", COMPRESS + ["--model", "{tmp}/m"], {"m/config.json": '{"model_type": "llama"}'},
+     "cannot load a causal LM"),
+    ("family without RoPE", COMPRESS + ["--model", "{tmp}/m"], {"m/config.json": '{"model_type": "gpt2"}'},
+     "no rotary position embeddings"),
+    ("family with sliding windows", COMPRESS + ["--model", "{tmp}/m"], {"m/config.json": '{"model_type": "gemma2"}'},
+     "sliding window"),
+    ("encoder-decoder", COMPRESS + ["--model", "{tmp}/m"], {"m/config.json": '{"model_type": "t5"}'},
+     "cross-attention"),
+    ("unsupported dtype", COMPRESS + ["--dtype", "int8"], {}, "unsupported dtype"),
+    ("unsupported device", COMPRESS + ["--device", "tpu"], {}, "unknown device"),
+    ("device map on the CPU", COMPRESS + ["--device-map", "auto"], {}, "leave --device-map out"),
+    ("budget below the reachable minimum", COMPRESS + ["--density", "0.05"], {}, "smallest reachable density"),
+    ("lengths not ordered", COMPRESS + ["--lengths", "512", "384"], {}, "not increasing"),
+    ("lengths repeated", COMPRESS + ["--lengths", "384", "384"], {}, "not increasing"),
+    ("lengths beyond the context", COMPRESS + ["--lengths", "1024", "1536", "--validate-length", "3072"], {},
+     "exceeds the model's context"),
+    ("validation length too short", COMPRESS + ["--validate-length", "512"], {}, "must exceed the largest"),
+    ("missing calibration file", COMPRESS + ["--calib", "{tmp}/none.txt"], {}, "does not exist"),
+    ("empty calibration file", COMPRESS + ["--calib", "{tmp}/c.txt"], {"c.txt": ""}, "holds 0 document"),
+    ("too short calibration file", COMPRESS + ["--calib", "{tmp}/c.txt"], {"c.txt": "One.\n\nTwo.\n\nThree."},
+     "the calibration documents hold"),
+    ("calibration .jsonl without text", COMPRESS + ["--calib", "{tmp}/c.jsonl"], {"c.jsonl": '{"txt": "a"}\n'},
+     "\"text\" field"),
+    ("missing plan", EVAL, {}, "does not exist"),
+    ("corrupt plan", EVAL, {"plan.json": '{"alphas": [[0, 0], [0'}, "not valid JSON"),
+    ("plan for more layers", EVAL, plan_file(alphas=[[0, 0]] * 3, betas=[[1, 1]] * 3), "another model"),
+    ("plan for other heads", EVAL, plan_file(alphas=[[0, 0, 0]] * 2, betas=[[1, 1, 1]] * 2), "another model"),
+    ("plan with ragged layers", EVAL, plan_file(alphas=[[0, 0], [0]]), "all layers alike"),
+    ("plan with negative windows", EVAL, plan_file(betas=[[-0.5, 1]] * 2), "never shrink"),
+    ("plan with a negative sink", EVAL, plan_file(sink=-1), "sink >= 0"),
+    ("plan with wrong keys", EVAL, {"plan.json": json.dumps({"alpha": PLAN["alphas"], "beta": PLAN["betas"]})},
+     "needs \"alphas\""),
+    ("plan with an unknown key", EVAL, plan_file(validate_len=768), "unknown keys ['validate_len']"),
+    ("plan with other heads kind", EVAL, plan_file(heads="layer"), "must be \"kv\" or \"query\""),
+    ("prompt longer than the plan allows", EVAL + ["--lengths", "1024"], plan_file(), "exceed the 768 this plan"),
+]
+SUBPROCESS_CASE = "budget below the reachable minimum"   # also run as `python moa.py`, to see exactly what it prints
+
+
+@pytest.mark.parametrize("case, flags, files, fragment", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input(case, flags, files, fragment, tmp_path, tiny_folder, capsys):
+    """Every mistake ends the command with one line that says what was wrong and what to do (exit status 1), no
+    traceback, and nothing written to the output folder."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    argv = [f.format(tmp=tmp_path, model=tiny_folder, out=tmp_path / "out") for f in flags]
+    with pytest.raises(SystemExit) as exit:
+        moa.main(argv)
+    message = exit.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    assert fragment in message and ": " in message[len("error: "):]                  # what was wrong: what to do
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    if case == SUBPROCESS_CASE:
+        quiet = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        run = subprocess.run([sys.executable, "moa.py", *argv], capture_output=True, text=True, env=quiet,
+                             timeout=300)
+        assert (run.returncode, run.stderr) == (1, message + "\n")
+        assert not (tmp_path / "out").exists()
+
+
+def start_cli(argv, log):
+    return subprocess.Popen([sys.executable, "moa.py", *argv], stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_and_resume(tmp_path, tiny_folder, tokenizer):
+    """The command line, killed (SIGKILL; SIGINT once) inside each stage in turn, resumes each time and finally writes
+    the plan an uninterrupted run with the same seed writes; stage files damaged by hand are recomputed, a stray
+    temporary file is never read, and a finished run resumes every stage it can."""
+    out, log = tmp_path / "out", open(tmp_path / "log.txt", "w+")
+    argv = [x.format(model=tiny_folder, out=out, tmp=tmp_path) for x in COMPRESS]
+    rng = np.random.default_rng(0)
+    # (stage, file whose appearance starts the countdown, a file the stage writes last, signal, seconds to wait)
+    kills = [("samples", "samples_calib384.pt", "samples_valid768.pt", signal.SIGKILL, 0.0),
+             ("profile", "profile_384.pt", "profile_512.pt", signal.SIGKILL, 0.0),
+             ("optimize", "profile_512.pt", "optimize.pt", signal.SIGKILL, rng.uniform(0, 1.0)),   # ~3 s here
+             ("validate", "optimize.pt", "validate_dense.pt", signal.SIGINT, rng.uniform(0, 0.5))]  # ~1.5 s here
+    for stage, start, last, sig, wait in kills:
+        run = start_cli(argv, log)
+        while not (out / start).exists() and run.poll() is None:
+            time.sleep(0.002)
+        time.sleep(wait)
+        run.send_signal(sig)
+        assert run.wait(timeout=120) == (130 if sig == signal.SIGINT else -signal.SIGKILL), stage
+        assert not (out / last).exists() and not (out / "plan.json").exists(), f"the kill missed the {stage} stage"
+    log.seek(0)
+    assert "interrupted: rerun the same command to resume" in log.read()
+    whole = (out / "profile_384.pt").read_bytes()
+    (out / "profile_384.pt").write_bytes(whole[:len(whole) // 2])                  # cut short
+    (out / "samples_valid768.pt").write_bytes(b"not a stage")
+    (out / "optimize.pt.tmp").write_bytes(b"half of a stage that was being written")
+
+    done = subprocess.run([sys.executable, "moa.py", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "profile_384.pt is unreadable" in done.stdout and "samples_valid768.pt is unreadable" in done.stdout
+    model, _ = moa.load_model(str(tiny_folder), "cpu")
+    want = moa.compress(model, tokenizer, **TINY)                      # uninterrupted, same seed, nothing saved
+    got = moa.load_plan(out / "plan.json")
+    assert got == json.loads(json.dumps(want))
+    check_plan(got, model.config)
+    with pytest.MonkeyPatch.context() as m:                # a new budget reruns only the optimizer and the validation
+        m.setattr(moa, "profile", lambda *a, **k: pytest.fail("profiling should have been resumed"))
+        m.setattr(moa, "make_samples", lambda *a, **k: pytest.fail("samples should have been resumed"))
+        check_plan(moa.compress(model, tokenizer, out=out, **{**TINY, "density": 0.7}), model.config)
 
 
 def test_eval_on_tiny_model(tmp_path, tokenizer):

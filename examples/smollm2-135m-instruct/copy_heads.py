@@ -14,7 +14,8 @@ import moa  # noqa: E402
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 1024
 model, tokenizer = moa.load_model(None, "cpu", "float32")
 calibration_docs, held_out_docs = moa.split_documents(moa.load_documents(), 0)
-calibration = moa.make_samples(model, tokenizer, calibration_docs, 2, n, moa.Config(samples=2), seed=[0, n, False])
+calibration = moa.make_samples(model, tokenizer, moa.tokenize_documents(tokenizer, calibration_docs), 2, n,
+                               moa.Config(samples=2), seed=[0, n, False])
 rng = np.random.default_rng(1)
 ids = torch.cat([moa.copy_inputs(tokenizer, held_out_docs, n, depth, 1, rng) for depth in (0.3, 0.5)])
 copy = {"input_ids": ids, "answer_start": torch.full((2,), n - (moa.SEGMENT - moa.CUE))}

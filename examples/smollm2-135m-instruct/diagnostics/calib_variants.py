@@ -23,7 +23,7 @@ for n in (1024, 2048, 4096):
     print(f"\n### n={n} copy: far>=256 share {fc.sum():.3f}, >=N/4 share {qc:.3f}; top copy heads {[(int(k//G), int(k%G)) for k in top]}")
     for name, instr in VARIANTS.items():
         t = time.time()
-        s = moa.make_samples(model, tok, cal_docs, 8, n, moa.Config(samples=8, instruction=instr), seed=[0, n, False])
+        s = moa.make_samples(model, tok, moa.tokenize_documents(tok, cal_docs), 8, n, moa.Config(samples=8, instruction=instr), seed=[0, n, False])
         f, q = far(s, n)
         lens = (n - s["answer_start"]).tolist()
         print(f"{name:6s} far>=256 {f.sum():.3f} >=N/4 {q:.3f} rankcorr {np.corrcoef(rank(f), rank(fc))[0,1]:.2f} "
