@@ -161,9 +161,9 @@ def chunk_attention(q, k, v, cache, windows, scale=None):
     g = H // G
     held = cache.positions()                                                         # [B, S]
     new = cache.length - cache.pad.long()[:, None] + torch.arange(P, device=q.device)   # [B, P] true positions
-    out = []
+    out, hi = [], 0
     for h in range(G):
-        lo, hi = cache.offsets[h].item(), cache.offsets[h + 1].item()
+        lo, hi = hi, hi + cache.capacities[h]                          # head h's slots (host ints: no sync)
         keys = torch.cat([cache.k[:, lo:hi], k[:, h]], 1)[:, None]                    # [B, 1, C_h + P, d]
         values = torch.cat([cache.v[:, lo:hi], v[:, h]], 1)[:, None]
         j = torch.cat([held[:, lo:hi], new], 1)[:, None, None]                       # [B, 1, 1, C_h + P]
