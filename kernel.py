@@ -27,14 +27,19 @@ _flex_compiled = torch.compile(flex_attention)   # static first, dynamic after a
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")   # small shapes, on purpose
 
 
+def sees(i, j, window, sink):
+    """The mask of SPEC §2 on true positions (broadcastable tensors): query i sees key j iff j <= i and (j < sink or
+    i - j < window). A negative j (padding, or a cache slot holding nothing) is never seen."""
+    return (j >= 0) & (j <= i) & ((j < sink) | (i - j < window))
+
+
 def sink_window_mask(windows, sink, group, pad=None):
-    """The SPEC §2 mask as a FlexAttention mask_mod, in true positions (padding excluded): query i sees key j iff
-    j <= i and (j < sink or i - j < W). windows: [G] int tensor, one window per KV head (query head h belongs to KV
-    head h // group); pad: [B] int tensor of leading padding tokens per sequence, or None. Rows of padding see
-    nothing (FlexAttention returns zeros there)."""
+    """`sees` as a FlexAttention mask_mod over a left-padded batch. windows: [G] int tensor, one window per KV head
+    (query head h belongs to KV head h // group); pad: [B] int tensor of leading padding tokens per sequence, or
+    None. Rows of padding see nothing (FlexAttention returns zeros there)."""
     def mask_mod(b, h, q_idx, kv_idx):
-        j = kv_idx if pad is None else kv_idx - pad[b]                  # the key's true position
-        return (j >= 0) & (kv_idx <= q_idx) & ((j < sink) | (q_idx - kv_idx < windows[h // group]))
+        shift = 0 if pad is None else pad[b]                            # index -> true position
+        return sees(q_idx - shift, kv_idx - shift, windows[h // group], sink)
     return mask_mod
 
 
@@ -78,11 +83,11 @@ def masked_reference(q, k, v, windows, sink, scale=None, pad=None):
     q: [B, H, N, d]; k, v: [B, G, N, d]; windows: G ints; pad: [B] or None. Returns [B, H, N, d]."""
     B, H, N, d = q.shape
     g = H // k.shape[1]
-    i = torch.arange(N, device=q.device)[:, None]
-    j = torch.arange(N, device=q.device)[None, :]
-    true_j = j - (0 if pad is None else pad.to(q.device)[:, None, None, None])                # [B|1, 1, 1, N]
+    shift = 0 if pad is None else pad.to(q.device)[:, None, None, None]                      # [B, 1, 1, 1]
+    i = torch.arange(N, device=q.device)[:, None] - shift                                     # true positions
+    j = torch.arange(N, device=q.device)[None, :] - shift
     w = torch.as_tensor(list(windows), device=q.device).repeat_interleave(g)[:, None, None]  # [H, 1, 1]
-    allowed = (true_j >= 0) & (j <= i) & ((true_j < sink) | (i - j < w))                       # [B|1, H, N, N]
+    allowed = sees(i, j, w, sink)                                                              # [B|1, H, N, N]
     s = (q @ k.repeat_interleave(g, 1).transpose(-1, -2)) * (scale if scale is not None else d ** -0.5)
     a = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num()     # padding rows: all masked -> zeros
     return a @ v.repeat_interleave(g, 1)
@@ -168,8 +173,8 @@ def chunk_attention(q, k, v, cache, windows, scale=None):
         values = torch.cat([cache.v[:, lo:hi], v[:, h]], 1)[:, None]
         j = torch.cat([held[:, lo:hi], new], 1)[:, None, None]                       # [B, 1, 1, C_h + P]
         i = new[:, None, :, None]                                                     # [B, 1, P, 1]
-        allowed = (j >= 0) & (j <= i) & ((j < cache.sink) | (i - j < int(windows[h])))
-        out.append(F.scaled_dot_product_attention(q[:, h * g:(h + 1) * g], keys, values, attn_mask=allowed,
+        out.append(F.scaled_dot_product_attention(q[:, h * g:(h + 1) * g], keys, values,
+                                                  attn_mask=sees(i, j, int(windows[h]), cache.sink),
                                                   scale=scale, enable_gqa=True))
     cache.store(k, v)
     return torch.cat(out, 1)
