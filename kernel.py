@@ -30,7 +30,7 @@ warnings.filterwarnings("ignore", message="flex_attention called without torch.c
 def sees(i, j, window, sink):
     """The mask of SPEC §2 on true positions (broadcastable tensors): query i sees key j iff j <= i and (j < sink or
     i - j < window). A negative j (padding, or a cache slot holding nothing) is never seen."""
-    return (j >= 0) & (j <= i) & ((j < sink) | (i - j < window))
+    return (j >= 0) & (j <= i) & ((j < sink) | (j > i - window))   # not i - j: no int tensor of the mask's size
 
 
 def sink_window_mask(windows, sink, group, pad=None):
@@ -101,7 +101,7 @@ class SinkRingCache:
     """One layer's KV cache for a plan: KV head k owns `capacities[k]` slots of one flat buffer.
         k, v:     [B, S, d], S = Σ_k C_k; head k's slots are offsets[k] .. offsets[k+1] - 1
         offsets:  [G + 1] int32;  capacity: [G] int32
-        pad:      [B] int32, leading padding tokens of each sequence
+        pad:      [B] int32, leading padding tokens of each sequence (padded: whether any is > 0, a host bool)
         length:   tokens (padding included) stored so far, a host int: the next token has true position length - pad
     Token t of a sequence (t its true position, padding excluded) goes to slot t if t < sink, else to
     sink + (t - sink) mod (C_k - sink): the sink never moves, the rest is a ring holding the latest C_k - sink
@@ -113,6 +113,7 @@ class SinkRingCache:
         self.offsets = F.pad(self.capacity.cumsum(0, dtype=torch.int32), (1, 0))
         self.sink = int(sink)
         self.pad = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.padded = False                                             # any pad > 0, on the host
         self.length = 0
         size = (batch, sum(self.capacities), head_dim)
         self.k = torch.zeros(size, dtype=dtype, device=device)
@@ -128,6 +129,7 @@ class SinkRingCache:
     def prefill(self, key, value, pad):
         """Start the cache with a left-padded prompt. key, value: [B, G, P, d]; pad: [B] leading padding tokens."""
         self.pad, self.length = pad.to(device=key.device, dtype=torch.int32), 0
+        self.padded = bool(pad.any())                                   # one sync per prompt, not per chunk
         self.store(key, value)
 
     def store(self, key, value):
@@ -164,18 +166,20 @@ def chunk_attention(q, k, v, cache, windows, scale=None):
     B, H, P, d = q.shape
     G = k.shape[1]
     g = H // G
-    held = cache.positions()                                                         # [B, S]
-    new = cache.length - cache.pad.long()[:, None] + torch.arange(P, device=q.device)   # [B, P] true positions
+    rows = slice(None) if cache.padded else slice(1)          # unpadded sequences share one mask row: [1, P, S]
+    held = cache.positions()[rows]                                                   # [B|1, S]
+    new = (cache.length - cache.pad.long()[:, None] + torch.arange(P, device=q.device))[rows]   # true positions
     out, hi = [], 0
     for h in range(G):
         lo, hi = hi, hi + cache.capacities[h]                          # head h's slots (host ints: no sync)
-        keys = torch.cat([cache.k[:, lo:hi], k[:, h]], 1)[:, None]                    # [B, 1, C_h + P, d]
-        values = torch.cat([cache.v[:, lo:hi], v[:, h]], 1)[:, None]
-        j = torch.cat([held[:, lo:hi], new], 1)[:, None, None]                       # [B, 1, 1, C_h + P]
-        i = new[:, None, :, None]                                                     # [B, 1, P, 1]
+        # K, V expanded to the g query heads (views), not enable_gqa: with a mask, SDPA then takes its memory-
+        # efficient backend; with enable_gqa it took one needing 6x the scratch memory (H100, torch 2.11)
+        keys = torch.cat([cache.k[:, lo:hi], k[:, h]], 1)[:, None].expand(-1, g, -1, -1)   # [B, g, C_h + P, d]
+        values = torch.cat([cache.v[:, lo:hi], v[:, h]], 1)[:, None].expand(-1, g, -1, -1)
+        j = torch.cat([held[:, lo:hi], new], 1)[:, None, None]                       # [B|1, 1, 1, C_h + P]
+        i = new[:, None, :, None]                                                     # [B|1, 1, P, 1]
         out.append(F.scaled_dot_product_attention(q[:, h * g:(h + 1) * g], keys, values,
-                                                  attn_mask=sees(i, j, int(windows[h]), cache.sink),
-                                                  scale=scale, enable_gqa=True))
+                                                  attn_mask=sees(i, j, int(windows[h]), cache.sink), scale=scale))
     cache.store(k, v)
     return torch.cat(out, 1)
 

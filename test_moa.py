@@ -292,12 +292,14 @@ def test_prefill_matches_masked_reference(H, G, N, d, windows, padded):
 
 @pytest.mark.parametrize("H,G,N,first,chunk,windows", [(4, 2, 70, 30, 7, (64, 3)), (3, 1, 130, 9, 40, (5,)),
                                                         (8, 4, 41, 17, 5, (1, 40, 7, 33)), (2, 2, 300, 100, 64, (300, 9))])
-def test_chunked_prefill_matches_masked_reference(H, G, N, first, chunk, windows):
+@pytest.mark.parametrize("padded", [False, True])
+def test_chunked_prefill_matches_masked_reference(H, G, N, first, chunk, windows, padded):
     """A prompt stored chunk by chunk (generate's prefill_chunk_size): each later chunk attends to the cache (whose
-    rings wrap) and to itself exactly as the whole-sequence mask says, on a left-padded batch, in float64."""
+    rings wrap) and to itself exactly as the whole-sequence mask says, on a batch with or without left padding
+    (one shared mask row, or one per sequence), in float64."""
     sink, d = 4, 8
     q, k, v = torch.randn(2, H, N, d).double(), torch.randn(2, G, N, d).double(), torch.randn(2, G, N, d).double()
-    pad = torch.tensor([0, first // 2])
+    pad = torch.tensor([0, first // 2 if padded else 0])
     ref = kernel.masked_reference(q, k, v, windows, sink, pad=pad)
     cache = kernel.SinkRingCache(2, [min(N, sink + w) for w in windows], d, sink, torch.float64, "cpu")
     cache.prefill(k[:, :, :first], v[:, :, :first], pad)
