@@ -1128,18 +1128,21 @@ def kv_bytes(model, plan, batch, n):
 PREFILL_CHUNK = 2048   # bench prompts are prefilled in chunks of this many tokens, dense and MoA alike
 
 
-def generate_settings(plan):
-    """generate() settings of a bench run: greedy, exactly max_new_tokens, chunked prefill; dense (plan None) with
-    transformers' static cache and SDPA. Both eager: transformers compiles (CUDA graphs) only its own static cache,
-    and the plan's cache is not one of those, so neither side is compiled."""
-    return dict(do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=PREFILL_CHUNK,
-                cache_implementation="static" if plan is None else None, disable_compile=True)
+def bench_generate(model, plan, batch, prompt, tokens, **extra):
+    """One greedy generate of exactly `tokens` new tokens after random prompts [batch, prompt], as the bench runs it:
+    chunked prefill; dense (plan None) with transformers' static cache and SDPA. Both eager: transformers compiles
+    (CUDA graphs) only its own static cache, and the plan's cache is not one of those, so neither side is compiled."""
+    ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device,
+                        generator=torch.Generator(model.device).manual_seed(0))
+    with following(model, plan):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                              do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=PREFILL_CHUNK,
+                              cache_implementation="static" if plan is None else None, disable_compile=True, **extra)
 
 
 def time_generate(model, plan, batch, prompt, new_tokens):
     """One generate of `new_tokens` after a random prompt [batch, prompt], after a prefill-only warm-up. Returns
     prefill seconds (to the first token), decode tokens/s and ms per token over the rest, peak GiB."""
-    ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device)
     stamps = []
 
     class Clock:   # generate's streamer hook: called with the prompt, then once per new token
@@ -1150,13 +1153,11 @@ def time_generate(model, plan, batch, prompt, new_tokens):
         def end(self):
             pass
 
-    with following(model, plan):
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, **generate_settings(plan))
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       streamer=Clock(), **generate_settings(plan))
+    bench_generate(model, plan, batch, prompt, 1)
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    bench_generate(model, plan, batch, prompt, new_tokens, streamer=Clock())
     decode = (stamps[-1] - stamps[1]) / (new_tokens - 1)
     return stamps[1] - t0, batch / decode, 1e3 * decode, torch.cuda.max_memory_allocated() / 2**30
 
@@ -1181,25 +1182,22 @@ def step_profile(model, plan, batch, prompt, steps=16):
     kernels, and the rest of the step's wall time (the host: Python, launches). Two generates of 2 and 2 + steps
     tokens are profiled (after the bench's runs: nothing left to compile); their difference is `steps` decode steps."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device)
     kinds = {"attention": ("decode_kernel", "merge_kernel", "flash", "fmha", "attention", "sdpa"),
              "matmul": ("gemm", "nvjet", "cutlass", "matmul", "cublas")}
     totals = []
-    with following(model, plan):
-        for tokens in (2, 2 + steps):
-            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                               min_new_tokens=tokens, **generate_settings(plan))
-                torch.cuda.synchronize()
-                wall = time.perf_counter() - t0
-            t = {"wall": wall * 1e3, "attention": 0.0, "matmul": 0.0, "other": 0.0}
-            for e in prof.key_averages():
-                name = e.key.lower()
-                kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other")
-                t[kind] += e.device_time_total / 1e3
-            totals.append(t)
+    for tokens in (2, 2 + steps):
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            bench_generate(model, plan, batch, prompt, tokens)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        t = {"wall": wall * 1e3, "attention": 0.0, "matmul": 0.0, "other": 0.0}
+        for e in prof.key_averages():
+            name = e.key.lower()
+            kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other")
+            t[kind] += e.device_time_total / 1e3
+        totals.append(t)
     step = {k: (totals[1][k] - totals[0][k]) / steps for k in totals[0]}
     step["host"] = step["wall"] - step["attention"] - step["matmul"] - step["other"]
     return step
