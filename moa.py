@@ -113,7 +113,7 @@ class Config:
     answer_tokens: int = 128              # greedy answer length cap (SPEC §4)
     instructions: tuple = tuple(INSTRUCTIONS)   # the mix: names in INSTRUCTIONS, or texts (a "{cue}" is filled in)
     candidates: int = 3                   # candidates made per sample kept (SPEC §4 selection); 1: no selection
-    local_window: int = 256               # selection: a candidate's loss rise when heads see only sink + this window
+    local_window: float = 0.25            # selection: the loss rise when heads see only the sink + this share of N
     sink: int = SINK
 
     def resolved(self, device, config):
@@ -366,7 +366,7 @@ def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
     in a fresh random order, cut to fit; an instruction of the mix, in turn, whose cue (if any) is taken from a
     random depth; and the answer the dense model generates greedily (at most cfg.answer_tokens). With
     cfg.candidates > 1, n * candidates are made and the n whose answer loss rises most when every head sees only
-    the sink and the last cfg.local_window tokens are kept: the answers that depend most on distant text.
+    the sink and the last cfg.local_window * length tokens are kept: the answers that depend most on distant text.
     Returns {"input_ids": [n, length], "answer_start": [n], "instruction": [n] (index into cfg.instructions),
     "rise": [n] (the loss rise; 0 without selection)}."""
     room = sample_room(tokenizer, doc_ids, length, cfg)
@@ -402,7 +402,7 @@ def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
                "instruction": torch.tensor([c[3] for c in candidates]), "rise": torch.zeros(len(rows))}
     if cfg.candidates == 1:
         return samples
-    local = every_head(model.config, cfg.local_window, 0.0, cfg.sink)
+    local = every_head(model.config, max(MIN_WINDOW, int(cfg.local_window * length)), 0.0, cfg.sink)
     samples["rise"] = answer_losses(model, samples, local, "local") - answer_losses(model, samples, None, "dense")
     keep = samples["rise"].argsort(descending=True, stable=True)[:n]
     return {k: v[keep] for k, v in samples.items()}
@@ -1051,8 +1051,8 @@ def check_config(cfg, config):
         raise MoAError(f"--density must be in (0, 1], not {cfg.density}")
     if min(cfg.samples, cfg.answer_tokens, cfg.candidates, len(cfg.instructions)) < 1:
         raise MoAError("--samples, --answer-tokens, --candidates and --instructions need at least 1")
-    if cfg.local_window < MIN_WINDOW:
-        raise MoAError(f"--local-window must be at least {MIN_WINDOW}, not {cfg.local_window}")
+    if not 0 < cfg.local_window < 1:
+        raise MoAError(f"--local-window is a share of the length, in (0, 1), not {cfg.local_window}")
     lengths = budget_lengths(cfg)
     check_budget(rule_densities(*rules(cfg.lengths), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
 
@@ -1592,8 +1592,9 @@ def command(argv):
                         "in with words from a random depth of the document)")
     p.add_argument("--candidates", type=int, default=c.candidates,
                    help="candidate samples made per sample kept; the most long-range are kept (1: no selection)")
-    p.add_argument("--local-window", type=int, default=c.local_window,
-                   help="selection: a candidate's loss rise when every head sees only the sink and this many tokens")
+    p.add_argument("--local-window", type=float, default=c.local_window,
+                   help="selection: a candidate's loss rise when every head sees only the sink and this share of the "
+                        "length")
     p.add_argument("--paper", action="store_true",
                    help="the paper's calibration: summaries only, no selection (sets --instructions and --candidates)")
     a = p.parse_args(argv)

@@ -531,7 +531,7 @@ def test_selection_keeps_the_most_long_range_candidates(tokenizer):
     every = moa.make_samples(model, tokenizer, docs, 6, 384, dataclasses.replace(cfg, candidates=1), seed=[5])
     kept = moa.make_samples(model, tokenizer, docs, 2, 384, cfg, seed=[5])
     assert every["instruction"].tolist() == [0, 1, 2, 0, 1, 2] and not every["rise"].any()
-    rise = (plain_answer_loss(model, every["input_ids"], every["answer_start"], cfg.local_window) -
+    rise = (plain_answer_loss(model, every["input_ids"], every["answer_start"], int(cfg.local_window * 384)) -
             plain_answer_loss(model, every["input_ids"], every["answer_start"]))
     top = rise.argsort(descending=True)[:2]
     assert rise[top[1]] > rise[rise.argsort(descending=True)[2]] + 1e-6                  # the choice is clear
