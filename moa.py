@@ -764,11 +764,12 @@ def plan_attention(module, query, key, value, attention_mask, scaling=None, drop
     stored in the cache and attended with FlexAttention, a later prompt chunk (generate's prefill_chunk_size)
     attends to the cache and itself through SDPA, and every new token goes through the fused decode kernel, which
     stores it too. Without a cache (a whole-sequence forward pass), N is the sequence length.
-    A decode step (one query after the prompt) reads no changing host state and never syncs, so torch.compile traces
-    it once for every step (generate compiles it with CUDA graphs on a GPU); the prompt paths run eagerly."""
-    layer, module.moa_layer = module.moa_layer, None         # set by PlanCache.update for this call only
+    A decode step (one query after the prompt) reads no host state that changes from step to step and never syncs,
+    so torch.compile traces it once for every step (generate compiles it with CUDA graphs on a GPU); the prompt paths
+    run eagerly."""
+    layer, module.moa_layer = module.moa_layer, None         # set by PlanCache.update, cleared for a cacheless call
     q = query.shape[2]
-    if layer is not None and not torch.compiler.is_compiling():
+    if layer is not None and not torch.compiler.is_compiling():   # the host count of N (PlanLayer); not compiled
         layer.count(q)
     if layer is not None and layer.ring.prefilled:           # a decode step or a later prompt chunk
         if q == 1:
@@ -800,8 +801,9 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
 class PlanLayer(CacheLayerMixin):
     """One layer of a PlanCache: a kernel.SinkRingCache with per-KV-head capacities `capacities` for N = n tokens,
     allocated at the first update with the keys' batch, dtype and device. The attention stores the tokens.
-    `stored` counts on the host the tokens that eager calls store, to refuse more than N without a sync; a
-    compiled decode step does not count (generate checks its N once, in _generate_with_plan_cache)."""
+    `stored` counts on the host the tokens that eager calls store, to refuse more than N without a sync. A compiled
+    decode step cannot count (a host int changing every step would recompile it), so after compiled steps the count
+    falls short by them; generate, the one caller that compiles, checks its N once in _generate_with_plan_cache."""
     is_compileable = True   # generate then compiles the decode step (CUDA graphs on a GPU)
 
     def __init__(self, capacities, sink, n):
