@@ -415,7 +415,8 @@ def test_generate_with_sparse_plan_equals_masked_recompute(monkeypatch):
 
 def test_generate_sampling_and_limits():
     """Sampling with a dense plan draws the same tokens as transformers from the same seed; a prompt + new tokens
-    past the plan's length, right padding, and decoding past the cache's N give clear errors."""
+    past the plan's length, right padding, a cache too small for generate, and decoding past the cache's N give
+    clear errors."""
     model = tiny_model(layers=2, heads=4, kv=2, seed=4, init=0.2).to(DEVICE)
     ids, mask = ragged_prompts(2, 20, [0, 6])
     settings = dict(attention_mask=mask, max_new_tokens=16, do_sample=True, top_k=20, pad_token_id=1)
@@ -429,6 +430,8 @@ def test_generate_sampling_and_limits():
     with pytest.raises(moa.MoAError, match="left padding"):
         model.generate(ids, attention_mask=mask.flip(1), max_new_tokens=4)
     cache = moa.PlanCache(model, 21)
+    with pytest.raises(moa.MoAError, match="generate needs 24"):      # checked before a (compiled) decode step
+        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4)
     with torch.no_grad():
         model(ids, attention_mask=mask, past_key_values=cache)
         model(ids[:, :1], past_key_values=cache)
