@@ -110,7 +110,8 @@ class SinkRingCache:
     A decode step reads and advances `length` on the device, so the same step (its kernel launches, a compiled graph,
     a CUDA graph) serves every position: the tensors are allocated once and only ever changed in place, and marked
     as static addresses for torch.compile's CUDA graphs. On the host live only facts a decode step does not change:
-    the capacities, whether a prompt was stored (`prefilled`) and whether any sequence is padded (`padded`)."""
+    the capacities, the decode kernel's work split, whether a prompt was stored (`prefilled`) and whether any
+    sequence is padded (`padded`)."""
 
     def __init__(self, batch, capacities, head_dim, sink, dtype, device):
         self.capacities = [int(c) for c in capacities]                  # on the host too: no syncs when decoding
