@@ -1,7 +1,8 @@
 """
 Attention for MoA plans at inference: every KV head k keeps the first `sink` tokens plus its W_k most recent ones.
   SinkRingCache    -> the static per-head sink + ring KV cache, one flat buffer per layer (SPEC §9)
-  decode           -> fused Triton split-KV decode over the cache, one query token per sequence (SPEC §10)
+  decode           -> fused Triton split-KV decode over the cache, one query token per sequence (SPEC §10), one
+                      custom op to torch.compile, so a compiled decode step (CUDA graphs) captures it whole
   prefill          -> FlexAttention with a block mask, so whole dropped blocks are skipped (SPEC §10)
   masked_reference -> the same attention as plain masked PyTorch, the reference the fast paths are tested against
 Run `python kernel.py` on a GPU for the decode benchmark.
@@ -101,11 +102,16 @@ class SinkRingCache:
     """One layer's KV cache for a plan: KV head k owns `capacities[k]` slots of one flat buffer.
         k, v:     [B, S, d], S = Σ_k C_k; head k's slots are offsets[k] .. offsets[k+1] - 1
         offsets:  [G + 1] int32;  capacity: [G] int32
-        pad:      [B] int32, leading padding tokens of each sequence (padded: whether any is > 0, a host bool)
-        length:   tokens (padding included) stored so far, a host int: the next token has true position length - pad
+        pad:      [B] int32, leading padding tokens of each sequence
+        length:   [] int32, tokens (padding included) stored so far: the next token has true position length - pad
     Token t of a sequence (t its true position, padding excluded) goes to slot t if t < sink, else to
     sink + (t - sink) mod (C_k - sink): the sink never moves, the rest is a ring holding the latest C_k - sink
-    tokens. Keys are stored after RoPE, so nothing is ever re-rotated."""
+    tokens. Keys are stored after RoPE, so nothing is ever re-rotated.
+    A decode step reads and advances `length` on the device, so the same step (its kernel launches, a compiled graph,
+    a CUDA graph) serves every position: the tensors are allocated once and only ever changed in place, and marked
+    as static addresses for torch.compile's CUDA graphs. On the host live only facts a decode step does not change:
+    the capacities, the decode kernel's work split, whether a prompt was stored (`prefilled`) and whether any
+    sequence is padded (`padded`)."""
 
     def __init__(self, batch, capacities, head_dim, sink, dtype, device):
         self.capacities = [int(c) for c in capacities]                  # on the host too: no syncs when decoding
@@ -113,11 +119,17 @@ class SinkRingCache:
         self.offsets = F.pad(self.capacity.cumsum(0, dtype=torch.int32), (1, 0))
         self.sink = int(sink)
         self.pad = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.padded = False                                             # any pad > 0, on the host
-        self.length = 0
+        self.length = torch.zeros((), dtype=torch.int32, device=device)
+        self.prefilled = self.padded = False
         size = (batch, sum(self.capacities), head_dim)
         self.k = torch.zeros(size, dtype=dtype, device=device)
         self.v = torch.zeros(size, dtype=dtype, device=device)
+        for t in (self.k, self.v, self.length, self.pad, self.offsets, self.capacity):
+            torch._dynamo.mark_static_address(t)   # CUDA graphs read and write them where they are, no copies
+        # the decode kernel's work split, from static facts (decode's defaults; the benchmark and tests try others)
+        self.block_n = 64 if self.k.is_cuda else 512   # the CPU interpreter pays per operation: fewer, larger blocks
+        self.programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if self.k.is_cuda else 1
+        self.chunk, self.splits = split_kv(batch, self.capacities, self.block_n, self.programs)
 
     def slots(self, pos):
         """Flat slot of true positions pos: [...] -> [..., G] (int64)."""
@@ -128,8 +140,9 @@ class SinkRingCache:
 
     def prefill(self, key, value, pad):
         """Start the cache with a left-padded prompt. key, value: [B, G, P, d]; pad: [B] leading padding tokens."""
-        self.pad, self.length = pad.to(device=key.device, dtype=torch.int32), 0
-        self.padded = bool(pad.any())                                   # one sync per prompt, not per chunk
+        self.pad.copy_(pad)
+        self.length.zero_()
+        self.prefilled, self.padded = True, bool(pad.any())             # one sync per prompt, not per chunk
         self.store(key, value)
 
     def store(self, key, value):
@@ -144,7 +157,7 @@ class SinkRingCache:
         b, p, g = kept.nonzero(as_tuple=True)
         self.k[b, idx[b, p, g]] = key[b, g, p]
         self.v[b, idx[b, p, g]] = value[b, g, p]
-        self.length += P
+        self.length.add_(P)
 
     def positions(self):
         """True position held by every slot [B, S] (int64), -1 where a slot holds nothing yet."""
@@ -189,7 +202,7 @@ def chunk_attention(q, k, v, cache, windows, scale=None):
 
 
 @triton.jit
-def _decode_kernel(Q, Knew, Vnew, K, V, Out, Lse, Offsets, Capacity, Pad, length, sink, chunk, splits, qk_scale,
+def _decode_kernel(Q, Knew, Vnew, K, V, Out, Lse, Offsets, Capacity, Pad, Length, sink, chunk, splits, qk_scale,
                    stride_qb, stride_nb, stride_kb,
                    G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr):
@@ -198,7 +211,7 @@ def _decode_kernel(Q, Knew, Vnew, K, V, Out, Lse, Offsets, Capacity, Pad, length
     no program reads a slot while it is being written. Writes the normalised partial output Out[b, kv, split]
     [GROUP, D] (float32) and its log2-sum-exp Lse[b, kv, split] [GROUP]."""
     kv, split, b = tl.program_id(0) // splits, tl.program_id(0) % splits, tl.program_id(1)
-    pos = length - tl.load(Pad + b)                                 # the new token's true position
+    pos = tl.load(Length) - tl.load(Pad + b)                        # the new token's true position
     cap = tl.load(Capacity + kv)
     n = tl.minimum(cap, pos + 1)                                    # slots in use, the new one included
     new = tl.where(pos < sink, pos, sink + (pos - sink) % tl.maximum(cap - sink, 1))   # its slot (SPEC §9)
@@ -270,42 +283,68 @@ def _merge_kernel(Out, Lse, Final, splits, G: tl.constexpr, GROUP: tl.constexpr,
     tl.store(Final + (b * G * GROUP + h) * D + cols, num / den, mask=cols < D)
 
 
+def split_kv(batch, capacities, block_n, programs):
+    """The decode kernel's split-KV layout: each KV head's slots in chunks of `chunk` (a multiple of block_n), sized
+    so the batch's slots spread over about `programs` programs; `splits` chunks cover the longest head.
+    Returns (chunk, splits)."""
+    per_program = -(-batch * sum(capacities) // programs)
+    chunk = max(block_n, -(-per_program // block_n) * block_n)
+    return chunk, -(-max(capacities) // chunk)
+
+
 def decode(q, key, value, cache, scale=None, block_n=None, programs=None, num_warps=4, num_stages=2):
     """One decode step: store each sequence's new token in its slot and attend over its KV head's valid slots
-    (order does not matter to softmax). Two kernel launches, no host sync.
+    (order does not matter to softmax). One custom op, torch.ops.moa.decode, that torch.compile sees whole: the
+    decode kernel, the merge kernel when heads are split, the length's increment; no host sync.
     q: [B, H, d]; key, value: [B, G, d], the new token (key after RoPE); cache: SinkRingCache, whose `length`
     advances by one. Returns [B, H, d] in q's dtype.
     Each KV head's slots are read once for all its query heads; heads are split into chunks of slots across
-    programs (split-KV), and the partial results are merged by log-sum-exp."""
+    programs (split-KV), and the partial results are merged by log-sum-exp. block_n, programs: the cache's
+    (fixed when it was made) unless given."""
+    block_n, programs = block_n or cache.block_n, programs or cache.programs
+    chunk, splits = ((cache.chunk, cache.splits) if (block_n, programs) == (cache.block_n, cache.programs) else
+                     split_kv(cache.k.shape[0], cache.capacities, block_n, programs))
+    scale = (scale if scale is not None else q.shape[-1] ** -0.5) * 1.4426950408889634   # 1/ln(2): kernels use exp2
+    return torch.ops.moa.decode(q, key, value, cache.k, cache.v, cache.length, cache.offsets, cache.capacity,
+                                cache.pad, cache.sink, scale, block_n, chunk, splits, num_warps, num_stages)
+
+
+@torch.library.custom_op("moa::decode", mutates_args=("k", "v", "length"))
+def _decode_op(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               length: torch.Tensor, offsets: torch.Tensor, capacity: torch.Tensor, pad: torch.Tensor, sink: int,
+               qk_scale: float, block_n: int, chunk: int, splits: int, num_warps: int, num_stages: int
+               ) -> torch.Tensor:
+    """`decode` as one custom op: torch.compile sees one call that writes k, v and length, and does not trace into
+    the Triton launches (a CUDA graph captures them like any kernel). k, v, length, offsets, capacity, pad: the
+    SinkRingCache's tensors; qk_scale: the softmax scale times 1/ln(2); the rest: static launch settings."""
     B, H, d = q.shape
-    G = len(cache.capacities)
+    G = capacity.shape[0]
     group = H // G
     d_pad = max(16, triton.next_power_of_2(d))               # tl.dot needs >= 16 and a power of two
-    block_n = block_n or (64 if q.is_cuda else 512)          # the CPU interpreter pays per operation: fewer, larger
-    programs = programs or (4 * torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1)
-    total = B * sum(cache.capacities)                          # slots to read; chunks spread them over the programs
-    chunk = max(block_n, triton.cdiv(triton.cdiv(total, programs), block_n) * block_n)
-    splits = triton.cdiv(max(cache.capacities), chunk)
     out = torch.empty(B, G, splits, group, d, dtype=torch.float32, device=q.device)
     lse = torch.empty(B, G, splits, group, dtype=torch.float32, device=q.device)
     key, value = key.contiguous(), value.contiguous()
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():   # Triton launches on the current GPU
         _decode_kernel[(G * splits, B)](
-            q.contiguous(), key, value, cache.k, cache.v, out, lse, cache.offsets, cache.capacity, cache.pad,
-            cache.length, cache.sink, chunk, splits,
-            (scale if scale is not None else d ** -0.5) * 1.4426950408889634,   # 1/ln(2): the kernel works in exp2
-            H * d, key.stride(0), cache.k.stride(0),
+            q.contiguous(), key, value, k, v, out, lse, offsets, capacity, pad, length, sink, chunk, splits, qk_scale,
+            H * d, key.stride(0), k.stride(0),
             G=G, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad, BLOCK_N=block_n,
             # float32 inputs get exact products; so do bf16/fp16 under TRITON_INTERPRET, whose half-precision tl.dot
             # gives wrong results on the CPU (triton 3.9)
             F32_DOT=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
             num_warps=num_warps, num_stages=num_stages)
-        cache.length += 1
+        length.add_(1)                                            # after the kernel, which read the old length
         if splits == 1:                                           # nothing to merge
             return out.view(B, H, d).to(q.dtype)
-        final = torch.empty_like(q, memory_format=torch.contiguous_format)
+        final = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
         _merge_kernel[(H, B)](out, lse, final, splits, G=G, GROUP=group, D=d, D_PAD=d_pad, BLOCK_S=16)
         return final
+
+
+@_decode_op.register_fake
+def _decode_meta(q, *args):
+    """What torch.compile traces instead of the op: its output's shape and dtype, those of q (contiguous)."""
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 def decode_reference(q, keys, values, scale=None):
@@ -367,7 +406,7 @@ def bench(copy_bandwidth=3.0e12):
                     for _ in range(copies):
                         c = SinkRingCache(B, caps, d, 64, torch.bfloat16, "cuda")
                         c.k.normal_(), c.v.normal_()
-                        c.length = n - 1                                # every slot in use
+                        c.length.fill_(n - 1)                           # every slot in use
                         caches.append(c)
                     turn = iter(range(1 << 40))
                     times = [do_bench(lambda: decode(q, new_k, new_v, caches[next(turn) % copies], **cfg),

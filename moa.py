@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -810,12 +811,15 @@ def plan_attention(module, query, key, value, attention_mask, scaling=None, drop
     With a PlanCache (generation), the windows are those at the cache's N; the prompt (or its first chunk) is
     stored in the cache and attended with FlexAttention, a later prompt chunk (generate's prefill_chunk_size)
     attends to the cache and itself through SDPA, and every new token goes through the fused decode kernel, which
-    stores it too. Without a cache (a whole-sequence forward pass), N is the sequence length."""
-    layer = module.__dict__.pop("moa_layer", None)            # set by PlanCache.update for this call only
-    if layer is not None and layer.ring.length:               # a decode step or a later prompt chunk
-        q = query.shape[2]
-        if layer.ring.length + q > layer.n:
-            raise MoAError(f"the plan cache was built for {layer.n} tokens; got {q} more after {layer.ring.length}")
+    stores it too. Without a cache (a whole-sequence forward pass), N is the sequence length.
+    A decode step (one query after the prompt) reads no host state that changes from step to step and never syncs,
+    so torch.compile traces it once for every step (generate compiles it with CUDA graphs on a GPU); the prompt paths
+    run eagerly."""
+    layer, module.moa_layer = module.moa_layer, None         # set by PlanCache.update, cleared for a cacheless call
+    q = query.shape[2]
+    if layer is not None and not torch.compiler.is_compiling():   # the host count of N (PlanLayer); not compiled
+        layer.count(q)
+    if layer is not None and layer.ring.prefilled:           # a decode step or a later prompt chunk
         if q == 1:
             return kernel.decode(query[:, :, 0], key[:, :, 0], value[:, :, 0], layer.ring, scaling)[:, None], None
         pad = left_padding(attention_mask, q)
@@ -835,17 +839,24 @@ def plan_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, **kwargs):
-    """AttentionMaskInterface entry "moa": hand the 2D padding mask [B, kv_length] (or None) to the attention."""
-    return attention_mask
+    """AttentionMaskInterface entry "moa": hand the 2D padding mask [B, kv_length] (or None) to the attention; None
+    to a decode step (one token after others), whose padding the cache holds. generate hands this function's result
+    to its compiled decode step, where a mask growing by a column every step would recompile every step."""
+    decoding = q_length == 1 and attention_mask is not None and attention_mask.shape[-1] > 1
+    return None if decoding else attention_mask
 
 
 class PlanLayer(CacheLayerMixin):
     """One layer of a PlanCache: a kernel.SinkRingCache with per-KV-head capacities `capacities` for N = n tokens,
-    allocated at the first update with the keys' batch, dtype and device. The attention stores the tokens."""
+    allocated at the first update with the keys' batch, dtype and device. The attention stores the tokens.
+    `stored` counts on the host the tokens that eager calls store, to refuse more than N without a sync. A compiled
+    decode step cannot count (a host int changing every step would recompile it), so after compiled steps the count
+    falls short by them; generate, the one caller that compiles, checks its N once in _generate_with_plan_cache."""
+    is_compileable = True   # generate then compiles the decode step (CUDA graphs on a GPU)
 
     def __init__(self, capacities, sink, n):
         super().__init__()
-        self.capacities, self.sink, self.n, self.ring = capacities, sink, n, None
+        self.capacities, self.sink, self.n, self.ring, self.stored = capacities, sink, n, None, 0
 
     def lazy_initialization(self, key_states, value_states=None):
         B, _, _, d = key_states.shape
@@ -857,19 +868,24 @@ class PlanLayer(CacheLayerMixin):
             self.lazy_initialization(key_states)
         return key_states, value_states
 
+    def count(self, tokens):
+        if self.stored + tokens > self.n:
+            raise MoAError(f"the plan cache was built for {self.n} tokens; got {tokens} more after {self.stored}")
+        self.stored += tokens
+
     def get_seq_length(self):
-        return self.ring.length if self.ring else 0
+        """Tokens stored so far, padding included: a 0-dim tensor on the device once there is a prompt."""
+        return self.ring.length if self.ring is not None else 0
 
     def get_max_length(self):
         return self.n
 
-    def get_mask_sizes(self, query_length, *args):   # transformers passes an int, or in older versions a position tensor
-        q = query_length if isinstance(query_length, int) else query_length.shape[0]
-        return self.get_seq_length() + q, 0
+    def get_mask_sizes(self, query_length):
+        return self.get_seq_length() + query_length, 0
 
     def reorder_cache(self, beam_idx):
-        ring = self.ring
-        ring.k, ring.v, ring.pad = (x.index_select(0, beam_idx.to(x.device)) for x in (ring.k, ring.v, ring.pad))
+        for x in (self.ring.k, self.ring.v, self.ring.pad):      # in place: the tensors keep their addresses
+            x.copy_(x.index_select(0, beam_idx.to(x.device)))
 
 
 class PlanCache(Cache):
@@ -891,16 +907,34 @@ class PlanCache(Cache):
 
 
 def _generate_with_plan_cache(model):
-    """model._prepare_cache_for_generation that gives generate a PlanCache for N = generation_config.max_length."""
+    """model._prepare_cache_for_generation that gives generate a PlanCache for N = generation_config.max_length, and
+    checks that a PlanCache given to generate holds that many tokens (a compiled decode step cannot check)."""
     original = type(model)._prepare_cache_for_generation.__get__(model)
 
     def prepare(*args, **kwargs):
         arguments = inspect.signature(original).bind(*args, **kwargs).arguments
         config, model_kwargs = arguments["generation_config"], arguments["model_kwargs"]
-        if model_kwargs.get("past_key_values") is None and config.use_cache is not False:
+        cache = model_kwargs.get("past_key_values")
+        if cache is None and config.use_cache is not False:
             model_kwargs["past_key_values"] = PlanCache(model, config.max_length)
+        elif isinstance(cache, PlanCache) and cache.get_max_length() < config.max_length:
+            raise MoAError(f"the plan cache was built for {cache.get_max_length()} tokens; generate needs "
+                           f"{config.max_length} (prompt + max_new_tokens)")
         return original(*args, **kwargs)
     return prepare
+
+
+def _eager_prefill(model):
+    """model._prefill that never compiles. generate compiles the decode step for a compileable cache, and with it a
+    chunked prefill (prefill_chunk_size); the prompt goes through the eager paths instead, whose shapes change from
+    chunk to chunk and which check the padding on the host."""
+    original = type(model)._prefill.__get__(model)
+
+    def prefill(input_ids, generation_config, *args, **kwargs):
+        eager = copy.copy(generation_config)
+        eager.disable_compile = True
+        return original(input_ids, eager, *args, **kwargs)
+    return prefill
 
 
 def apply_plan(model, plan):
@@ -909,14 +943,17 @@ def apply_plan(model, plan):
     plan None restores dense attention."""
     if plan is None:
         model.__dict__.pop("_prepare_cache_for_generation", None)
+        model.__dict__.pop("_prefill", None)
         model.set_attn_implementation("sdpa")
         return model
     alphas, betas = kv_rules(plan, model.config)
     limit = length_limit(plan, model.config)
     for m in attention_modules(model):
         m.moa_rule, m.moa_sink, m.moa_limit = (alphas[m.layer_idx], betas[m.layer_idx]), int(plan["sink"]), limit
+        m.moa_layer = None                                      # PlanCache.update's hand-off to plan_attention
     model.set_attn_implementation("moa")
     model._prepare_cache_for_generation = _generate_with_plan_cache(model)
+    model._prefill = _eager_prefill(model)
     return model
 
 

