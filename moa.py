@@ -576,10 +576,11 @@ def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff, rel_gap):
         warnings.simplefilter("ignore", RuntimeWarning)
         return milp(c, integrality=np.ones_like(c), bounds=(0, 1),
                     constraints=[LinearConstraint(A_eq, b_eq, b_eq), LinearConstraint(A_ub, -np.inf, b_ub)],
-                    options={"mip_rel_gap": rel_gap, "objective_bound": cutoff})
+                    options={"mip_rel_gap": rel_gap, "objective_bound": cutoff, "node_limit": NODE_LIMIT})
 
 
-MIP_GAP = 1e-3   # each solve stops within this relative gap of the optimum: closing it can take 100x longer
+MIP_GAP = 1e-2       # each solve stops within this relative gap of the optimum: closing it can take 100x longer
+NODE_LIMIT = 200     # and after this many branch-and-bound nodes (a count, unlike a time limit: same plan anywhere)
 
 
 def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_per_layer=None, names=None):

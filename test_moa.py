@@ -221,7 +221,7 @@ def brute(loss, density, budget, max_rules=None):
 
 @pytest.mark.parametrize("max_rules", [None, 1])
 @pytest.mark.parametrize("bounded", [False, True])
-def test_solve_equals_brute_force(bounded, max_rules):
+def test_solve_matches_brute_force(bounded, max_rules):
     for seed in range(25):
         loss, density, budget = tiny(seed, P=3 if bounded else 2)
         a, F, ok = brute(loss, density, budget, max_rules)
@@ -235,7 +235,8 @@ def test_solve_equals_brute_force(bounded, max_rules):
             assert (x is None) == (not feasible.any()), (seed, p)
             if x is not None:
                 assert feasible[(a == x).all(1)].all(), (seed, p)
-                assert np.isclose(loss[np.arange(4), x, p].sum(), F[feasible, p].min(), rtol=1e-9, atol=1e-12)
+                best = F[feasible, p].min()                              # optimal within the solver's gap
+                assert best - 1e-12 <= loss[np.arange(4), x, p].sum() <= best * (1 + moa.MIP_GAP) + 1e-12, (seed, p)
 
 
 @pytest.mark.parametrize("P, max_rules", [(2, None), (3, None), (2, 1)])

@@ -53,21 +53,25 @@ def kv_bytes(model, plan, batch, n):
 PREFILL_CHUNK = 2048   # bench prompts are prefilled in chunks of this many tokens, dense and MoA alike
 
 
-def bench_generate(model, plan, batch, prompt, tokens, **extra):
+def bench_generate(model, plan, batch, prompt, tokens, eager=False, **extra):
     """One greedy generate of exactly `tokens` new tokens after random prompts [batch, prompt], as the bench runs it:
-    chunked prefill; dense (plan None) with transformers' static cache and SDPA. Both eager: transformers compiles
-    (CUDA graphs) only its own static cache, and the plan's cache is not one of those, so neither side is compiled."""
+    chunked prefill; dense (plan None) in transformers' static cache with SDPA, a plan in its PlanCache. Either way
+    generate compiles the decode step (CUDA graphs) unless `eager`: what users get by default."""
     ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device,
                         generator=torch.Generator(model.device).manual_seed(0))
     with following(model, plan):
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
                               do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=PREFILL_CHUNK,
-                              cache_implementation="static" if plan is None else None, disable_compile=True, **extra)
+                              cache_implementation="static" if plan is None else None, disable_compile=eager, **extra)
 
 
-def time_generate(model, plan, batch, prompt, new_tokens):
-    """One generate of `new_tokens` after a random prompt [batch, prompt], after a prefill-only warm-up. Returns
-    prefill seconds (to the first token), decode tokens/s and ms per token over the rest, peak GiB."""
+SETTLE = 4   # decode steps left out of the rate: a new cache's CUDA graph is warmed up and recorded in the first ones
+
+
+def time_generate(model, plan, batch, prompt, new_tokens, eager=False):
+    """A first generate of SETTLE + 4 tokens (compiles for this shape: its wall time is reported), then one of
+    `new_tokens` timed token by token. Returns (first call s, time to the first token s, decode tokens/s, ms per
+    step over the steps after SETTLE, peak GiB)."""
     stamps = []
 
     class Clock:   # generate's streamer hook: called with the prompt, then once per new token
@@ -78,43 +82,47 @@ def time_generate(model, plan, batch, prompt, new_tokens):
         def end(self):
             pass
 
-    bench_generate(model, plan, batch, prompt, 1)
-    torch.cuda.reset_peak_memory_stats()
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    bench_generate(model, plan, batch, prompt, new_tokens, streamer=Clock())
-    decode = (stamps[-1] - stamps[1]) / (new_tokens - 1)
-    return stamps[1] - t0, batch / decode, 1e3 * decode, torch.cuda.max_memory_allocated() / 2**30
+    bench_generate(model, plan, batch, prompt, SETTLE + 4, eager)
+    torch.cuda.synchronize()
+    first = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    bench_generate(model, plan, batch, prompt, new_tokens, eager, streamer=Clock())
+    step = (stamps[-1] - stamps[1 + SETTLE]) / (new_tokens - 1 - SETTLE)   # stamps[1]: the first token
+    return first, stamps[1] - t0, batch / step, 1e3 * step, torch.cuda.max_memory_allocated() / 2**30
 
 
-def largest_batch(model, plan, batch, prompt, new_tokens, measured):
+def largest_batch(model, plan, batch, prompt, new_tokens, measured, eager=False):
     """The largest batch that fits: extrapolate from the peak memory at `batch` (weights + per-sequence bytes), then
     step down by 5% per out-of-memory. measured: time_generate's result at `batch`. Returns (batch, result)."""
     weights = torch.cuda.memory_allocated() / 2**30
     free = torch.cuda.get_device_properties(model.device).total_memory / 2**30 - 1.0        # 1 GiB for the runtime
-    b = max(batch, int((free - weights) / ((measured[3] - weights) / batch)))
+    b = max(batch, int((free - weights) / ((measured[-1] - weights) / batch)))
     while b > batch:
         try:
-            return b, time_generate(model, plan, b, prompt, new_tokens)
+            return b, time_generate(model, plan, b, prompt, new_tokens, eager)
         except torch.cuda.OutOfMemoryError:
             torch.cuda.empty_cache()
             b = int(b * 0.95)
     return batch, measured
 
 
-def step_profile(model, plan, batch, prompt, steps=16):
+def step_profile(model, plan, batch, prompt, eager=False, steps=16):
     """Where one decode step's time goes, in ms: CUDA time in attention, in matrix multiplies (the weights), in other
-    kernels, and the rest of the step's wall time (the host: Python, launches). Two generates of 2 and 2 + steps
-    tokens are profiled (after the bench's runs: nothing left to compile); their difference is `steps` decode steps."""
+    kernels, and the rest of the step's wall time (the host: Python, launches, graph replays). Two generates of
+    2 + SETTLE and 2 + SETTLE + steps tokens are profiled (after the bench's runs: nothing left to compile); their
+    difference is `steps` decode steps."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     kinds = {"attention": ("decode_kernel", "merge_kernel", "flash", "fmha", "attention", "sdpa"),
              "matmul": ("gemm", "nvjet", "cutlass", "matmul", "cublas")}
     totals = []
-    for tokens in (2, 2 + steps):
+    for tokens in (2 + SETTLE, 2 + SETTLE + steps):
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            bench_generate(model, plan, batch, prompt, tokens)
+            bench_generate(model, plan, batch, prompt, tokens, eager)
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         t = {"wall": wall * 1e3, "attention": 0.0, "matmul": 0.0, "other": 0.0}
@@ -128,57 +136,71 @@ def step_profile(model, plan, batch, prompt, steps=16):
     return step
 
 
-def decode_bench(model, plans, prompts=(8192, 16384), new_tokens=256, batch=8, profile_steps=True):
-    """For each prompt length and method: the same batch, then the largest batch that fits in GPU memory; prints
-    one row per run with prefill s, decode tokens/s, ms per token, peak GiB and KV-cache GiB, then a profile of one
-    decode step at each method's largest batch for the longest prompt. Prompts longer than the model's context allows are shortened."""
+def decode_bench(model, methods, prompts=(8192, 16384), new_tokens=256, batches=(8,), largest=True,
+                 profile_steps=True):
+    """For each prompt length and method (methods(n): {name: (plan or None, eager)}): each of `batches`, then the
+    largest batch that fits in GPU memory; one row per run with the first call's seconds (compile included), time to
+    the first token, decode tokens/s and ms per step, peak GiB and KV-cache GiB; then a profile of one decode step
+    at each method's largest batch for the longest prompt. Prompts beyond the model's context are shortened."""
     top = getattr(model.config, "max_position_embeddings", math.inf)
-    print(f"{'prompt':>6} {'method':>8} {'batch':>5} {'prefill s':>9} {'tok/s':>8} {'ms/tok':>7} {'peak GiB':>8} "
-          f"{'KV GiB':>7}")
-    largest = []
+    for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):   # a compile per shape
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, 256)
+    print(f"{'prompt':>6} {'method':>11} {'batch':>5} {'1st call s':>10} {'TTFT s':>7} {'tok/s':>8} {'ms/step':>7} "
+          f"{'peak GiB':>8} {'KV GiB':>7}")
+    done = []
     for prompt in sorted({min(p, top - new_tokens) for p in prompts}):
         n = prompt + new_tokens
-        for name, plan in plans(n).items():
-            try:
-                first = time_generate(model, plan, batch, prompt, new_tokens)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{prompt:>6} {name:>8} {batch:>5} out of memory")
-                torch.cuda.empty_cache()
-                continue
-            for b, r in ((batch, first), largest_batch(model, plan, batch, prompt, new_tokens, first)):
-                print(f"{prompt:>6} {name:>8} {b:>5} {r[0]:>9.2f} {r[1]:>8.1f} {r[2]:>7.2f} {r[3]:>8.1f} "
-                      f"{kv_bytes(model, plan, b, n) / 2**30:>7.2f}", flush=True)
-            largest.append((prompt, name, plan, b))
+        for name, (plan, eager) in methods(n).items():
+            rows = []
+            for batch in batches:
+                try:
+                    rows.append((batch, time_generate(model, plan, batch, prompt, new_tokens, eager)))
+                except torch.cuda.OutOfMemoryError:
+                    print(f"{prompt:>6} {name:>11} {batch:>5} out of memory")
+                    torch.cuda.empty_cache()
+            if rows and largest:
+                b, r = rows[-1]
+                rows.append(largest_batch(model, plan, b, prompt, new_tokens, r, eager))
+            for b, r in rows:
+                print(f"{prompt:>6} {name:>11} {b:>5} {r[0]:>10.1f} {r[1]:>7.2f} {r[2]:>8.1f} {r[3]:>7.2f} "
+                      f"{r[4]:>8.1f} {kv_bytes(model, plan, b, n) / 2**30:>7.2f}", flush=True)
+            if rows:
+                done.append((prompt, name, plan, eager, rows[-1][0]))
             torch.cuda.empty_cache()
     if profile_steps:
-        print(f"\none decode step, ms (torch.profiler):\n{'prompt':>6} {'method':>8} {'batch':>5} {'wall':>7} "
+        print(f"\none decode step, ms (torch.profiler):\n{'prompt':>6} {'method':>11} {'batch':>5} {'wall':>7} "
               f"{'attention':>9} {'matmul':>7} {'other':>7} {'host':>7}")
-        for prompt, name, plan, b in largest:
-            if prompt != largest[-1][0]:
+        for prompt, name, plan, eager, b in done:
+            if prompt != done[-1][0]:
                 continue                                                # the longest prompt only
-            t = step_profile(model, plan, b, prompt)
-            print(f"{prompt:>6} {name:>8} {b:>5} {t['wall']:>7.2f} {t['attention']:>9.2f} {t['matmul']:>7.2f} "
+            t = step_profile(model, plan, b, prompt, eager)
+            print(f"{prompt:>6} {name:>11} {b:>5} {t['wall']:>7.2f} {t['attention']:>9.2f} {t['matmul']:>7.2f} "
                   f"{t['other']:>7.2f} {t['host']:>7.2f}", flush=True)
             torch.cuda.empty_cache()
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="bench/decode.py", description="model.generate: dense vs MoA plans")
+    p = argparse.ArgumentParser(prog="bench/decode.py", description="model.generate: dense vs MoA plans, compiled")
     p.add_argument("--model", default="llama3-8b", help="llama3-8b (random weights), or a model as in moa.py --model")
     p.add_argument("--plans", nargs="*", default=[], help="plan files (default: synthetic plans at 50%% and 25%%)")
     p.add_argument("--prompts", type=int, nargs="+", default=[8192, 16384])
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--methods", nargs="*", help="run only these (dense, moa50, moa25, or plan file stems)")
+    p.add_argument("--batch", type=int, nargs="+", default=[8], help="batch sizes run for every method")
+    p.add_argument("--no-largest", action="store_true", help="skip the search for each method's largest batch")
+    p.add_argument("--methods", nargs="*",
+                   help="run only these (dense, dense-eager, moa50, moa25, or plan file stems; default: all)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-step profile")
     a = p.parse_args(argv)
     with cli_errors():
         model = random_model(LLAMA3_8B, "cuda") if a.model == "llama3-8b" else load_model(a.model, "cuda")[0]
         files = {Path(f).stem: load_plan(f) for f in a.plans}
-        plans = lambda n: {"dense": None, **(files or {f"moa{int(100 * d)}": synthetic_plan(model.config, d, n)
-                                                       for d in (0.5, 0.25)})}
-        chosen = lambda n: {k: v for k, v in plans(n).items() if not a.methods or k in a.methods}
-        decode_bench(model, chosen, a.prompts, a.new_tokens, a.batch, not a.no_profile)
+
+        def methods(n):   # name: (plan, eager); dense-eager is the reference transformers users get without compile
+            plans = files or {f"moa{int(100 * d)}": synthetic_plan(model.config, d, n) for d in (0.5, 0.25)}
+            every = {"dense": (None, False), "dense-eager": (None, True), **{k: (v, False) for k, v in plans.items()}}
+            return {k: v for k, v in every.items() if not a.methods or k in a.methods}
+        decode_bench(model, methods, a.prompts, a.new_tokens, a.batch, not a.no_largest, not a.no_profile)
 
 
 if __name__ == "__main__":
