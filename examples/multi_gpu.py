@@ -69,7 +69,7 @@ def main():
         sys.exit(f"this check needs 2 GPUs; torch sees {torch.cuda.device_count()}")
     lengths = [a.length, 2 * a.length]                       # profiling, validation
     one, tokenizer = moa.load_model(a.model, "cuda:0", "float32")
-    cfg = moa.Config(samples=a.samples, answer_tokens=64).resolved("cuda")
+    cfg = moa.Config(samples=a.samples, answer_tokens=64).resolved("cuda", one.config)
     docs = moa.split_documents(moa.load_documents(), 0)
     calib_docs, valid_docs = (moa.tokenize_documents(tokenizer, d) for d in docs)
     samples = moa.make_samples(one, tokenizer, calib_docs, a.samples, lengths[0], cfg, seed=[0, lengths[0], False])
