@@ -94,7 +94,7 @@ def time_generate(model, plan, batch, prompt, new_tokens, eager=False):
     return first, stamps[1] - t0, batch / step, 1e3 * step, torch.cuda.max_memory_allocated() / 2**30
 
 
-def largest_batch(model, plan, batch, prompt, new_tokens, measured, eager=False):
+def largest_batch(model, plan, batch, measured, prompt, new_tokens, eager=False):
     """The largest batch that fits: extrapolate from the peak memory at `batch` (weights + per-sequence bytes), then
     step down by 5% per out-of-memory. measured: time_generate's result at `batch`. Returns (batch, result)."""
     weights = torch.cuda.memory_allocated() / 2**30
@@ -153,18 +153,19 @@ def decode_bench(model, methods, prompts=(8192, 16384), new_tokens=256, batches=
         n = prompt + new_tokens
         for name, (plan, eager) in methods(n).items():
             rows = []
+            show = lambda b, r: print(f"{prompt:>6} {name:>11} {b:>5} {r[0]:>10.1f} {r[1]:>7.2f} {r[2]:>8.1f} "
+                                      f"{r[3]:>7.2f} {r[4]:>8.1f} {kv_bytes(model, plan, b, n) / 2**30:>7.2f}",
+                                      flush=True)
             for batch in batches:
                 try:
                     rows.append((batch, time_generate(model, plan, batch, prompt, new_tokens, eager)))
+                    show(*rows[-1])
                 except torch.cuda.OutOfMemoryError:
                     print(f"{prompt:>6} {name:>11} {batch:>5} out of memory")
                     torch.cuda.empty_cache()
             if rows and largest:
-                b, r = rows[-1]
-                rows.append(largest_batch(model, plan, b, prompt, new_tokens, r, eager))
-            for b, r in rows:
-                print(f"{prompt:>6} {name:>11} {b:>5} {r[0]:>10.1f} {r[1]:>7.2f} {r[2]:>8.1f} {r[3]:>7.2f} "
-                      f"{r[4]:>8.1f} {kv_bytes(model, plan, b, n) / 2**30:>7.2f}", flush=True)
+                rows.append(largest_batch(model, plan, *rows[-1], prompt, new_tokens, eager))
+                show(*rows[-1])
             if rows:
                 done.append((prompt, name, plan, eager, rows[-1][0]))
             torch.cuda.empty_cache()
