@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # moa.py and kern
 
 import numpy as np
 import torch
+from transformers import StoppingCriteria
 
 import kernel
 from moa import SINK, cache_size, cli_errors, following, kv_heads, kv_rules, load_model, load_plan, make_plan
@@ -60,7 +61,7 @@ def bench_generate(model, plan, batch, prompt, tokens, eager=False, **extra):
     ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device,
                         generator=torch.Generator(model.device).manual_seed(0))
     with following(model, plan):
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens, min_new_tokens=tokens,
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                               do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=PREFILL_CHUNK,
                               cache_implementation="static" if plan is None else None, disable_compile=eager, **extra)
 
@@ -69,8 +70,8 @@ SETTLE = 4   # decode steps left out of the rate: a new cache's CUDA graph is wa
 
 
 def time_generate(model, plan, batch, prompt, new_tokens, eager=False):
-    """A first generate of SETTLE + 4 tokens (compiles for this shape: its wall time is reported), then one of
-    `new_tokens` timed token by token. Returns (first call s, time to the first token s, decode tokens/s, ms per
+    """A first generate (compiles for this shape: its wall time is reported), then the same again timed token by
+    token. Both make `new_tokens`: a static cache's length is prompt + new tokens, and another length recompiles. Returns (first call s, time to the first token s, decode tokens/s, ms per
     step over the steps after SETTLE, peak GiB)."""
     stamps = []
 
@@ -84,7 +85,7 @@ def time_generate(model, plan, batch, prompt, new_tokens, eager=False):
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    bench_generate(model, plan, batch, prompt, SETTLE + 4, eager)
+    bench_generate(model, plan, batch, prompt, new_tokens, eager)
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
@@ -96,7 +97,9 @@ def time_generate(model, plan, batch, prompt, new_tokens, eager=False):
 
 def largest_batch(model, plan, batch, measured, prompt, new_tokens, eager=False):
     """The largest batch that fits: extrapolate from the peak memory at `batch` (weights + per-sequence bytes), then
-    step down by 5% per out-of-memory. measured: time_generate's result at `batch`. Returns (batch, result)."""
+    step down by 5% per out-of-memory. measured: time_generate's result at `batch`. Returns (batch, result).
+    An out-of-memory inside a CUDA graph's recording leaves torch's graph trees broken: they are reset with the
+    compile caches (the next try compiles again)."""
     weights = torch.cuda.memory_allocated() / 2**30
     free = torch.cuda.get_device_properties(model.device).total_memory / 2**30 - 1.0        # 1 GiB for the runtime
     b = max(batch, int((free - weights) / ((measured[-1] - weights) / batch)))
@@ -104,16 +107,28 @@ def largest_batch(model, plan, batch, measured, prompt, new_tokens, eager=False)
         try:
             return b, time_generate(model, plan, b, prompt, new_tokens, eager)
         except torch.cuda.OutOfMemoryError:
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
             b = int(b * 0.95)
     return batch, measured
 
 
-def step_profile(model, plan, batch, prompt, eager=False, steps=16):
+class StopAfter(StoppingCriteria):
+    """generate's stopping criterion: stop after `tokens` new tokens, leaving max_new_tokens (so the cache's length,
+    and the compiled graphs that depend on it) as the bench's runs had them."""
+    def __init__(self, tokens):
+        self.tokens, self.calls = tokens, 0
+
+    def __call__(self, input_ids, scores, **_):
+        self.calls += 1
+        return torch.full(input_ids.shape[:1], self.calls >= self.tokens, dtype=torch.bool, device=input_ids.device)
+
+
+def step_profile(model, plan, batch, prompt, new_tokens, eager=False, steps=16):
     """Where one decode step's time goes, in ms: CUDA time in attention, in matrix multiplies (the weights), in other
-    kernels, and the rest of the step's wall time (the host: Python, launches, graph replays). Two generates of
-    2 + SETTLE and 2 + SETTLE + steps tokens are profiled (after the bench's runs: nothing left to compile); their
-    difference is `steps` decode steps."""
+    kernels, and the rest of the step's wall time (the host: Python, launches, graph replays). Two generates of the
+    bench's shape, stopped after 2 + SETTLE and 2 + SETTLE + steps tokens, are profiled (nothing left to compile);
+    their difference is `steps` decode steps."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
     kinds = {"attention": ("decode_kernel", "merge_kernel", "flash", "fmha", "attention", "sdpa"),
              "matmul": ("gemm", "nvjet", "cutlass", "matmul", "cublas")}
@@ -122,7 +137,7 @@ def step_profile(model, plan, batch, prompt, eager=False, steps=16):
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            bench_generate(model, plan, batch, prompt, tokens, eager)
+            bench_generate(model, plan, batch, prompt, new_tokens, eager, stopping_criteria=[StopAfter(tokens)])
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         t = {"wall": wall * 1e3, "attention": 0.0, "matmul": 0.0, "other": 0.0}
@@ -175,7 +190,7 @@ def decode_bench(model, methods, prompts=(8192, 16384), new_tokens=256, batches=
         for prompt, name, plan, eager, b in done:
             if prompt != done[-1][0]:
                 continue                                                # the longest prompt only
-            t = step_profile(model, plan, b, prompt, eager)
+            t = step_profile(model, plan, b, prompt, new_tokens, eager)
             print(f"{prompt:>6} {name:>11} {b:>5} {t['wall']:>7.2f} {t['attention']:>9.2f} {t['matmul']:>7.2f} "
                   f"{t['other']:>7.2f} {t['host']:>7.2f}", flush=True)
             torch.cuda.empty_cache()
