@@ -815,7 +815,7 @@ def test_kill_and_resume(tmp_path, tiny_folder, tokenizer):
     kills = [("samples", "make_samples", 2, "samples_valid768.pt", signal.SIGKILL),
              ("profile", "profile", 2, "profile_512.pt", signal.SIGKILL),
              ("optimize", "pareto_front", 1, "optimize.pt", signal.SIGKILL),
-             ("validate", "mean_loss", 3, "plan.json", signal.SIGINT)]
+             ("validate", "answer_losses", 3, "plan.json", signal.SIGINT)]
     for stage, function, count, last, sig in kills:
         marker = tmp_path / f"paused_{stage}"
         run = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, function, str(count), str(marker), *argv],
