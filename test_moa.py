@@ -1,4 +1,5 @@
-"""Tests for moa.py and kernel.py on the CPU: tiny random-weight models built here, plus the embedded SmolLM2 if present.
+"""Tests for moa.py and kernel.py on the CPU: tiny random-weight models built here, plus the embedded SmolLM2 if
+present.
 Run: python -m pytest -q test_moa.py"""
 import importlib.util
 import dataclasses
@@ -278,7 +279,8 @@ def test_infeasible_budget_names_smallest_density():
 # Masked attention (SPEC §2, §10)
 
 
-@pytest.mark.parametrize("H,G,N,d,windows", [(4, 2, 70, 16, (64, 3)), (3, 1, 130, 8, (5,)), (8, 4, 33, 32, (1, 40, 7, 33)),
+@pytest.mark.parametrize("H,G,N,d,windows", [(4, 2, 70, 16, (64, 3)), (3, 1, 130, 8, (5,)),
+                                             (8, 4, 33, 32, (1, 40, 7, 33)),
                                              (4, 2, 777, 16, (130, 300)), (2, 2, 1000, 8, (1000, 129))])
 @pytest.mark.parametrize("padded", [False, True])
 def test_prefill_matches_masked_reference(H, G, N, d, windows, padded):
@@ -294,7 +296,8 @@ def test_prefill_matches_masked_reference(H, G, N, d, windows, padded):
 
 
 @pytest.mark.parametrize("H,G,N,first,chunk,windows", [(4, 2, 70, 30, 7, (64, 3)), (3, 1, 130, 9, 40, (5,)),
-                                                        (8, 4, 41, 17, 5, (1, 40, 7, 33)), (2, 2, 300, 100, 64, (300, 9))])
+                                                        (8, 4, 41, 17, 5, (1, 40, 7, 33)),
+                                                        (2, 2, 300, 100, 64, (300, 9))])
 @pytest.mark.parametrize("padded", [False, True])
 def test_chunked_prefill_matches_masked_reference(H, G, N, first, chunk, windows, padded):
     """A prompt stored chunk by chunk (generate's prefill_chunk_size): each later chunk attends to the cache (whose
@@ -349,8 +352,8 @@ def test_decode_matches_masked_reference(H, G, d, dtype, programs):
             t = int(pos[s])
             j = torch.arange(t + 1, device=DEVICE)
             sel = [(j < sink) | (t - j < w) for w in windows]
-            ref = kernel.decode_reference(q[s:s + 1].double(), [keys[s:s + 1, g, :t + 1][:, sel[g]].double() for g in range(G)],
-                                          [values[s:s + 1, g, :t + 1][:, sel[g]].double() for g in range(G)])
+            seen = lambda x: [x[s:s + 1, g, :t + 1][:, sel[g]].double() for g in range(G)]
+            ref = kernel.decode_reference(q[s:s + 1].double(), seen(keys), seen(values))
             err = (out[s:s + 1].double() - ref).norm() / ref.norm()
             assert err < TOL[dtype], (step, s, float(err))
 
@@ -536,8 +539,9 @@ def test_synthetic_plan_meets_density_and_kv_bytes():
     for density in (0.5, 0.25):
         plan = decode.synthetic_plan(model.config, density, 4096, seed=1)
         assert moa.plan_density(plan, model.config, 4096) == pytest.approx(density, abs=1 / 4096)
-        assert decode.kv_bytes(model, plan, 2, 4096) == pytest.approx(density * decode.kv_bytes(model, None, 2, 4096), rel=1e-3)
-    assert decode.kv_bytes(model, None, 2, 4096) == 2 * 3 * 2 * 4096 * 16 * 2 * 4    # K and V, layers, heads, N, d, B, fp32
+        dense = decode.kv_bytes(model, None, 2, 4096)
+        assert decode.kv_bytes(model, plan, 2, 4096) == pytest.approx(density * dense, rel=1e-3)
+    assert decode.kv_bytes(model, None, 2, 4096) == 2 * 3 * 2 * 4096 * 16 * 2 * 4   # K+V, layers, heads, N, d, B, fp32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -815,7 +819,7 @@ def test_kill_and_resume(tmp_path, tiny_folder, tokenizer):
     kills = [("samples", "make_samples", 2, "samples_valid768.pt", signal.SIGKILL),
              ("profile", "profile", 2, "profile_512.pt", signal.SIGKILL),
              ("optimize", "pareto_front", 1, "optimize.pt", signal.SIGKILL),
-             ("validate", "mean_loss", 3, "plan.json", signal.SIGINT)]
+             ("validate", "answer_losses", 3, "plan.json", signal.SIGINT)]
     for stage, function, count, last, sig in kills:
         marker = tmp_path / f"paused_{stage}"
         run = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, function, str(count), str(marker), *argv],

@@ -47,7 +47,7 @@ def run(name, model, samples, valid, prompt, lengths, budget, new_tokens):
     choice = moa.pareto_front(loss[:, :, None], density, np.full(len(lengths), budget))[0]
     L = model.config.num_hidden_layers
     plan = moa.make_plan(alphas[choice].reshape(L, G), betas[choice].reshape(L, G), validate_length=lengths[-1])
-    valid_loss = moa.mean_loss(model, valid, plan)
+    valid_loss = float(moa.answer_losses(model, valid, plan).mean())
     with moa.following(model, plan):
         ids = model.generate(prompt.to(model.device), attention_mask=torch.ones_like(prompt).to(model.device),
                              max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0).cpu()
