@@ -71,8 +71,9 @@ SETTLE = 4   # decode steps left out of the rate: a new cache's CUDA graph is wa
 
 def time_generate(model, plan, batch, prompt, new_tokens, eager=False):
     """A first generate (compiles for this shape: its wall time is reported), then the same again timed token by
-    token. Both make `new_tokens`: a static cache's length is prompt + new tokens, and another length recompiles. Returns (first call s, time to the first token s, decode tokens/s, ms per
-    step over the steps after SETTLE, peak GiB)."""
+    token. Both make `new_tokens`: a static cache's length is prompt + new tokens, and another length recompiles.
+    Returns (first call s, time to the first token s, decode tokens/s, ms per step over the steps after SETTLE,
+    peak GiB)."""
     stamps = []
 
     class Clock:   # generate's streamer hook: called with the prompt, then once per new token
