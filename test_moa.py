@@ -793,8 +793,9 @@ def test_bad_input(case, flags, files, fragment, tmp_path, tiny_folder, capsys):
 # Runs the command line with one of moa's stage functions replaced: its `count`-th call touches `marker` and waits,
 # so that the test can interrupt the run inside that stage (an event, not a timer).
 PAUSED_CLI = """
-import pathlib, sys, time
+import pathlib, signal, sys, time
 import moa
+signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C as in a terminal, also under a background job
 name, count, marker = sys.argv[1], int(sys.argv[2]), pathlib.Path(sys.argv[3])
 real, calls = getattr(moa, name), []
 def paused(*args, **kwargs):
