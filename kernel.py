@@ -444,12 +444,14 @@ def _time_decode(q, new_k, new_v, caps, n):
         c.length.fill_(n - 1)                       # every slot in use; each call advances it and the ring wraps
         caches.append(c)
     turn = itertools.count()
-    times = [do_bench(lambda: decode(q, new_k, new_v, caches[next(turn) % copies], **cfg), return_mode="median")
-             for cfg in CONFIGS]
-    best = CONFIGS[int(np.argmin(times))]
+
+    def call(cfg):   # one decode on the next cache in turn
+        return lambda: decode(q, new_k, new_v, caches[next(turn) % copies], **cfg)
+
+    times = [do_bench(call(cfg), return_mode="median") for cfg in CONFIGS]
     # the graph records `calls` calls over the rotated caches in turn, so its replays keep them out of the L2 too
     try:           # a failed capture costs this column, not the run
-        graph = _graph_us(lambda: decode(q, new_k, new_v, caches[next(turn) % copies], **best), max(copies, 10)) / 1e3
+        graph = _graph_us(call(CONFIGS[int(np.argmin(times))]), max(copies, 10)) / 1e3
     except Exception as e:   # noqa: BLE001
         _say(f"  graph timing failed: {type(e).__name__}: {str(e)[:200]}")
         graph = float("nan")
