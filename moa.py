@@ -644,6 +644,16 @@ def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, n
 # ----------------------------------------------------------------------------------------------------------------
 # Validation: score each Pareto plan at the unseen length, keep the best (SPEC §7)
 
+MIN_SPREAD = 0.01   # a length where uniform loses under 1% more than dense weighs as if it lost 1%
+
+
+def validation_score(loss, dense, uniform):
+    """A plan's score from its validation losses [lengths]: its excess loss over dense as a share of uniform's at each
+    length (0: dense, 1: uniform), averaged over the lengths. Each length weighs by what sparse attention costs there,
+    so a length where every mask loses little is not drowned by one where all lose much."""
+    spread = np.maximum(np.divide(uniform, dense) - 1, MIN_SPREAD)
+    return float(np.mean((np.divide(loss, dense) - 1) / spread))
+
 
 def row_batches(ids, tokens=BATCH_TOKENS):
     """Starts of batches of rows of ids [n, N] holding at most `tokens` tokens each."""
@@ -1046,14 +1056,14 @@ def compress(model, tokenizer, out=None, **settings):
     uniform = [loss_at(n, uniform_plan(model.config, cfg.density, n, cfg.sink), "uniform") for n in valid_lengths]
     losses = [[loss_at(n, p, f"plan {i + 1}/{len(plans)}") for n in valid_lengths]
               for i, p in enumerate(tqdm(plans, desc="validating"))]
-    scores = [float(np.mean(np.divide(x, dense))) for x in losses]     # mean over the lengths of loss / dense loss
+    scores = [validation_score(x, dense, uniform) for x in losses]
     best = int(np.argmin(scores))
     plan = plans[best]
     kept = {n: np.bincount(s["instruction"], minlength=len(cfg.instructions)).tolist() for n, s in calib.items()}
     plan.update(model=str(model.name_or_path), lengths=list(lengths), validate_length=cfg.validate_length,
                 density_budget=cfg.density, density={n: plan_density(plan, model.config, n) for n in at},
                 validation_loss={"lengths": valid_lengths, "dense": dense, "uniform": uniform, "plan": losses[best],
-                                 "score": scores[best], "pareto": scores},
+                                 "score": scores[best], "pareto": losses},
                 calibration={"instructions": list(cfg.instructions), "candidates": cfg.candidates,
                              "local_window": cfg.local_window, "kept": kept},
                 seed=cfg.seed, samples=cfg.samples)
@@ -1073,11 +1083,11 @@ def summary(plan, seconds):
         f"@{n} " + ", ".join(f"{k} {i}" for i, k in zip(kept, c["instructions"])) for n, kept in c["kept"].items()))
     v = plan["validation_loss"]
     print(f"\nvalidation, {plan['samples']} samples per length, {len(v['pareto'])} Pareto plans scored "
-          f"(score: the mean of loss / dense loss):")
+          f"(score: excess loss over dense as a share of uniform's, averaged over the lengths):")
     print(f"{'length':>8} {'dense':>8} {'uniform':>8} {'plan':>8}")
     for i, n in enumerate(v["lengths"]):
         print(f"{n:>8} {v['dense'][i]:>8.4f} {v['uniform'][i]:>8.4f} {v['plan'][i]:>8.4f}")
-    print(f"{'score':>8} {1:>8.4f} {np.mean(np.divide(v['uniform'], v['dense'])):>8.4f} {v['score']:>8.4f}")
+    print(f"{'score':>8} {0:>8.4f} {validation_score(v['uniform'], v['dense'], v['uniform']):>8.4f} {v['score']:>8.4f}")
     print("\nstage seconds: " + (", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) or "all resumed from disk"))
 
 

@@ -575,7 +575,8 @@ def check_plan(plan, config):
         assert d <= plan["density_budget"] + 1e-9, (n, d)
     v = plan["validation_loss"]
     assert v["lengths"] == sorted({plan["lengths"][0], plan["validate_length"]})
-    assert v["score"] == min(v["pareto"]) == pytest.approx(np.mean(np.divide(v["plan"], v["dense"])))
+    scores = [moa.validation_score(x, v["dense"], v["uniform"]) for x in v["pareto"]]
+    assert v["score"] == min(scores) == moa.validation_score(v["plan"], v["dense"], v["uniform"])
     assert np.isfinite([v["dense"], v["uniform"]]).all()
 
 
@@ -622,7 +623,8 @@ def test_selection_keeps_the_most_long_range_candidates(tokenizer):
 
 def test_validation_scores_every_plan_at_two_lengths(tmp_path, tokenizer):
     """Validation (SPEC §7) runs each Pareto plan at the shortest profiling length and the validation length, on
-    held-out samples; the chosen plan has the lowest mean of loss / dense loss, by a plain recomputation."""
+    held-out samples; the chosen plan keeps the least of the uniform baseline's excess loss over dense, averaged over
+    the lengths: checked by a plain recomputation of every loss and of the score."""
     model = tiny_model(layers=2, heads=4, kv=2, seed=4, init=0.2)
     plan = moa.compress(model, tokenizer, out=tmp_path, **TINY)
     check_plan(plan, model.config)
@@ -631,17 +633,23 @@ def test_validation_scores_every_plan_at_two_lengths(tmp_path, tokenizer):
     valid = {n: moa.Stages.read(tmp_path / f"samples_valid{n}.pt")["value"] for n in v["lengths"]}
     alphas, betas = moa.rules(TINY["lengths"])
     front = moa.Stages.read(tmp_path / "optimize.pt")["value"]
-    scores = []
+    dense, uniform = [], []
+    for n, s in valid.items():
+        a, b = moa.uniform_rule(TINY["density"], n, moa.SINK)
+        dense.append(float(plain_answer_loss(model, s["input_ids"], s["answer_start"]).mean()))
+        uniform.append(float(plain_answer_loss(model, s["input_ids"], s["answer_start"],
+                                               min(n, max(64, int(a + b * n)))).mean()))
+    losses = []
     for choice in front:
         rules = moa.make_plan(alphas[choice].reshape(2, 2), betas[choice].reshape(2, 2))
-        ratios = []
-        for n, s in valid.items():
-            with pytest.MonkeyPatch.context() as m:
-                m.setattr(kernel, "prefill", kernel.masked_reference)
-                loss = float(moa.answer_losses(model, s, rules).mean())
-            ratios.append(loss / float(plain_answer_loss(model, s["input_ids"], s["answer_start"]).mean()))
-        scores.append(np.mean(ratios))
-    np.testing.assert_allclose(v["pareto"], scores, rtol=1e-4)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(kernel, "prefill", kernel.masked_reference)
+            losses.append([float(moa.answer_losses(model, s, rules).mean()) for s in valid.values()])
+    np.testing.assert_allclose(v["dense"], dense, rtol=1e-4)
+    np.testing.assert_allclose(v["uniform"], uniform, rtol=1e-4)
+    np.testing.assert_allclose(v["pareto"], losses, rtol=1e-4)
+    excess = lambda x, i: (x / dense[i] - 1) / max(uniform[i] / dense[i] - 1, 0.01)
+    scores = [np.mean([excess(x, i) for i, x in enumerate(row)]) for row in losses]
     assert plan["alphas"] == alphas[front[int(np.argmin(scores))]].reshape(2, 2).tolist()
 
 

@@ -154,10 +154,11 @@ def step_profile(model, plan, batch, prompt, new_tokens, eager=False, steps=16):
 
 def decode_bench(model, methods, prompts=(8192, 16384), new_tokens=256, batches=(8,), largest=True,
                  profile_steps=True):
-    """For each prompt length and method (methods(n): {name: (plan or None, eager)}): each of `batches`, then the
-    largest batch that fits in GPU memory; one row per run with the first call's seconds (compile included), time to
-    the first token, decode tokens/s and ms per step, peak GiB and KV-cache GiB; then a profile of one decode step
-    at each method's largest batch for the longest prompt. Prompts beyond the model's context are shortened."""
+    """For each prompt length: each of `batches` with every method side by side (methods(n): {name: (plan or None,
+    eager)}), then each method's largest batch that fits in GPU memory; one row per run with the first call's seconds
+    (compile included), time to the first token, decode tokens/s and ms per step, peak GiB and KV-cache GiB; then a
+    profile of one decode step at each method's largest batch for the longest prompt. Prompts beyond the model's
+    context are shortened."""
     top = getattr(model.config, "max_position_embeddings", math.inf)
     for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):   # a compile per shape
         if hasattr(torch._dynamo.config, limit):
@@ -167,24 +168,29 @@ def decode_bench(model, methods, prompts=(8192, 16384), new_tokens=256, batches=
     done = []
     for prompt in sorted({min(p, top - new_tokens) for p in prompts}):
         n = prompt + new_tokens
-        for name, (plan, eager) in methods(n).items():
-            rows = []
-            show = lambda b, r: print(f"{prompt:>6} {name:>11} {b:>5} {r[0]:>10.1f} {r[1]:>7.2f} {r[2]:>8.1f} "
-                                      f"{r[3]:>7.2f} {r[4]:>8.1f} {kv_bytes(model, plan, b, n) / 2**30:>7.2f}",
-                                      flush=True)
-            for batch in batches:
+        runs = methods(n)
+        rows = {name: [] for name in runs}
+
+        def show(name, b, r):
+            print(f"{prompt:>6} {name:>11} {b:>5} {r[0]:>10.1f} {r[1]:>7.2f} {r[2]:>8.1f} {r[3]:>7.2f} {r[4]:>8.1f} "
+                  f"{kv_bytes(model, runs[name][0], b, n) / 2**30:>7.2f}", flush=True)
+
+        for batch in batches:
+            for name, (plan, eager) in runs.items():
                 try:
-                    rows.append((batch, time_generate(model, plan, batch, prompt, new_tokens, eager)))
-                    show(*rows[-1])
+                    rows[name].append((batch, time_generate(model, plan, batch, prompt, new_tokens, eager)))
+                    show(name, *rows[name][-1])
                 except torch.cuda.OutOfMemoryError:
                     print(f"{prompt:>6} {name:>11} {batch:>5} out of memory")
-                    torch.cuda.empty_cache()
-            if rows and largest:
-                rows.append(largest_batch(model, plan, *rows[-1], prompt, new_tokens, eager))
-                show(*rows[-1])
-            if rows:
-                done.append((prompt, name, plan, eager, rows[-1][0]))
-            torch.cuda.empty_cache()
+                    torch._dynamo.reset()                     # an out-of-memory in a graph's recording breaks them
+                torch.cuda.empty_cache()
+        for name, (plan, eager) in runs.items():
+            if rows[name] and largest:
+                rows[name].append(largest_batch(model, plan, *rows[name][-1], prompt, new_tokens, eager))
+                show(name, *rows[name][-1])
+                torch.cuda.empty_cache()
+            if rows[name]:
+                done.append((prompt, name, plan, eager, rows[name][-1][0]))
     if profile_steps:
         print(f"\none decode step, ms (torch.profiler):\n{'prompt':>6} {'method':>11} {'batch':>5} {'wall':>7} "
               f"{'attention':>9} {'matmul':>7} {'other':>7} {'host':>7}")
