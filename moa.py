@@ -649,8 +649,9 @@ MIN_SPREAD = 0.01   # a length where uniform loses under 1% more than dense weig
 
 def validation_score(loss, dense, uniform):
     """A plan's score from its validation losses [lengths]: its excess loss over dense as a share of uniform's at each
-    length (0: dense, 1: uniform), averaged over the lengths. Each length weighs by what sparse attention costs there,
-    so a length where every mask loses little is not drowned by one where all lose much."""
+    length (0: dense, 1: uniform), averaged over the lengths: SPEC §7's loss / dense, each length weighted by what
+    sparse attention costs there, so a length where every mask loses little is not drowned by one where all lose
+    much."""
     spread = np.maximum(np.divide(uniform, dense) - 1, MIN_SPREAD)
     return float(np.mean((np.divide(loss, dense) - 1) / spread))
 
