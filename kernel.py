@@ -381,8 +381,15 @@ def spread_capacities(heads, n, density, sink, rng):
     return [n] * dense + sorted(caps.tolist())
 
 
-CONFIGS = [dict(block_n=64, num_warps=4, num_stages=2), dict(block_n=128, num_warps=4, num_stages=3),
-           dict(block_n=128, num_warps=8, num_stages=3), dict(block_n=64, num_warps=4, num_stages=4)]
+# launch configs the benchmark tries; per_sm: split-KV programs per SM (the cache's default is 4). Fewer programs per
+# SM than fit at once leave no partial second wave; more give each SM more loads in flight
+CONFIGS = [dict(block_n=64, num_warps=4, num_stages=2, per_sm=4),
+           dict(block_n=128, num_warps=4, num_stages=3, per_sm=4),
+           dict(block_n=128, num_warps=8, num_stages=3, per_sm=4),
+           dict(block_n=64, num_warps=4, num_stages=4, per_sm=4),
+           dict(block_n=64, num_warps=4, num_stages=2, per_sm=2),
+           dict(block_n=64, num_warps=4, num_stages=2, per_sm=3),
+           dict(block_n=64, num_warps=4, num_stages=2, per_sm=8)]
 
 
 BIG_CALL = 256 << 20   # bytes: the smallest call the bandwidth target counts; also what a row's inputs rotate over,
@@ -424,16 +431,17 @@ def _ceilings(gib=2):
          f"{100 * c['read256'] / c['read']:.1f}% of the read ceiling")
     _say("%ceil below: our K/V bytes read per call over its time, as % of the READ ceiling (not the copy: a decode "
          "call only reads, and reading alone runs faster than a copy). us, GB/s, %ceil, xSDPA, xFlex: eager calls "
-         "timed by do_bench; graph us, its %ceil and xSDPA: the fastest config's calls recorded in one CUDA graph, "
-         "as the compiled generate runs them (no host cost per call), against SDPA's calls in a graph too")
+         "timed by do_bench, the fastest config (cfg); graph us, its %ceil, xSDPA and cfg: each config's calls "
+         "recorded in one CUDA graph, as the compiled generate runs them (no host cost per call), the fastest, "
+         "against SDPA's calls in a graph too")
     return c
 
 
 def _time_decode(q, new_k, new_v, caps, n):
-    """Median ms of our decode for each launch config in CONFIGS by do_bench (eager: the host's per-call cost
-    included), then of the fastest config inside a CUDA graph (as the compiled generate runs it: the kernels' time
-    alone), over caches with `caps` slots per KV head, every slot in use, rotated so a call's inputs are not in the
-    L2. Returns (a list, one per config; the graph's ms a call)."""
+    """Milliseconds a call of our decode for each launch config in CONFIGS, by do_bench (eager: the host's per-call
+    cost included) and inside a CUDA graph (as the compiled generate runs it: the kernels' time alone), over caches
+    with `caps` slots per KV head, every slot in use, rotated so a call's inputs are not in the L2.
+    Returns two lists, one value per config: eager, graph."""
     from triton.testing import do_bench
     B, _, d = q.shape
     copies = max(1, -(-BIG_CALL // (2 * B * sum(caps) * d * q.element_size())))
@@ -444,13 +452,16 @@ def _time_decode(q, new_k, new_v, caps, n):
         c.length.fill_(n - 1)                       # every slot in use; each call advances it and the ring wraps
         caches.append(c)
     turn = itertools.count()
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
 
     def call(cfg):   # one decode on the next cache in turn
-        return lambda: decode(q, new_k, new_v, caches[next(turn) % copies], **cfg)
+        launch = dict(block_n=cfg["block_n"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                      programs=cfg["per_sm"] * sms)
+        return lambda: decode(q, new_k, new_v, caches[next(turn) % copies], **launch)
 
-    times = [do_bench(call(cfg), return_mode="median") for cfg in CONFIGS]
-    # the graph records `calls` calls over the rotated caches in turn, so its replays keep them out of the L2 too
-    return times, _graph_ms(call(CONFIGS[int(np.argmin(times))]), max(copies, 10))
+    eager = [do_bench(call(cfg), return_mode="median") for cfg in CONFIGS]
+    # a graph records max(copies, 10) calls over the rotated caches in turn, so its replays keep them out of the L2 too
+    return eager, [_graph_ms(call(cfg), max(copies, 10)) for cfg in CONFIGS]
 
 
 def _time_flex(flex_decode, q, full_k, full_v, caps, n):
@@ -482,17 +493,18 @@ def _length_rows(name, H, G, d, B, n, flex_decode, rng, ceiling, with_flex):
     rows = []
     for density in DENSITIES:
         caps = spread_capacities(G, n, density, 64, rng)
-        times, graph = _time_decode(q, new_k, new_v, caps, n)
+        times, graphs = _time_decode(q, new_k, new_v, caps, n)
+        graph = np.nanmin(graphs) if not np.isnan(graphs).all() else float("nan")
         flex = _time_flex(flex_decode, q, full_k, full_v, caps, n) if with_flex else float("nan")
         r = dict(shape=name, B=B, n=n, density=density, ms=min(times), cfg=int(np.argmin(times)), sdpa=sdpa,
                  flex=flex, nbytes=2 * B * sum(caps) * d * 2, dense_nbytes=2 * B * G * n * d * 2, graph=graph,
-                 sdpa_graph=sdpa_graph)
+                 gcfg=int(np.nanargmin(graphs)) if not np.isnan(graph) else -1, sdpa_graph=sdpa_graph)
         r["pct"] = 100 * _gbs(r["nbytes"], r["ms"]) / ceiling
         r["pct_graph"] = 100 * _gbs(r["nbytes"], r["graph"]) / ceiling
         rows.append(r)
         _say(f"{name:<10} {B:>3} {n:>6} {density:>7.2f} {r['ms'] * 1e3:>8.1f} {r['nbytes'] / 2**20:>8.1f} "
              f"{_gbs(r['nbytes'], r['ms']):>7.0f} {r['pct']:>6.1f} {sdpa / r['ms']:>6.2f} {flex / r['ms']:>6.2f} "
-             f"{r['cfg']:>4} {graph * 1e3:>8.1f} {r['pct_graph']:>6.1f} {sdpa_graph / graph:>6.2f}")
+             f"{r['cfg']:>4} {graph * 1e3:>8.1f} {r['pct_graph']:>6.1f} {sdpa_graph / graph:>6.2f} {r['gcfg']:>4}")
     return rows
 
 
@@ -504,7 +516,7 @@ def _rows(ceiling, t0, flex_budget_s):
     flex_decode = torch.compile(flex_attention, dynamic=True)   # one compilation for every batch and length
     _say("cfg: the fastest of the launch configs " + "; ".join(f"{i}: {c}" for i, c in enumerate(CONFIGS)))
     _say(f"{'shape':<10} {'B':>3} {'N':>6} {'density':>7} {'us':>8} {'MiB':>8} {'GB/s':>7} {'%ceil':>6} "
-         f"{'xSDPA':>6} {'xFlex':>6} {'cfg':>4} {'graph us':>8} {'%ceil':>6} {'xSDPA':>6}")
+         f"{'xSDPA':>6} {'xFlex':>6} {'cfg':>4} {'graph us':>8} {'%ceil':>6} {'xSDPA':>6} {'cfg':>4}")
     rows = []
     for name, ((H, G, d), batches, lengths) in GRID.items():
         for B in batches:
