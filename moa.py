@@ -644,16 +644,17 @@ def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, n
 # ----------------------------------------------------------------------------------------------------------------
 # Validation: score each Pareto plan at the unseen length, keep the best (SPEC §7)
 
-MIN_SPREAD = 0.01   # a length where uniform loses under 1% more than dense weighs as if it lost 1%
+MIN_SPREAD = 0.01   # a length where uniform loses under 1% more than dense cannot tell plans apart
 
 
 def validation_score(loss, dense, uniform):
     """A plan's score from its validation losses [lengths]: its excess loss over dense as a share of uniform's at each
-    length (0: dense, 1: uniform), averaged over the lengths: SPEC §7's loss / dense, each length weighted by what
-    sparse attention costs there, so a length where every mask loses little is not drowned by one where all lose
-    much."""
-    spread = np.maximum(np.divide(uniform, dense) - 1, MIN_SPREAD)
-    return float(np.mean((np.divide(loss, dense) - 1) / spread))
+    length (0: dense, 1: uniform), averaged over the lengths where uniform loses at least MIN_SPREAD more than dense:
+    SPEC §7's loss / dense, each length weighted by what sparse attention costs there, so a length where every mask
+    loses little is not drowned by one where all lose much. Without such a length: the mean of loss / dense."""
+    ratio, spread = np.divide(loss, dense), np.divide(uniform, dense) - 1
+    signal = spread >= MIN_SPREAD
+    return float(np.mean((ratio[signal] - 1) / spread[signal]) if signal.any() else np.mean(ratio))
 
 
 def row_batches(ids, tokens=BATCH_TOKENS):
@@ -1084,7 +1085,8 @@ def summary(plan, seconds):
         f"@{n} " + ", ".join(f"{k} {i}" for i, k in zip(kept, c["instructions"])) for n, kept in c["kept"].items()))
     v = plan["validation_loss"]
     print(f"\nvalidation, {plan['samples']} samples per length, {len(v['pareto'])} Pareto plans scored "
-          f"(score: excess loss over dense as a share of uniform's, averaged over the lengths):")
+          f"(score: excess loss over dense as a share of uniform's, averaged over the lengths where uniform loses "
+          f">= {MIN_SPREAD:.0%} more than dense):")
     print(f"{'length':>8} {'dense':>8} {'uniform':>8} {'plan':>8}")
     for i, n in enumerate(v["lengths"]):
         print(f"{n:>8} {v['dense'][i]:>8.4f} {v['uniform'][i]:>8.4f} {v['plan'][i]:>8.4f}")

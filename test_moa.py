@@ -648,9 +648,15 @@ def test_validation_scores_every_plan_at_two_lengths(tmp_path, tokenizer):
     np.testing.assert_allclose(v["dense"], dense, rtol=1e-4)
     np.testing.assert_allclose(v["uniform"], uniform, rtol=1e-4)
     np.testing.assert_allclose(v["pareto"], losses, rtol=1e-4)
-    excess = lambda x, i: (x / dense[i] - 1) / max(uniform[i] / dense[i] - 1, 0.01)
-    scores = [np.mean([excess(x, i) for i, x in enumerate(row)]) for row in losses]
+    signal = [i for i in range(2) if uniform[i] / dense[i] - 1 >= 0.01]
+    scores = [np.mean([(row[i] / dense[i] - 1) / (uniform[i] / dense[i] - 1) for i in signal]) if signal else
+              np.mean(np.divide(row, dense)) for row in losses]
     assert plan["alphas"] == alphas[front[int(np.argmin(scores))]].reshape(2, 2).tolist()
+    # the score's three cases, worked by hand: both lengths weigh; only the first (uniform within 1% of dense at the
+    # second); neither (the plain mean of loss / dense)
+    assert moa.validation_score([1.25, 1.02], [1, 1], [1.5, 1.04]) == pytest.approx((0.5 + 0.5) / 2)
+    assert moa.validation_score([1.25, 0.9], [1, 1], [1.5, 1.005]) == pytest.approx(0.5)
+    assert moa.validation_score([1.004, 1.1], [1, 1], [1.005, 0.99]) == pytest.approx((1.004 + 1.1) / 2)
 
 
 def test_paper_protocol_from_the_command_line(tmp_path, tiny_folder):
