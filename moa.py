@@ -1090,7 +1090,8 @@ def summary(plan, seconds):
     print(f"{'length':>8} {'dense':>8} {'uniform':>8} {'plan':>8}")
     for i, n in enumerate(v["lengths"]):
         print(f"{n:>8} {v['dense'][i]:>8.4f} {v['uniform'][i]:>8.4f} {v['plan'][i]:>8.4f}")
-    print(f"{'score':>8} {0:>8.4f} {validation_score(v['uniform'], v['dense'], v['uniform']):>8.4f} {v['score']:>8.4f}")
+    score = lambda x: f"{validation_score(x, v['dense'], v['uniform']):>8.4f}"
+    print(f"{'score':>8} {score(v['dense'])} {score(v['uniform'])} {v['score']:>8.4f}")
     print("\nstage seconds: " + (", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) or "all resumed from disk"))
 
 
