@@ -89,6 +89,7 @@ def uniform_rule(density, n, sink=SINK):
 class MoAError(Exception):
     """Bad input: the message says what was wrong and what to do. The CLI prints it without a traceback."""
 
+
 # The calibration instructions (SPEC §4): the paper's summary, and two whose answer lies at a random depth of the
 # document, which the instruction names by a cue: CUE_TOKENS tokens of the document's text taken from that depth.
 INSTRUCTIONS = {
@@ -126,6 +127,7 @@ class Config:
         return dataclasses.replace(
             self, lengths=lengths, validate_length=self.validate_length or min(2 * max(lengths), context),
             samples=self.samples or SAMPLES[kind], instructions=tuple(self.instructions))
+
 
 PAPER = dict(instructions=("summary",), candidates=1)   # the paper's protocol: summaries only, no selection
 
@@ -190,6 +192,7 @@ def sliding_layers(config):
     window_size = getattr(config, "sliding_window", None)
     return bool(getattr(config, "use_sliding_window", False) or
                 window_size is not None and window_size < getattr(config, "max_position_embeddings", math.inf))
+
 
 # What rules a model out, whatever its type: (the reason, a test on its config). MoA replaces full causal attention
 # over RoPE'd keys (SPEC §2, §9) and adds nothing to the scores.
@@ -548,6 +551,7 @@ def _program(loss, density, budget, layers, max_rules, objective, bounds, free):
         c = np.r_[c, np.zeros(nl * R)]
     return c, A_eq.tocsr(), np.ones(K), A_ub.tocsr(), b_ub
 
+
 MIP_GAP = 1e-2       # each solve stops within this relative gap of the optimum: closing it can take 100x longer
 NODE_LIMIT = 200     # and after this many branch-and-bound nodes (a count, unlike a time limit: same plan anywhere)
 
@@ -711,6 +715,7 @@ def write_atomically(path, write):
 
 def save_plan(plan, path):
     write_atomically(path, lambda f: f.write(json.dumps(plan, indent=1).encode()))
+
 
 PLAN_FIX = "fix the file, or make a new plan with python moa.py"
 PLAN_KEYS = ("alphas", "betas", "sink", "min_window", "heads",                                  # the rules (SPEC §8)
@@ -931,6 +936,7 @@ def following(model, plan):
         yield model
     finally:
         apply_plan(model, None)
+
 
 AttentionInterface.register("moa_profile", profile_attention)
 AttentionInterface.register("moa", plan_attention)
@@ -1159,6 +1165,7 @@ def main(argv=None):
         print(f"loaded {model.name_or_path} on {', '.join(devices)} in {time.perf_counter() - t0:.1f} s")
         compress(model, tokenizer, out=a.out, **settings)
         print(f"wrote {Path(a.out) / 'plan.json'}; total {time.perf_counter() - t0:.1f} s")
+
 
 if __name__ == "__main__":
     main()
