@@ -24,7 +24,7 @@ import os
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -623,12 +623,14 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
 def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, names=None, workers=1):
     """The ε-constraint front (SPEC §6): minimise each F_p alone; split each objective's range [min, max over those
     P plans] into 4 intervals; minimise each F_p with the others bounded by the upper ends of every combination of
-    intervals (P + P·4^(P-1) solves, in `workers` processes). Returns the distinct, non-dominated plans (the rule
+    intervals (P + P·4^(P-1) solves, in `workers` threads). Returns the distinct, non-dominated plans (the rule
     index per head, int [K] each), sorted by F of the first length."""
     loss = np.asarray(loss, float)
     K, R, P = loss.shape
     run = partial(solve, loss, density, budget, layers=layers, max_rules_per_layer=max_rules_per_layer, names=names)
-    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+    # threads, not processes: HiGHS releases the GIL, and a forked worker's MILP hangs once the parent has run one
+    # (HiGHS's thread pool does not survive fork; seen on a 16-core host)
+    with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
         mapper = pool.map if pool else map
         plans = list(mapper(run, range(P)))
         if plans[0] is None:

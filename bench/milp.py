@@ -47,7 +47,7 @@ def milp_bench(workers=2):
     front = pareto_front(loss, density, budget, workers=workers)
     seconds, solves = time.perf_counter() - t, P + P * 4 ** (P - 1)
     ok = all((density[x].mean(0) <= budget + 1e-12).all() for x in front)
-    print(f"Pareto front ({workers} processes): {solves} solves in {seconds:.1f} s ({seconds / solves:.2f} s a solve), "
+    print(f"Pareto front ({workers} threads): {solves} solves in {seconds:.1f} s ({seconds / solves:.2f} s a solve), "
           f"{len(front)} plans, every budget met: {ok}")
     t = time.perf_counter()
     x = solve(loss, density, budget, P - 1)
