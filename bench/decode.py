@@ -108,6 +108,7 @@ def largest_batch(model, plan, batch, measured, prompt, new_tokens, eager=False)
         try:
             return b, time_generate(model, plan, b, prompt, new_tokens, eager)
         except torch.cuda.OutOfMemoryError:
+            print(f"  batch {b}: out of memory, trying {int(b * 0.95)}", flush=True)   # each try compiles anew
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             b = int(b * 0.95)
