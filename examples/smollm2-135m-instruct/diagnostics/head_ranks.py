@@ -1,10 +1,13 @@
-"""Diagnostic: how far apart the profile puts the KV heads a plan gives a whole window and those it does not
-(bench/README.md#quality). Ranks the KV heads by their profiled loss at length N under the uniform rule of density D
-(what a head loses when it sees only half of a 1k input, at the defaults) and marks the plan's heads that see all of N.
-Run: python examples/smollm2-135m-instruct/diagnostics/head_ranks.py DIR PLAN.json [N] [D]
-(DIR: the run's folder, holding profile_N.pt; the model's query heads per KV head are read from the histogram and
-the plan.)
+"""Diagnostic: which KV heads a run's plans give a whole window, against what the profile says of them
+(bench/README.md#quality). On the stages that `python moa.py --model M --out DIR` left in DIR and its plan file:
+1. the KV heads ranked by their profiled loss at --length under the uniform rule of --density (what a head loses when
+   it sees only part of the input), the plan's whole windows marked *;
+2. every Pareto plan of the run (DIR/optimize.pt): its validation shares of uniform's excess loss (from the plan
+   file), its count of whole windows at 1k, 2k and 8k, and which of --heads (layer.kv_head) see all of 1k / 2k.
+Run: python examples/smollm2-135m-instruct/diagnostics/head_ranks.py DIR PLAN.json [--length 1024] [--density 0.5]
+     [--heads 20.0 20.1 20.2]
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -14,16 +17,34 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 import moa
 
-DIR, PLAN = Path(sys.argv[1]), json.load(open(sys.argv[2]))
-N = int(sys.argv[3]) if len(sys.argv) > 3 else 1024
-D = float(sys.argv[4]) if len(sys.argv) > 4 else 0.5
-hist = moa.Stages.read(DIR / f"profile_{N}.pt")["value"]                      # [L, H, N]
-alphas, betas = np.array(PLAN["alphas"]), np.array(PLAN["betas"])            # [L, G]
+p = argparse.ArgumentParser()
+p.add_argument("dir", type=Path)
+p.add_argument("plan")
+p.add_argument("--length", type=int, default=1024)
+p.add_argument("--density", type=float, default=0.5)
+p.add_argument("--heads", nargs="+", default=["20.0", "20.1", "20.2"])
+a = p.parse_args()
+plan = json.load(open(a.plan))
+alphas, betas = np.array(plan["alphas"]), np.array(plan["betas"])            # [L, G]
 L, G = alphas.shape
-a, b = moa.uniform_rule(D, N)
-lost = moa.rule_losses(hist, hist.shape[1] // G, np.array([a]), np.array([b]))[:, 0]   # [L * G]
-whole = (moa.window(alphas, betas, N) >= N).ravel()                          # sees all N besides the sink
-print(f"KV heads by profiled loss at N = {N} under the uniform {D} rule; * = whole window in the plan "
-      f"({whole.sum()} of {L * G})")
+hist = moa.Stages.read(a.dir / f"profile_{a.length}.pt")["value"]             # [L, H, N]
+alpha, beta = moa.uniform_rule(a.density, a.length)
+lost = moa.rule_losses(hist, hist.shape[1] // G, np.array([alpha]), np.array([beta]))[:, 0]   # [L * G]
+whole = (moa.window(alphas, betas, a.length) >= a.length).ravel()
+print(f"1. KV heads by profiled loss at N = {a.length} under the uniform {a.density} rule; * = whole window in the "
+      f"plan ({whole.sum()} of {L * G})")
 for rank, k in enumerate(np.argsort(-lost, kind="stable")):
     print(f"{rank:3d} layer {k // G:2d} KV head {k % G}  {lost[k]:.4f} {'*' if whole[k] else ''}")
+
+front = moa.Stages.read(a.dir / "optimize.pt")["value"]                       # rule index per KV head, per plan
+v = plan["validation_loss"]
+share = (np.divide(v["pareto"], v["dense"]) - 1) / (np.divide(v["uniform"], v["dense"]) - 1)   # [plans, lengths]
+ra, rb = moa.rules(plan["lengths"])
+heads = [int(layer) * G + int(kv) for layer, kv in (h.split(".") for h in a.heads)]
+print(f"\n2. the Pareto plans: validation share of uniform's excess at {v['lengths']}, whole windows at 1k / 2k / 8k, "
+      f"and which of {' '.join(a.heads)} see all of 1k / 2k (W)")
+for i, x in enumerate(front):
+    w = {n: moa.window(ra[x], rb[x], n) >= n for n in (1024, 2048, 8192)}
+    mark = lambda n: "".join("W" if w[n][k] else "." for k in heads)
+    print(f"plan {i:2d} share {np.round(share[i], 3).tolist()!s:<18} whole {w[1024].sum():2d} / {w[2048].sum():2d} / "
+          f"{w[8192].sum():2d}  {mark(1024)} / {mark(2048)}")
