@@ -2,8 +2,9 @@
 (bench/README.md#quality). On the stages that `python moa.py --model M --out DIR` left in DIR and its plan file:
 1. the KV heads ranked by their profiled loss at --length under the uniform rule of --density (what a head loses when
    it sees only part of the input), the plan's whole windows marked *;
-2. every Pareto plan of the run (DIR/optimize.pt): its validation shares of uniform's excess loss (from the plan
-   file), its count of whole windows at 1k, 2k and 8k, and which of --heads (layer.kv_head) see all of 1k / 2k.
+2. every Pareto plan of the run (DIR/optimize.pt): its profiled loss F at each profiling length (what the optimizer
+   sees), its validation losses and their shares of uniform's excess (from the plan file: what the model does), its
+   count of whole windows at 1k, 2k and 8k, and which of --heads (layer.kv_head) see all of 1k / 2k.
 Run: python examples/smollm2-135m-instruct/diagnostics/head_ranks.py DIR PLAN.json [--length 1024] [--density 0.5]
      [--heads 20.0 20.1 20.2]
 """
@@ -40,11 +41,15 @@ front = moa.Stages.read(a.dir / "optimize.pt")["value"]                       # 
 v = plan["validation_loss"]
 share = (np.divide(v["pareto"], v["dense"]) - 1) / (np.divide(v["uniform"], v["dense"]) - 1)   # [plans, lengths]
 ra, rb = moa.rules(plan["lengths"])
+profiled = np.stack([moa.rule_losses(moa.Stages.read(a.dir / f"profile_{n}.pt")["value"], hist.shape[1] // G, ra, rb)
+                     for n in plan["lengths"]], -1)                                        # [L * G, 54, lengths]
 heads = [int(layer) * G + int(kv) for layer, kv in (h.split(".") for h in a.heads)]
-print(f"\n2. the Pareto plans: validation share of uniform's excess at {v['lengths']}, whole windows at 1k / 2k / 8k, "
-      f"and which of {' '.join(a.heads)} see all of 1k / 2k (W)")
+print(f"\n2. the Pareto plans: profiled F at {plan['lengths']}; validation loss and share of uniform's excess at "
+      f"{v['lengths']}; whole windows at 1k / 2k / 8k; which of {' '.join(a.heads)} see all of 1k / 2k (W)")
 for i, x in enumerate(front):
     w = {n: moa.window(ra[x], rb[x], n) >= n for n in (1024, 2048, 8192)}
     mark = lambda n: "".join("W" if w[n][k] else "." for k in heads)
-    print(f"plan {i:2d} share {np.round(share[i], 3).tolist()!s:<18} whole {w[1024].sum():2d} / {w[2048].sum():2d} / "
+    F = profiled[np.arange(L * G), x].sum(0)
+    print(f"plan {i:2d} F {np.round(F, 3).tolist()!s:<28} loss {np.round(v['pareto'][i], 4).tolist()!s:<18} "
+          f"share {np.round(share[i], 3).tolist()!s:<17} whole {w[1024].sum():2d} / {w[2048].sum():2d} / "
           f"{w[8192].sum():2d}  {mark(1024)} / {mark(2048)}")
