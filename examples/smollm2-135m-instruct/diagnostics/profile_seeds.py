@@ -1,10 +1,13 @@
 """Diagnostic: does the calibration seed move the profile's ranking of the KV heads? (bench/README.md#quality)
-For each seed: the default calibration samples at one length (`moa.make_samples`, as `compress` makes them) and their
-influence histogram (`moa.profile`), saved as OUT/h_SEED_SAMPLES.pt and reused when present; then, for every pair of
-seeds and for pairs of two-seed sums (twice the samples), the Spearman correlation of the KV heads' profiled losses
-under the uniform 0.5 rule, the overlap of the top `--top` heads, and the ranks of `--heads` (layer.kv_head).
+For each seed: the calibration samples at one length (`moa.make_samples`, as `compress` makes them) and their
+influence histogram (`moa.profile`), saved as OUT/h_SEED_SAMPLES[_MIX].pt and reused when present; then, for every
+pair of seeds and for pairs of two-seed sums (twice the samples), the Spearman correlation of the KV heads' profiled
+losses under the uniform 0.5 rule, the overlap of the top `--top` heads, and the ranks of `--heads` (layer.kv_head).
 Run: python examples/smollm2-135m-instruct/diagnostics/profile_seeds.py OUT [--seeds 0 1 2 3] [--samples 16]
-     [--length 1024] [--device cpu] [--gpu-profile DIR/profile_1024.pt]
+     [--length 1024] [--device cpu] [--instructions quote quote question summary]
+     [--gpu-profile DIR/profile_1024.pt] [--front DIR PLAN.json]
+--front: each of that run's Pareto plans' profiled loss F at the length, from the seeds' mean histogram (and from
+DIR's own profile), beside its validation loss there (what the optimizer sees against what the model does).
 """
 import argparse
 import itertools
@@ -24,20 +27,23 @@ p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
 p.add_argument("--samples", type=int, default=16)
 p.add_argument("--length", type=int, default=1024)
 p.add_argument("--device", default="cpu")
+p.add_argument("--instructions", nargs="+", help="the calibration mix, as moa.py --instructions (default: moa's)")
 p.add_argument("--top", type=int, default=38, help="heads compared at the top (38: whole 1k windows in plan_d50)")
 p.add_argument("--heads", nargs="+", default=["20.1", "20.2"])
 p.add_argument("--gpu-profile", help="a run's profile_N.pt (e.g. the H200 run behind plan_d50.json) to compare too")
+p.add_argument("--front", nargs=2, metavar=("DIR", "PLAN"), help="a run's folder (optimize.pt, profile_N.pt) and plan")
 a = p.parse_args()
 out = Path(a.out)
 out.mkdir(parents=True, exist_ok=True)
 model = tokenizer = None
 hist = {}
 for seed in a.seeds:
-    path = out / f"h_{seed}_{a.samples}.pt"
+    path = out / f"h_{seed}_{a.samples}{'_' + '-'.join(a.instructions) if a.instructions else ''}.pt"
     if not path.is_file():
         if model is None:
             model, tokenizer = moa.load_model(None, a.device)
-        cfg = moa.Config(seed=seed, samples=a.samples).resolved(model.device, model.config)
+        mix = dict(instructions=tuple(a.instructions)) if a.instructions else {}
+        cfg = moa.Config(seed=seed, samples=a.samples, **mix).resolved(model.device, model.config)
         docs, _ = (moa.tokenize_documents(tokenizer, d) for d in moa.split_documents(moa.load_documents(None), seed))
         samples = moa.make_samples(model, tokenizer, docs, a.samples, a.length, cfg, seed=[seed, a.length, False])
         torch.save({"hist": moa.profile(model, samples, cfg.sink), "instruction": samples["instruction"],
@@ -58,7 +64,8 @@ def compare(name, x, y):
           f"ranks {ranks}")
 
 
-print(f"KV heads' profiled loss at N = {a.length} under the uniform 0.5 rule, {a.samples} samples a seed")
+print(f"KV heads' profiled loss at N = {a.length} under the uniform 0.5 rule, {a.samples} samples a seed, mix "
+      f"{' '.join(a.instructions or moa.INSTRUCTIONS)}")
 for s, t in itertools.combinations(a.seeds, 2):
     compare(f"seed {s} vs {t}", hist[s], hist[t])
 for (s, t), (u, v) in itertools.combinations(itertools.combinations(a.seeds, 2), 2):
@@ -68,3 +75,15 @@ if a.gpu_profile:
     g = moa.Stages.read(Path(a.gpu_profile))["value"]
     for s in a.seeds:
         compare(f"{Path(a.gpu_profile).name} vs seed {s}", g, hist[s])
+if a.front:
+    run, plan = Path(a.front[0]), __import__("json").load(open(a.front[1]))
+    ra, rb = moa.rules(plan["lengths"])
+    front = moa.Stages.read(run / "optimize.pt")["value"]
+    v = plan["validation_loss"]
+    col = v["lengths"].index(a.length)
+    F = lambda h: [moa.rule_losses(h, h.shape[1] // G, ra, rb)[np.arange(len(x)), x].sum() for x in front]
+    own, ours = F(moa.Stages.read(run / f"profile_{a.length}.pt")["value"]), F(sum(hist.values()) / len(hist))
+    print(f"\nthe Pareto plans of {run}: F at {a.length} from its profile and from seeds {a.seeds} averaged, "
+          f"validation loss at {a.length}")
+    for i, (f, g) in enumerate(zip(own, ours)):
+        print(f"plan {i:2d} F {f:.3f}  F seeds {g:.3f}  loss {v['pareto'][i][col]:.4f}")
