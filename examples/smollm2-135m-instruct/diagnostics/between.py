@@ -48,7 +48,7 @@ for obj, other, a, b in ((hi, lo, a_lo, a_hi), (lo, hi, a_hi, a_lo)):
         if x is not None:
             new.append(x)
 known = {tuple(x) for x in front}
-new = [x for i, x in enumerate(new) if tuple(x) not in known and all(tuple(x) != tuple(y) for y in new[:i])]
+new = [np.array(x) for x in dict.fromkeys(map(tuple, new)) if x not in known]   # distinct, not on the front, in order
 print(f"front {len(front)} plans, {len(new)} new plans between the ends")
 valid = {n: read(f"samples_valid{n}") for n in vl}
 X, plans, losses = front + new, [], []
