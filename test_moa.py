@@ -348,6 +348,7 @@ def test_decode_matches_masked_reference(H, G, d, dtype, programs):
         b = torch.arange(B, device=DEVICE)
         q = torch.randn(B, H, d, device=DEVICE).to(dtype)
         out = kernel.decode(q, keys[b, :, pos], values[b, :, pos], cache, block_n=16, programs=programs)
+        assert int(cache.length) == P + step + 1 and not cache.count.any()   # advanced once, counters ready
         for s in range(B):
             t = int(pos[s])
             j = torch.arange(t + 1, device=DEVICE)
@@ -356,6 +357,20 @@ def test_decode_matches_masked_reference(H, G, d, dtype, programs):
             ref = kernel.decode_reference(q[s:s + 1].double(), seen(keys), seen(values))
             err = (out[s:s + 1].double() - ref).norm() / ref.norm()
             assert err < TOL[dtype], (step, s, float(err))
+
+
+def test_split_kv_covers_every_head_within_the_programs():
+    """The decode kernel's layout on random caches: chunks of whole blocks cover the longest head, the chunks number
+    at most the programs asked for (unless every head is down to one chunk), and one block less per chunk would not."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        batch, block_n, programs = int(rng.integers(1, 40)), int(rng.choice([16, 64, 128])), int(rng.integers(1, 600))
+        caps = rng.integers(1, 20000, size=int(rng.integers(1, 9))).tolist()
+        chunk, splits = kernel.split_kv(batch, caps, block_n, programs)
+        count = lambda c: batch * sum(-(-x // c) for x in caps)
+        assert chunk % block_n == 0 and (splits - 1) * chunk < max(caps) <= splits * chunk
+        assert count(chunk) <= programs or chunk >= max(caps)
+        assert chunk == block_n or count(chunk - block_n) > programs
 
 
 def fixed_windows(plan, config, n):

@@ -70,8 +70,9 @@ SETTLE = 4   # decode steps left out of the rate: a new cache's CUDA graph is wa
 
 
 def time_generate(model, plan, batch, prompt, new_tokens, eager=False):
-    """A first generate (compiles for this shape: its wall time is reported), then the same again timed token by
-    token. Both make `new_tokens`: a static cache's length is prompt + new tokens, and another length recompiles.
+    """A first generate that compiles for this shape, stopped once its decode step runs in a CUDA graph (2 + SETTLE
+    tokens: its wall time is reported, compile and prefill included), then a whole one timed token by token. Both
+    ask for `new_tokens`: a static cache's length is prompt + new tokens, and another length recompiles.
     Returns (first call s, time to the first token s, decode tokens/s, ms per step over the steps after SETTLE,
     peak GiB)."""
     stamps = []
@@ -86,7 +87,7 @@ def time_generate(model, plan, batch, prompt, new_tokens, eager=False):
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    bench_generate(model, plan, batch, prompt, new_tokens, eager)
+    bench_generate(model, plan, batch, prompt, new_tokens, eager, stopping_criteria=[StopAfter(2 + SETTLE)])
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
@@ -105,6 +106,7 @@ def largest_batch(model, plan, batch, measured, prompt, new_tokens, eager=False)
     free = torch.cuda.get_device_properties(model.device).total_memory / 2**30 - 1.0        # 1 GiB for the runtime
     b = max(batch, int((free - weights) / ((measured[-1] - weights) / batch)))
     while b > batch:
+        print(f"  batch {b}: trying (the peak at {batch} extrapolated)", flush=True)
         try:
             return b, time_generate(model, plan, b, prompt, new_tokens, eager)
         except torch.cuda.OutOfMemoryError:
@@ -132,7 +134,7 @@ def step_profile(model, plan, batch, prompt, new_tokens, eager=False, steps=16):
     bench's shape, stopped after 2 + SETTLE and 2 + SETTLE + steps tokens, are profiled (nothing left to compile);
     their difference is `steps` decode steps."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    kinds = {"attention": ("decode_kernel", "merge_kernel", "flash", "fmha", "attention", "sdpa"),
+    kinds = {"attention": ("decode_kernel", "flash", "fmha", "attention", "sdpa"),
              "matmul": ("gemm", "nvjet", "cutlass", "matmul", "cublas")}
     totals = []
     for tokens in (2 + SETTLE, 2 + SETTLE + steps):
