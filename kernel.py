@@ -13,14 +13,24 @@ import contextlib
 import functools
 import itertools
 import os
+import sys
 import time
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+
+# Triton picks compiled or interpreted kernels when it is first imported: with no GPU, interpreted (on the CPU).
+# transformers' modeling_utils imports Triton, so on such a machine this module must be imported before them.
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    if "triton" in sys.modules:
+        raise ImportError("this machine has no GPU, so kernel.py runs Triton interpreted, but Triton was imported "
+                          "before it (by transformers' modeling_utils): import moa or kernel first, or set TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 # Compiling FlexAttention costs 10-30 s per shape on a CPU; below this many scores the eager version is faster.
@@ -106,8 +116,6 @@ class SinkRingCache:
         offsets:  [G + 1] int32;  capacity: [G] int32
         pad:      [B] int32, leading padding tokens of each sequence
         length:   [] int32, tokens (padding included) stored so far: the next token has true position length - pad
-        count:    [B * G + 1] int32, the decode kernel's counters (finished programs per sequence and KV head, then
-                  finished heads); zero between steps
     Token t of a sequence (t its true position, padding excluded) goes to slot t if t < sink, else to
     sink + (t - sink) mod (C_k - sink): the sink never moves, the rest is a ring holding the latest C_k - sink
     tokens. Keys are stored after RoPE, so nothing is ever re-rotated.
@@ -124,12 +132,11 @@ class SinkRingCache:
         self.sink = int(sink)
         self.pad = torch.zeros(batch, dtype=torch.int32, device=device)
         self.length = torch.zeros((), dtype=torch.int32, device=device)
-        self.count = torch.zeros(batch * len(self.capacities) + 1, dtype=torch.int32, device=device)
         self.prefilled = self.padded = False
         size = (batch, sum(self.capacities), head_dim)
         self.k = torch.zeros(size, dtype=dtype, device=device)
         self.v = torch.zeros(size, dtype=dtype, device=device)
-        for t in (self.k, self.v, self.length, self.count, self.pad, self.offsets, self.capacity):
+        for t in (self.k, self.v, self.length, self.pad, self.offsets, self.capacity):
             torch._dynamo.mark_static_address(t)   # CUDA graphs read and write them where they are, no copies
         # the decode kernel's work split, from static facts (decode's defaults; the benchmark and tests try others)
         self.block_n = 64 if self.k.is_cuda else 512   # the CPU interpreter pays per operation: fewer, larger blocks
@@ -207,17 +214,14 @@ def chunk_attention(q, k, v, cache, windows, scale=None):
 
 
 @triton.jit
-def _decode_kernel(Q, Knew, Vnew, K, V, Part, Lse, Out, Count, Offsets, Capacity, Pad, Length, sink, chunk, splits,
-                   qk_scale, stride_qb, stride_nb, stride_kb,
+def _decode_kernel(Q, Knew, Vnew, K, V, Out, Lse, Offsets, Capacity, Pad, Length, sink, chunk, splits, qk_scale,
+                   stride_qb, stride_nb, stride_kb,
                    G: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr,
                    D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, F32_DOT: tl.constexpr):
     """Program (kv * splits + split, b): KV head kv of sequence b, slots split*chunk .. +chunk of its valid ones.
     Split 0 also writes the new token into its slot and counts it from registers; every split skips that slot, so
-    no program reads a slot while it is being written. Each program writes its normalised partial output
-    Part[b, kv, split] [GROUP, D] (float32) and its log2-sum-exp Lse[b, kv, split] [GROUP]; the last of the head's
-    programs to finish merges them into Out[b, kv*GROUP : (kv+1)*GROUP] [GROUP, D], and the last head to finish
-    advances Length. One launch a step, not three (decode, merge, increment): in a CUDA graph each launch costs
-    microseconds of idle SMs."""
+    no program reads a slot while it is being written. Writes the normalised partial output Out[b, kv, split]
+    [GROUP, D] (float32) and its log2-sum-exp Lse[b, kv, split] [GROUP]."""
     kv, split, b = tl.program_id(0) // splits, tl.program_id(0) % splits, tl.program_id(1)
     pos = tl.load(Length) - tl.load(Pad + b)                        # the new token's true position
     cap = tl.load(Capacity + kv)
@@ -226,9 +230,9 @@ def _decode_kernel(Q, Knew, Vnew, K, V, Part, Lse, Out, Count, Offsets, Capacity
     base = tl.load(Offsets + kv)
     rows, cols = tl.arange(0, GROUP_PAD), tl.arange(0, D_PAD)
     dims = cols < D
-    heads = (rows < GROUP)[:, None] & dims[None, :]
     # the GROUP query heads that share this KV head, padded to a tensor-core tile
-    q = tl.load(Q + b * stride_qb + (kv * GROUP + rows)[:, None] * D + cols[None, :], mask=heads, other=0.0)
+    q = tl.load(Q + b * stride_qb + (kv * GROUP + rows)[:, None] * D + cols[None, :],
+                mask=(rows < GROUP)[:, None] & dims[None, :], other=0.0)
     k_new = tl.load(Knew + b * stride_nb + kv * D + cols, mask=dims, other=0.0)
     v_new = tl.load(Vnew + b * stride_nb + kv * D + cols, mask=dims, other=0.0)
     first = split == 0
@@ -259,93 +263,97 @@ def _decode_kernel(Q, Knew, Vnew, K, V, Part, Lse, Out, Count, Offsets, Capacity
         l = l * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m = m_new
-    head = b * G + kv
-    part = (head * splits + split) * GROUP + rows                  # [GROUP_PAD] rows of Part and Lse
-    tl.store(Part + part[:, None] * D + cols[None, :], acc / tl.where(l > 0, l, 1.0)[:, None], mask=heads)
-    tl.store(Lse + part, m + tl.log2(l), mask=rows < GROUP)
-    # The head's counter: the program that finds splits - 1 finished last. The barrier puts every thread's stores
-    # before the counter's release; its acquire puts the other programs' stores before the merge's loads
-    tl.debug_barrier()
-    if tl.atomic_add(Count + head, 1, sem="acq_rel") == splits - 1:
-        # merge by log-sum-exp, split 0 first: it holds the new token, so the running max is finite from the start
-        row0 = head * splits * GROUP + rows
-        top = tl.load(Lse + row0, mask=rows < GROUP, other=0.0, cache_modifier=".cg")   # .cg: L2, not a stale L1
-        num = tl.load(Part + row0[:, None] * D + cols[None, :], mask=heads, other=0.0, cache_modifier=".cg")
-        den = tl.zeros([GROUP_PAD], tl.float32) + 1.0
-        for s in range(1, splits):
-            lse = tl.load(Lse + row0 + s * GROUP, mask=rows < GROUP, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(Part + (row0 + s * GROUP)[:, None] * D + cols[None, :], mask=heads, other=0.0,
-                        cache_modifier=".cg")
-            top_new = tl.maximum(top, lse)
-            alpha, w = tl.exp2(top - top_new), tl.exp2(lse - top_new)   # an empty split: lse = -inf, w = 0
-            num = num * alpha[:, None] + w[:, None] * o
-            den = den * alpha + w
-            top = top_new
-        tl.store(Out + (b * G * GROUP + kv * GROUP + rows)[:, None] * D + cols[None, :],
-                 (num / den[:, None]).to(Out.dtype.element_ty), mask=heads)
-        tl.store(Count + head, 0)                                   # ready for the next step
-        # every program of every head has read Length once the last head is merged: only then may it advance
-        if tl.atomic_add(Count + G * tl.num_programs(1), 1, sem="acq_rel") == G * tl.num_programs(1) - 1:
-            tl.atomic_add(Length, 1)
-            tl.store(Count + G * tl.num_programs(1), 0)
+    part = (b * G + kv) * splits + split
+    tl.store(Out + (part * GROUP + rows)[:, None] * D + cols[None, :], acc / tl.where(l > 0, l, 1.0)[:, None],
+             mask=(rows < GROUP)[:, None] & dims[None, :])
+    tl.store(Lse + part * GROUP + rows, m + tl.log2(l), mask=rows < GROUP)
+
+
+@triton.jit
+def _merge_kernel(Out, Lse, Final, splits, G: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                  D_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Program (h, b): merge query head h's partial outputs over the splits, weighted by 2^(lse - max lse).
+    An empty split has lse = -inf and weight 0; split 0 always holds the new token, so the max is finite."""
+    h, b = tl.program_id(0), tl.program_id(1)
+    kv, r = h // GROUP, h % GROUP
+    cols = tl.arange(0, D_PAD)
+    row = (b * G + kv) * splits                                     # first split of (b, kv)
+    top = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        top = tl.maximum(top, tl.load(Lse + (row + s) * GROUP + r, mask=s < splits, other=float("-inf")))
+    top_all = tl.max(top, 0)
+    num = tl.zeros([D_PAD], tl.float32)
+    den = 0.0
+    for s0 in range(0, splits, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        w = tl.exp2(tl.load(Lse + (row + s) * GROUP + r, mask=s < splits, other=float("-inf")) - top_all)
+        o = tl.load(Out + ((row + s) * GROUP + r)[:, None] * D + cols[None, :],
+                    mask=(s < splits)[:, None] & (cols < D)[None, :], other=0.0)
+        num += tl.sum(w[:, None] * o, 0)
+        den += tl.sum(w, 0)
+    tl.store(Final + (b * G * GROUP + h) * D + cols, num / den, mask=cols < D)
 
 
 def split_kv(batch, capacities, block_n, programs):
-    """The decode kernel's split-KV layout: each KV head's slots in chunks of `chunk` slots (a multiple of block_n),
-    the smallest for which the batch's chunks, every head's last one partial, number at most `programs` (or one
-    chunk per head). Sizing by the slots alone would leave up to batch x G partial chunks over `programs`: a wave of
-    their own after the full ones, a tail in which most of the GPU idles. `splits` chunks cover the longest head.
+    """The decode kernel's split-KV layout: each KV head's slots in chunks of `chunk` (a multiple of block_n), sized
+    so the batch's slots spread over about `programs` programs; `splits` chunks cover the longest head.
     Returns (chunk, splits)."""
-    chunk = block_n * max(1, -(-batch * sum(capacities) // (programs * block_n)))
-    while batch * sum(-(-c // chunk) for c in capacities) > programs and chunk < max(capacities):
-        chunk += block_n
+    per_program = -(-batch * sum(capacities) // programs)
+    chunk = max(block_n, -(-per_program // block_n) * block_n)
     return chunk, -(-max(capacities) // chunk)
 
 
 def decode(q, key, value, cache, scale=None, block_n=None, programs=None, num_warps=4, num_stages=2):
     """One decode step: store each sequence's new token in its slot and attend over its KV head's valid slots
-    (order does not matter to softmax). One custom op, torch.ops.moa.decode, that torch.compile sees whole: one
-    Triton launch that stores, attends, merges and advances the length; no host sync.
+    (order does not matter to softmax). One custom op, torch.ops.moa.decode, that torch.compile sees whole: the
+    decode kernel, the merge kernel when heads are split, the length's increment; no host sync.
     q: [B, H, d]; key, value: [B, G, d], the new token (key after RoPE); cache: SinkRingCache, whose `length`
     advances by one. Returns [B, H, d] in q's dtype.
     Each KV head's slots are read once for all its query heads; heads are split into chunks of slots across
     programs (split-KV), and the partial results are merged by log-sum-exp. block_n, programs: the cache's
     (fixed when it was made) unless given."""
+    if not q.is_cuda and not INTERPRETED:
+        raise ValueError(f"decoding on {q.device} needs Triton's CPU interpreter, but this machine has a GPU: move the "
+                         "model to cuda, or set TRITON_INTERPRET=1 before importing kernel")
     block_n, programs = block_n or cache.block_n, programs or cache.programs
     chunk, splits = ((cache.chunk, cache.splits) if (block_n, programs) == (cache.block_n, cache.programs) else
                      split_kv(cache.k.shape[0], cache.capacities, block_n, programs))
     scale = (scale if scale is not None else q.shape[-1] ** -0.5) * 1.4426950408889634   # 1/ln(2): kernels use exp2
-    return torch.ops.moa.decode(q, key, value, cache.k, cache.v, cache.length, cache.count, cache.offsets,
-                                cache.capacity, cache.pad, cache.sink, scale, block_n, chunk, splits, num_warps,
-                                num_stages)
+    return torch.ops.moa.decode(q, key, value, cache.k, cache.v, cache.length, cache.offsets, cache.capacity,
+                                cache.pad, cache.sink, scale, block_n, chunk, splits, num_warps, num_stages)
 
 
-@torch.library.custom_op("moa::decode", mutates_args=("k", "v", "length", "count"))
+@torch.library.custom_op("moa::decode", mutates_args=("k", "v", "length"))
 def _decode_op(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               length: torch.Tensor, count: torch.Tensor, offsets: torch.Tensor, capacity: torch.Tensor,
-               pad: torch.Tensor, sink: int, qk_scale: float, block_n: int, chunk: int, splits: int, num_warps: int,
-               num_stages: int) -> torch.Tensor:
+               length: torch.Tensor, offsets: torch.Tensor, capacity: torch.Tensor, pad: torch.Tensor, sink: int,
+               qk_scale: float, block_n: int, chunk: int, splits: int, num_warps: int, num_stages: int
+               ) -> torch.Tensor:
     """`decode` as one custom op: torch.compile sees one call that writes k, v and length, and does not trace into
-    the Triton launch (a CUDA graph captures it like any kernel). k, v, length, count, offsets, capacity, pad: the
+    the Triton launches (a CUDA graph captures them like any kernel). k, v, length, offsets, capacity, pad: the
     SinkRingCache's tensors; qk_scale: the softmax scale times 1/ln(2); the rest: static launch settings."""
     B, H, d = q.shape
     G = capacity.shape[0]
     group = H // G
-    part = torch.empty(B, G, splits, group, d, dtype=torch.float32, device=q.device)   # each split's output ...
-    lse = torch.empty(B, G, splits, group, dtype=torch.float32, device=q.device)       # ... and log2-sum-exp
-    out = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
+    d_pad = max(16, triton.next_power_of_2(d))               # tl.dot needs >= 16 and a power of two
+    out = torch.empty(B, G, splits, group, d, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, G, splits, group, dtype=torch.float32, device=q.device)
     key, value = key.contiguous(), value.contiguous()
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():   # Triton launches on the current GPU
         _decode_kernel[(G * splits, B)](
-            q.contiguous(), key, value, k, v, part, lse, out, count, offsets, capacity, pad, length, sink, chunk,
-            splits, qk_scale, H * d, key.stride(0), k.stride(0),
-            G=G, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d,
-            D_PAD=max(16, triton.next_power_of_2(d)), BLOCK_N=block_n,       # tl.dot needs >= 16 and a power of two
+            q.contiguous(), key, value, k, v, out, lse, offsets, capacity, pad, length, sink, chunk, splits, qk_scale,
+            H * d, key.stride(0), k.stride(0),
+            G=G, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), D=d, D_PAD=d_pad, BLOCK_N=block_n,
             # float32 inputs get exact products; so do bf16/fp16 under TRITON_INTERPRET, whose half-precision tl.dot
             # gives wrong results on the CPU (triton 3.9)
-            F32_DOT=q.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+            F32_DOT=q.dtype == torch.float32 or INTERPRETED,
             num_warps=num_warps, num_stages=num_stages)
-    return out
+        length.add_(1)                                            # after the kernel, which read the old length
+        if splits == 1:                                           # nothing to merge
+            return out.view(B, H, d).to(q.dtype)
+        final = torch.empty(B, H, d, dtype=q.dtype, device=q.device)
+        _merge_kernel[(H, B)](out, lse, final, splits, G=G, GROUP=group, D=d, D_PAD=d_pad, BLOCK_S=16)
+        return final
 
 
 @_decode_op.register_fake
@@ -386,16 +394,14 @@ def spread_capacities(heads, n, density, sink, rng):
     return [n] * dense + sorted(caps.tolist())
 
 
-# launch configs the benchmark tries; per_sm: split-KV programs per SM (the cache's default is 4). Registers bound how
-# many programs an SM runs at once: at block_n 64 and 4 warps the kernel takes about 210 a thread at d = 128 (2 fit),
-# about 160 at d = 64 (3 fit; ptxas for sm_90, triton 3.9); per_sm a multiple of that makes whole waves
+# launch configs the benchmark tries; per_sm: split-KV programs per SM (the cache's default is 4). Fewer programs per
+# SM than fit at once leave no partial second wave; more give each SM more loads in flight
 CONFIGS = [dict(block_n=64, num_warps=4, num_stages=2, per_sm=4),
            dict(block_n=128, num_warps=4, num_stages=3, per_sm=4),
            dict(block_n=128, num_warps=8, num_stages=3, per_sm=4),
            dict(block_n=64, num_warps=4, num_stages=4, per_sm=4),
            dict(block_n=64, num_warps=4, num_stages=2, per_sm=2),
            dict(block_n=64, num_warps=4, num_stages=2, per_sm=3),
-           dict(block_n=64, num_warps=4, num_stages=2, per_sm=6),
            dict(block_n=64, num_warps=4, num_stages=2, per_sm=8)]
 
 

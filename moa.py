@@ -31,14 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+import kernel  # before transformers, which imports Triton: without a GPU kernel.py turns Triton's interpreter on
 from scipy import sparse
 from scipy.optimize import LinearConstraint, linprog, milp
 from tqdm.auto import tqdm
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import AttentionMaskInterface
-
-import kernel
 
 SINK = 64          # s: the first tokens every head keeps (SPEC §1)
 MIN_WINDOW = 64    # no rule's window is smaller than this (SPEC §2)

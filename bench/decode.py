@@ -134,7 +134,7 @@ def step_profile(model, plan, batch, prompt, new_tokens, eager=False, steps=16):
     bench's shape, stopped after 2 + SETTLE and 2 + SETTLE + steps tokens, are profiled (nothing left to compile);
     their difference is `steps` decode steps."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    kinds = {"attention": ("decode_kernel", "flash", "fmha", "attention", "sdpa"),
+    kinds = {"attention": ("decode_kernel", "merge_kernel", "flash", "fmha", "attention", "sdpa"),
              "matmul": ("gemm", "nvjet", "cutlass", "matmul", "cublas")}
     totals = []
     for tokens in (2 + SETTLE, 2 + SETTLE + steps):
