@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -180,7 +181,12 @@ def convert_gguf(path):
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, cache)
+    try:
+        os.replace(tmp, cache)
+    except OSError:                             # another process converted it first: keep theirs
+        shutil.rmtree(tmp)
+        if not (cache / "config.json").is_file():
+            raise
     return cache
 
 

