@@ -26,7 +26,8 @@ import torch.nn.functional as F
 if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
     if "triton" in sys.modules:
         raise ImportError("this machine has no GPU, so kernel.py runs Triton interpreted, but Triton was imported "
-                          "before it (by transformers' modeling_utils): import moa or kernel first, or set TRITON_INTERPRET=1")
+                          "before it (by transformers' modeling_utils): import moa or kernel first, or set "
+                          "TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 import triton  # noqa: E402
