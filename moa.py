@@ -99,6 +99,7 @@ INSTRUCTIONS = {
     "question": "What does the part of the document above that begins with \"{cue}\" say? Answer in a few sentences.",
 }
 CUE_TOKENS = 12
+EVAL_SEED = 0      # the permutation that holds the evaluation's documents out of every run (split_documents)
 # Default profiling lengths (those within the model's context) and samples per length. A CPU stops at 4096: at 8k
 # one forward pass of the 135M default model takes ~20 s there.
 LENGTHS = {"cuda": (1024, 2048, 4096, 8192), "cpu": (1024, 2048, 4096)}
@@ -306,9 +307,14 @@ def load_documents(calib=None):
 
 
 def split_documents(docs, seed):
-    """Disjoint (calibration, validation) documents: a seeded quarter goes to validation."""
-    order = np.random.default_rng(seed).permutation(len(docs))
-    return [docs[i] for i in order if i % 4], [docs[i] for i in order if not i % 4]
+    """Disjoint calibration, validation and evaluation documents, lists of str (SPEC §7). The evaluation quarter is
+    drawn by a permutation with a fixed seed, so every run's plan is evaluated on the same documents (bench/); of the
+    rest, a permutation seeded with `seed` sends a third to validation and the others to calibration."""
+    held = np.random.default_rng(EVAL_SEED).permutation(len(docs))
+    rest = [docs[i] for i in held[len(docs) // 4:]]
+    order = np.random.default_rng(seed).permutation(len(rest))
+    cut = max(1, len(rest) // 3)
+    return [rest[i] for i in order[cut:]], [rest[i] for i in order[:cut]], [docs[i] for i in held[:len(docs) // 4]]
 
 
 def chat_frame(tokenizer, instruction):
@@ -427,10 +433,13 @@ def diagonal_sums(e):
     return skew.sum(-2)[..., 1:C + 1].flip(-1)
 
 
-def influence_backward(q, k, v, do, scale, hist, sink):
-    """Backward of causal softmax attention, in query blocks and float32, that also adds each head's influence
-    histogram to `hist` (SPEC §5). With A = softmax row, G_ij = dO_i·V_j, D_i = Σ_k A_ik G_ik:
-        ΔL_ij = A_ij (D_i - G_ij) / (1 - A_ij),   E_ij = |ΔL_ij|,   hist[h, δ] += Σ_i E_{i,i-δ} over keys j >= sink.
+def influence_backward(q, k, v, do, scale, hist, sink, windows=None):
+    """Backward of causal softmax attention under a plan's masks (windows: [G] per KV head; None: dense), in query
+    blocks and float32, that also adds each head's influence histogram to `hist`. With A = softmax row over the
+    kept keys, G_ij = dO_i·V_j, D_i = Σ_k A_ik G_ik, and a_ij = exp(s_ij - lse_i) for a key the mask hides:
+        dropping a kept key j:     ΔL_ij = A_ij (D_i - G_ij) / (1 - A_ij)       (SPEC §5)
+        restoring a hidden key j:  ΔL_ij = a_ij (G_ij - D_i) / (1 + a_ij)       (SPEC §5.1)
+    hist[h, δ] += Σ_i ΔL_{i,i-δ} over keys j >= sink: |ΔL| at dense (E_ij, SPEC §5), signed at a plan (§5.1).
     q, do: [B, H, N, d]; k, v: [B, G, N, d]; hist: [H, N] float64. Returns dq [B, H, N, d], dk, dv [B, G, N, d]."""
     B, H, N, d = q.shape
     G = k.shape[1]
@@ -440,39 +449,48 @@ def influence_backward(q, k, v, do, scale, hist, sink):
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     rows = max(1, PROFILE_BLOCK_SCORES // (B * H * N))
     pos = torch.arange(N, device=q.device)
+    w = torch.full((G,), N, device=q.device) if windows is None else torch.as_tensor(windows, device=q.device)
     for i0 in range(0, N, rows):
         i1 = min(N, i0 + rows)
         qb = q[:, :, :, i0:i1].flatten(2, 3)                                   # [B, G, g*R, d]
         dob = do[:, :, :, i0:i1].flatten(2, 3)
         kb, vb = k[:, :, :i1], v[:, :, :i1]                                    # [B, G, C, d], C = i1
-        s = (qb @ kb.transpose(-1, -2)).mul_(scale).unflatten(2, (g, i1 - i0))   # [B, G, g, R, C]
-        a = s.masked_fill_(pos[:i1] > pos[i0:i1, None], float("-inf")).softmax(-1)
+        i, j = pos[i0:i1, None], pos[None, :i1]
+        kept = kernel.sees(i, j, w[:, None, None, None], sink)                 # [G, 1, R, C]
+        s = (qb @ kb.transpose(-1, -2)).mul_(scale).unflatten(2, (g, i1 - i0)).masked_fill_(j > i, float("-inf"))
+        s -= s.masked_fill(~kept, float("-inf")).logsumexp(-1, keepdim=True)   # s_ij - lse_i: [B, G, g, R, C]
+        a = s.exp().masked_fill_(~kept, 0)                                     # A
         grad_a = (dob @ vb.transpose(-1, -2)).unflatten(2, (g, i1 - i0))  # G_ij
-        ds = a * (grad_a - (a * grad_a).sum(-1, keepdim=True))                 # dL/dS = A (G - D)
-        del grad_a
+        grad_a -= (a * grad_a).sum(-1, keepdim=True)                           # G_ij - D_i
+        ds = a * grad_a                                                        # dL/dS = A (G - D)
         dq[:, :, :, i0:i1] = (ds.flatten(2, 3) @ kb).unflatten(2, (g, i1 - i0)) * scale
         dk[:, :, :i1] += ds.flatten(2, 3).transpose(-1, -2) @ qb * scale
         dv[:, :, :i1] += a.flatten(2, 3).transpose(-1, -2) @ dob
-        influence = ds.abs_().div_((1 - a).clamp_min_(1e-6))                  # |ΔL_ij| = |dS_ij| / (1 - A_ij)
-        influence[..., :sink] = 0                                              # sink keys are never dropped
+        if windows is None:
+            influence = ds.abs_().div_((1 - a).clamp_min_(1e-6))               # |ΔL_ij| = |dS_ij| / (1 - A_ij)
+        else:                                                                  # a / (1 + a) = sigmoid(s - lse)
+            influence = torch.where(kept, -ds / (1 - a).clamp_min(1e-6), grad_a * s.sigmoid_())
+        influence.masked_fill_((j > i) | (j < sink), 0)                        # sink keys are never dropped
         hist[:, :i1] += diagonal_sums(influence).sum(0).flatten(0, 1)
     return dq.view(B, H, N, d), dk, dv
 
 
 class ProfiledAttention(torch.autograd.Function):
-    """Causal attention (SDPA forward) whose backward is `influence_backward`."""
+    """Attention under a plan's masks (windows [G]; None: causal SDPA) whose backward is `influence_backward`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, hist, sink):
+    def forward(ctx, q, k, v, scale, hist, sink, windows):
         ctx.save_for_backward(q, k, v)
-        ctx.scale, ctx.hist, ctx.sink = scale, hist, sink
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        ctx.scale, ctx.hist, ctx.sink, ctx.windows = scale, hist, sink, windows
+        if windows is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return kernel.prefill(q.detach(), k.detach(), v.detach(), windows, sink, scale)   # flex: no grads on a CPU
 
     @staticmethod
     def backward(ctx, do):
         q, k, v = ctx.saved_tensors
-        dq, dk, dv = influence_backward(q, k, v, do, ctx.scale, ctx.hist, ctx.sink)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        dq, dk, dv = influence_backward(q, k, v, do, ctx.scale, ctx.hist, ctx.sink, ctx.windows)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
 def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -481,18 +499,19 @@ def profile_attention(module, query, key, value, attention_mask, scaling=None, d
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if module.moa_hist is None:
         module.moa_hist = torch.zeros(query.shape[1], query.shape[2], dtype=torch.float64, device=query.device)
-    out = ProfiledAttention.apply(query, key, value, scale, module.moa_hist, module.moa_sink)
+    out = ProfiledAttention.apply(query, key, value, scale, module.moa_hist, module.moa_sink, module.moa_windows)
     return out.transpose(1, 2), None
 
 
-def profile(model, samples, sink=SINK):
-    """Influence histograms averaged over the samples: [L, H, N] float64 (on the CPU).
-    samples: {"input_ids": [n, N], "answer_start": [n]}."""
+def profile(model, samples, sink=SINK, plan=None):
+    """Influence histograms averaged over the samples: [L, H, N] float64 (on the CPU); at dense attention (SPEC §5),
+    or with the model following `plan` at N (signed, SPEC §5.1). samples: {"input_ids": [n, N], "answer_start": [n]}."""
     ids, starts = samples["input_ids"].to(model.device), samples["answer_start"].to(model.device)
     n, N = ids.shape
     mods = attention_modules(model)
+    windows = None if plan is None else window(*kv_rules(plan, model.config), N).tolist()
     for m in mods:
-        m.moa_hist, m.moa_sink = None, sink
+        m.moa_hist, m.moa_sink, m.moa_windows = None, sink, None if plan is None else windows[m.layer_idx]
     grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)                 # gradients flow to the activations only
     model.set_attn_implementation("moa_profile")
@@ -507,18 +526,22 @@ def profile(model, samples, sink=SINK):
     finally:
         model.set_attn_implementation("sdpa")
         for m in mods:
-            del m.moa_hist, m.moa_sink
+            del m.moa_hist, m.moa_sink, m.moa_windows
         for p, g in zip(model.parameters(), grad):
             p.requires_grad_(g)
 
 
-def rule_losses(hist, groups, alphas, betas):
-    """ΔL of every KV head under every rule at the histograms' length N (SPEC §5): the suffix sum of the histogram
-    from the rule's window on, summed over the KV head's `groups` query heads. hist: [L, H, N] -> [L * G, R]."""
+def rule_losses(hist, groups, alphas, betas, at=None):
+    """ΔL of every KV head under every rule at the histograms' length N, summed over the KV head's `groups` query
+    heads. At dense (SPEC §5) the suffix sum of the histogram from the rule's window on; at a plan whose windows at N
+    are `at` [L * G] (§5.1), the sum between the two windows: the keys the rule drops, or restores.
+    hist: [L, H, N] -> [L * G, R]."""
     L, H, N = hist.shape
     per_kv = hist.view(L, H // groups, groups, N).sum(2).reshape(-1, N)
     tail = F.pad(per_kv.flip(-1).cumsum(-1).flip(-1), (0, 1))   # tail[δ] = Σ_{δ' >= δ} hist[δ']; tail[N] = 0
-    return tail[:, torch.from_numpy(window(alphas, betas, N))].numpy()
+    w = torch.from_numpy(window(alphas, betas, N))[None]
+    at = torch.full((len(tail), 1), N) if at is None else torch.as_tensor(at).reshape(-1, 1)
+    return ((tail.gather(1, w.expand(len(tail), -1)) - tail.gather(1, at)) * (at - w).sign()).numpy()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1039,7 +1062,7 @@ def compress(model, tokenizer, out=None, **settings):
     L, lengths = model.config.num_hidden_layers, cfg.lengths
     valid_lengths = sorted({lengths[0], cfg.validate_length})                    # SPEC §7
     docs = load_documents(cfg.calib)
-    calib_docs, valid_docs = (tokenize_documents(tokenizer, d) for d in split_documents(docs, cfg.seed))
+    calib_docs, valid_docs, _ = (tokenize_documents(tokenizer, d) for d in split_documents(docs, cfg.seed))
     sample_room(tokenizer, calib_docs, lengths[-1], cfg, "calibration")      # errors now, before any output
     sample_room(tokenizer, valid_docs, valid_lengths[-1], cfg, "validation")
     stages = Stages(out)
