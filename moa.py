@@ -119,6 +119,8 @@ class Config:
     instructions: tuple = tuple(INSTRUCTIONS)   # the mix: names in INSTRUCTIONS, or texts (a "{cue}" is filled in)
     candidates: int = 3                   # candidates made per sample kept (SPEC §4 selection); 1: no selection
     local_window: float = 0.25            # selection: the loss rise when heads see only the sink + this share of N
+    rounds: int = 2                       # refinement: profiles at the chosen plan, each followed by solves near it
+    refine: int = 16                      # refinement: rule swaps between heads tried on the validation samples
     sink: int = SINK
 
     def resolved(self, device, config):
@@ -611,7 +613,7 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
     check_budget(density, budget, names)
     layers = None if layers is None else np.asarray(layers)
     loss = np.asarray(loss, float)
-    scale = loss.mean((0, 1))
+    scale = np.abs(loss).mean((0, 1))                                              # at a plan, ΔL has either sign
     scale[scale == 0] = 1.0
     loss = loss / scale                                                            # each F_p per head ~ 1
     bounds = np.full(P, np.inf) if bounds is None else np.array(bounds, float) / scale
@@ -690,6 +692,36 @@ def validation_score(loss, dense, uniform):
     ratio, spread = np.divide(loss, dense), np.divide(uniform, dense) - 1
     signal = spread >= MIN_SPREAD
     return float(np.mean((ratio[signal] - 1) / spread[signal]) if signal.any() else np.mean(ratio))
+
+
+TRUST = (1 / 32, 1 / 16, 1 / 8, 1 / 4)   # the most KV heads a solve at a plan may change, as shares of all of them
+
+
+def near_plans(base, relative, weights, choice, density, budget, layers=None, max_rules_per_layer=None, names=None,
+               workers=1):
+    """Plans near the choice (a rule per KV head, int [K]) from a profile at it (SPEC §5.1): minimise the weighted sum
+    over lengths of F_N(P) + Σ_k ΔL_N(k, r_k) with at most m heads changed, one solve for each m in TRUST (a trust
+    region: the estimate is first order around the plan). base: [K, P] each head's loss at its chosen rule (F_N(P) =
+    Σ_k base); relative: [K, R, P] ΔL of each rule from the chosen one; weights: [P]. Returns the distinct plans."""
+    K, R, P = relative.shape
+    objective = ((base[:, None] + relative) * weights).sum(-1)                       # [K, R]
+    changed = (np.arange(R) != choice[:, None]).astype(float)                         # [K, R]: 1 off the choice
+    run = lambda m: solve(np.stack([objective, changed], -1), density, budget, 0, [np.inf, m], layers,
+                          max_rules_per_layer, names)
+    with ThreadPoolExecutor(workers) as pool:
+        plans = list(pool.map(run, sorted({max(1, round(t * K)) for t in TRUST})))
+    return list(np.unique([c for c in plans if c is not None], axis=0))
+
+
+def swaps(relative, weights, choice, count):
+    """The `count` exchanges of two KV heads' rules (the density stays the same at every length) that the profile
+    rates best, best first: [(a, b)]. relative: [K, R, P] ΔL of each rule from the choice (int [K]); weights: [P]."""
+    gain = (relative * weights).sum(-1)[:, choice]                                   # [a, b]: a takes b's rule
+    a, b = np.triu_indices(len(choice), 1)
+    keep = choice[a] != choice[b]
+    a, b = a[keep], b[keep]
+    order = np.argsort(gain[a, b] + gain[b, a], kind="stable")[:count]
+    return list(zip(a[order].tolist(), b[order].tolist()))
 
 
 def row_batches(ids, tokens=BATCH_TOKENS):
@@ -1076,37 +1108,70 @@ def compress(model, tokenizer, out=None, **settings):
     calib = {n: samples("calib", calib_docs, n) for n in tqdm(lengths, desc="calibration samples")}
     valid = {n: samples("valid", valid_docs, n) for n in valid_lengths}
     alphas, betas = rules(lengths)
-    loss = np.stack([rule_losses(stages(f"profile_{n}", fingerprint(data_key, n),
-                                        lambda: profile(model, calib[n], cfg.sink)), H // G, alphas, betas)
-                     for n in tqdm(lengths, desc="profiling")], -1)                     # [L*G, 54, P]
-    at = budget_lengths(cfg)
-    density = rule_densities(alphas, betas, at, cfg.sink)                               # [54, len(at)]
+    to_plan = lambda c: make_plan(alphas[c].reshape(L, G), betas[c].reshape(L, G), cfg.sink)
+    windows = lambda c, n: window(alphas[c], betas[c], n)                              # [L*G] of a choice c
+    hists = [stages(f"profile_{n}", fingerprint(data_key, n), lambda: profile(model, calib[n], cfg.sink))
+             for n in tqdm(lengths, desc="profiling")]
+    loss = np.stack([rule_losses(h, H // G, alphas, betas) for h in hists], -1)        # [L*G, 54, P]
+    at, layers = budget_lengths(cfg), np.repeat(np.arange(L), G)
+    density, budget = rule_densities(alphas, betas, at, cfg.sink), np.full(len(at), cfg.density)   # [54, len(at)]
+    workers = min(8, os.cpu_count() or 1)
     front = stages("optimize", fingerprint(loss.tolist(), at, cfg.density, cfg.max_rules_per_layer),
-                   lambda: pareto_front(loss, density, np.full(len(at), cfg.density), np.repeat(np.arange(L), G),
-                                        cfg.max_rules_per_layer, at, workers=min(8, os.cpu_count() or 1)))
-    plans = [make_plan(alphas[c].reshape(L, G), betas[c].reshape(L, G), cfg.sink) for c in front]
+                   lambda: pareto_front(loss, density, budget, layers, cfg.max_rules_per_layer, at, workers))
 
     def loss_at(n, plan, name):   # a plan's validation loss at n; plans whose windows coincide at n run once
         w = None if plan is None else window(*kv_rules(plan, model.config), n).tolist()
         return stages(f"validate_{fingerprint(w, plan and plan['sink'])}_{n}", fingerprint(data_key, n),
                       lambda: float(answer_losses(model, valid[n], plan, desc=f"{name} @{n}").mean()))
 
+    def scored(c, name):          # (validation score, losses [valid lengths]) of the choice c: a rule per head
+        x = [loss_at(n, to_plan(c), name) for n in valid_lengths]
+        return validation_score(x, dense, uniform), x
+
     dense = [loss_at(n, None, "dense") for n in valid_lengths]
     uniform = [loss_at(n, uniform_plan(model.config, cfg.density, n, cfg.sink), "uniform") for n in valid_lengths]
-    losses = [[loss_at(n, p, f"plan {i + 1}/{len(plans)}") for n in valid_lengths]
-              for i, p in enumerate(tqdm(plans, desc="validating"))]
-    scores = [validation_score(x, dense, uniform) for x in losses]
-    best = int(np.argmin(scores))
-    plan = plans[best]
+    pareto = [scored(c, f"plan {i + 1}/{len(front)}") for i, c in enumerate(tqdm(front, desc="validating"))]
+    best = int(np.argmin([x[0] for x in pareto]))
+    choice, (score, losses) = front[best], pareto[best]
+    steps = {"front": (choice, score, losses)}
+    # Refinement (SPEC §5.1, §7): profile at the chosen plan, solve near it, keep what validation confirms
+    weights = 1 / np.array([rule_losses(h, H // G, *np.array([uniform_rule(cfg.density, n, cfg.sink)]).T).sum()
+                            for h, n in zip(hists, lengths)])           # each length's F in units of uniform's
+    relative = loss - loss[np.arange(L * G), choice][:, None]                          # ΔL from the choice, at dense
+    for r in range(cfg.rounds):
+        plan = to_plan(choice)
+        relative = np.stack([rule_losses(stages(
+            f"profile_{n}_at_{fingerprint(windows(choice, n).tolist())}", fingerprint(data_key, n, "at"),
+            lambda: profile(model, calib[n], cfg.sink, plan)), H // G, alphas, betas, windows(choice, n))
+            for n in tqdm(lengths, desc=f"profiling at the plan, round {r + 1}")], -1)
+        near = near_plans(loss[np.arange(L * G), choice], relative, weights, choice, density, budget, layers,
+                          cfg.max_rules_per_layer, at, workers)
+        tried = [scored(c, f"round {r + 1}, near plan {i + 1}/{len(near)}") for i, c in enumerate(near)]
+        i = int(np.argmin([x[0] for x in tried]))
+        if tried[i][0] >= score:
+            break
+        choice, (score, losses) = near[i], tried[i]
+    steps["at_plan"] = (choice, score, losses)
+    for a, b in tqdm(swaps(relative, weights, choice, cfg.refine), desc="refining"):
+        c = choice.copy()
+        c[[a, b]] = c[[b, a]]
+        x = scored(c, f"swap {a} {b}")
+        if x[0] < score:
+            choice, (score, losses) = c, x
+    steps["refined"] = (choice, score, losses)
     kept = {n: np.bincount(s["instruction"], minlength=len(cfg.instructions)).tolist() for n, s in calib.items()}
-    plan.update(model=str(model.name_or_path), lengths=list(lengths), validate_length=cfg.validate_length,
-                density_budget=cfg.density, density={n: plan_density(plan, model.config, n) for n in at},
-                validation_loss={"lengths": valid_lengths, "dense": dense, "uniform": uniform, "plan": losses[best],
-                                 "score": scores[best], "pareto": losses},
+    meta = dict(model=str(model.name_or_path), lengths=list(lengths), validate_length=cfg.validate_length,
+                density_budget=cfg.density, seed=cfg.seed, samples=cfg.samples)
+    with_meta = lambda c: {**to_plan(c), **meta, "density": {n: plan_density(to_plan(c), model.config, n) for n in at}}
+    plan = with_meta(choice)
+    plan.update(validation_loss={"lengths": valid_lengths, "dense": dense, "uniform": uniform, "plan": losses,
+                                 "score": score, "pareto": [x[1] for x in pareto],
+                                 "steps": {k: v[2] for k, v in steps.items()}},
                 calibration={"instructions": list(cfg.instructions), "candidates": cfg.candidates,
-                             "local_window": cfg.local_window, "kept": kept},
-                seed=cfg.seed, samples=cfg.samples)
+                             "local_window": cfg.local_window, "kept": kept})
     if out:
+        for step, (c, *_) in steps.items():                  # what each step chose, beside the plan (diagnostics)
+            save_plan(with_meta(c), Path(out) / f"plan_{step}.json")
         save_plan(plan, Path(out) / "plan.json")
     summary(plan, stages.seconds)
     return plan
@@ -1124,11 +1189,11 @@ def summary(plan, seconds):
     print(f"\nvalidation, {plan['samples']} samples per length, {len(v['pareto'])} Pareto plans scored "
           f"(score: excess loss over dense as a share of uniform's, averaged over the lengths where uniform loses "
           f">= {MIN_SPREAD:.0%} more than dense):")
-    print(f"{'length':>8} {'dense':>8} {'uniform':>8} {'plan':>8}")
+    columns = {"dense": v["dense"], "uniform": v["uniform"], **v["steps"]}     # the plan: each refinement step's
+    print("".join(f"{k:>10}" for k in ("length", *columns)))
     for i, n in enumerate(v["lengths"]):
-        print(f"{n:>8} {v['dense'][i]:>8.4f} {v['uniform'][i]:>8.4f} {v['plan'][i]:>8.4f}")
-    score = lambda x: f"{validation_score(x, v['dense'], v['uniform']):>8.4f}"
-    print(f"{'score':>8} {score(v['dense'])} {score(v['uniform'])} {v['score']:>8.4f}")
+        print(f"{n:>10}" + "".join(f"{x[i]:>10.4f}" for x in columns.values()))
+    print(f"{'score':>10}" + "".join(f"{validation_score(x, v['dense'], v['uniform']):>10.4f}" for x in columns.values()))
     print("\nstage seconds: " + (", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) or "all resumed from disk"))
 
 

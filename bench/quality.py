@@ -60,18 +60,33 @@ def copy_accuracy(model, ids, plan):
     return torch.cat(out)
 
 
-def passkey_inputs(tokenizer, docs, n, depth, count, rng, new_tokens):
-    """Pass-key retrieval: a chat turn of n - new_tokens tokens with a 5-digit key hidden at `depth`.
-    Returns ids [count, n - new_tokens] and the keys."""
-    before, after = chat_frame(tokenizer, "What is the pass key? Answer with the number only.")
+# Pass-key prompts in three formats that differ in filler, template and wording, each with a 5-digit key hidden at a
+# depth: (chat template, filler: None for the held-out documents or a sentence repeated, the key's sentence, question)
+INTRO = "A number is hidden somewhere in the long text below. Read carefully and keep it in mind: you will be asked " \
+        "for it at the end.\n"
+SENTENCE = " The river runs past the old mill. Birds sing in the morning. The road turns left at the hill."
+PASSKEY = {"passkey": (True, None, "\nThe pass key is {key}. Remember it: {key} is the pass key.\n",
+                       "What is the pass key? Answer with the number only."),
+           "passkey_chat": (True, SENTENCE, " The secret number is {key}. Keep {key} in mind.", "What is the number?"),
+           "passkey_plain": (False, SENTENCE, " The pass key is {key}. Do not forget {key}.",
+                             "\n\nQuestion: what is the pass key? Answer: the pass key is")}
+
+
+def passkey_inputs(tokenizer, docs, n, depth, count, rng, new_tokens, form="passkey"):
+    """Pass-key retrieval in the format PASSKEY[form]: a prompt of n - new_tokens tokens with a 5-digit key hidden at
+    `depth` of its filler. Returns ids [count, n - new_tokens] and the keys."""
+    chat, sentence, needle, question = PASSKEY[form]
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
+    before, after = chat_frame(tokenizer, question) if chat else ([], encode(question))
+    before += encode(INTRO) if sentence else []
     rows, keys = [], []
     for _ in range(count):
         key = str(rng.integers(10000, 100000))
-        needle = tokenizer(f"\nThe pass key is {key}. Remember it: {key} is the pass key.\n",
-                           add_special_tokens=False)["input_ids"]
-        text = filler(tokenizer, docs, n - new_tokens - len(before) - len(after) - len(needle), rng)
+        secret = encode(needle.format(key=key))
+        room = n - new_tokens - len(before) - len(after) - len(secret)
+        text = filler(tokenizer, docs, room, rng) if sentence is None else (encode(sentence) * room)[:room]
         at = int(depth * len(text))
-        rows.append(before + text[:at] + needle + text[at:] + after)
+        rows.append(before + text[:at] + secret + text[at:] + after)
         keys.append(key)
     return torch.tensor(rows), keys
 
@@ -110,7 +125,7 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
     kv_rules(plan, model.config)                             # clear errors before any output
     check_length(max(lengths), length_limit(plan, model.config), fix="give shorter --lengths")
     cfg = Config(seed=seed, samples=samples).resolved(model.device, model.config)
-    _, docs = split_documents(load_documents(), seed)       # validation documents: never used in calibration
+    docs = split_documents(load_documents(), seed)[2]       # evaluation documents: no run calibrates or validates on them
     held_out = tokenize_documents(tokenizer, docs)
     sample_room(tokenizer, held_out, max(lengths), cfg, "held-out")
     stages = stages or Stages(out)
@@ -120,7 +135,8 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
         for n in tqdm(lengths, desc="lengths"):
             rng = np.random.default_rng([seed, n])
             copies = {z: copy_inputs(tokenizer, docs, n, z, samples, rng) for z in DEPTHS}
-            passkeys = {z: passkey_inputs(tokenizer, docs, n, z, samples, rng, new_tokens) for z in DEPTHS}
+            passkeys = {(f, z): passkey_inputs(tokenizer, docs, n, z, samples, rng, new_tokens, f)
+                        for f in PASSKEY for z in DEPTHS}
             text = torch.tensor([filler(tokenizer, docs, n, rng) for _ in range(samples)])
             answers = stages(f"answers_{n}", fingerprint(base, n), lambda: make_samples(
                 model, tokenizer, held_out, samples, n, cfg, seed=[seed, n, 2]))
@@ -131,7 +147,8 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
                     f"{what}_{fingerprint(w)}_{n}_{depth}", fingerprint(base, n, w, what, depth), fn)))
                 for z in DEPTHS:
                     measure("copy", lambda: copy_accuracy(model, copies[z], p), z)
-                    measure("passkey", lambda: passkey_accuracy(model, tokenizer, *passkeys[z], p, new_tokens), z)
+                for f, z in passkeys:
+                    measure(f, lambda: passkey_accuracy(model, tokenizer, *passkeys[f, z], p, new_tokens), z)
                 measure("answer_loss", lambda: answer_losses(model, answers, p))
                 measure("text_loss", lambda: token_losses(model, text, p))
     rows = [(what, name, n, z, float(v.mean()), float(v.std() / len(v) ** 0.5), len(v))
@@ -146,19 +163,20 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
 
 
 def eval_summary(rows, lengths):
-    """Per length and method: copy and pass-key accuracy over all depths, answer loss, perplexity."""
+    """Per length and method: copy and pass-key accuracy (each format) over all depths, answer loss, perplexity."""
     table = {}
     for what, name, n, z, mean, sem, count in rows:
         table.setdefault((n, name), {}).setdefault(what, []).append((mean, sem))
-    print(f"\n{'length':>6} {'method':>8} {'copy acc':>14} {'passkey':>14} {'answer loss':>16} {'text ppl':>9}")
+    accuracies = ("copy", *PASSKEY)
+    print(f"\n{'length':>6} {'method':>8}" + "".join(f"{a:>14}" for a in accuracies) + f"{'answer loss':>17} "
+          f"{'text ppl':>9}")
     for n in lengths:
         for name in ("dense", "uniform", "plan"):
             t = {k: (np.mean([m for m, _ in v]), np.sqrt(np.mean([s ** 2 for _, s in v]) / len(v)))
                  for k, v in table[(n, name)].items()}
-            print(f"{n:>6} {name:>8} {t['copy'][0]:>8.3f}±{t['copy'][1]:.3f} {t['passkey'][0]:>8.3f}±"
-                  f"{t['passkey'][1]:.3f} {t['answer_loss'][0]:>10.4f}±{t['answer_loss'][1]:.4f} "
-                  f"{math.exp(t['text_loss'][0]):>9.2f}")
-    print("(mean ± standard error over the samples; copy and passkey averaged over depths "
+            print(f"{n:>6} {name:>8}" + "".join(f"{t[a][0]:>8.3f}±{t[a][1]:.3f}" for a in accuracies) +
+                  f" {t['answer_loss'][0]:>10.4f}±{t['answer_loss'][1]:.4f} {math.exp(t['text_loss'][0]):>9.2f}")
+    print("(mean ± standard error over the samples; accuracies averaged over depths "
           f"{', '.join(map(str, DEPTHS))})")
 
 
@@ -177,8 +195,8 @@ def plot(rows, plan, config, out):
     pick = lambda what, name, n=None, z=None: [r for r in rows if r[0] == what and r[1] == name
                                                and (n is None or r[2] == n) and (z is None or r[3] == z)]
     for by, xs, fname in (("length", lengths, "accuracy_vs_length.png"), ("depth", DEPTHS, "accuracy_vs_depth.png")):
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for ax, what in zip(axes, ("copy", "passkey")):
+        fig, axes = plt.subplots(1, 1 + len(PASSKEY), figsize=(5 * (1 + len(PASSKEY)), 4))
+        for ax, what in zip(axes, ("copy", *PASSKEY)):
             for name in ("dense", "uniform", "plan"):
                 vals = [[r[4] for r in (pick(what, name, n=x) if by == "length" else pick(what, name, lengths[-1], x))]
                         for x in xs]
