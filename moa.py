@@ -100,9 +100,10 @@ INSTRUCTIONS = {
 }
 CUE_TOKENS = 12
 EVAL_SEED = 0      # the permutation that holds the evaluation's documents out of every run (split_documents)
-# Default profiling lengths (those within the model's context) and samples per length. A CPU stops at 4096: at 8k
-# one forward pass of the 135M default model takes ~20 s there.
-LENGTHS = {"cuda": (1024, 2048, 4096, 8192), "cpu": (1024, 2048, 4096)}
+# Default profiling lengths (those within the model's context) and samples per length. A CPU stops at 2048, so that
+# it validates at 4096: at 8k one forward pass of the 135M default model takes ~20-40 s there, and the refinement
+# validates some thirty plans.
+LENGTHS = {"cuda": (1024, 2048, 4096, 8192), "cpu": (1024, 2048)}
 SAMPLES = {"cuda": 32, "cpu": 1}
 
 
@@ -133,7 +134,8 @@ class Config:
             samples=self.samples or SAMPLES[kind], instructions=tuple(self.instructions))
 
 
-PAPER = dict(instructions=("summary",), candidates=1)   # the paper's protocol: summaries only, no selection
+PAPER = dict(instructions=("summary",), candidates=1, rounds=0, refine=0)   # the paper's: summaries, no selection,
+                                                                              # validation without refinement
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")   # model_type values tested end to end
 BATCH_TOKENS = 1 << 18     # tokens per batch in forward passes and generation
@@ -1074,6 +1076,8 @@ def check_config(cfg, config):
         raise MoAError(f"--density must be in (0, 1], not {cfg.density}")
     if min(cfg.samples, cfg.answer_tokens, cfg.candidates, len(cfg.instructions)) < 1:
         raise MoAError("--samples, --answer-tokens, --candidates and --instructions need at least 1")
+    if min(cfg.rounds, cfg.refine) < 0:
+        raise MoAError("--rounds and --refine count steps: give 0 or more")
     if not 0 < cfg.local_window < 1:
         raise MoAError(f"--local-window is a share of the length, in (0, 1), not {cfg.local_window}")
     lengths = budget_lengths(cfg)
@@ -1249,8 +1253,12 @@ def main(argv=None):
     p.add_argument("--local-window", type=float,
                    help="selection: a candidate's loss rise when every head sees only the sink and this share of the "
                         f"length (default: {Config.local_window})")
-    p.add_argument("--paper", action="store_true",
-                   help="the paper's calibration: summaries only, no selection (sets --instructions and --candidates)")
+    p.add_argument("--rounds", type=int, help="refinement: profiles at the chosen plan, each followed by solves near "
+                   f"it (default: {Config.rounds}; 0: none)")
+    p.add_argument("--refine", type=int, help="refinement: swaps of two heads' rules tried on the validation samples "
+                   f"(default: {Config.refine}; 0: none)")
+    p.add_argument("--paper", action="store_true", help="the paper's protocol: summaries only, no selection, no "
+                   "refinement (sets --instructions, --candidates, --rounds and --refine)")
     a = p.parse_args(argv)
     settings = {k: v for k, v in vars(a).items() if k in Config.__dataclass_fields__ and v is not None}
     settings.update(PAPER if a.paper else {})

@@ -847,6 +847,7 @@ BAD_INPUT = [
     ("lengths beyond the context", COMPRESS + ["--lengths", "1024", "1536", "--validate-length", "3072"], {},
      "exceeds the model's context"),
     ("validation length too short", COMPRESS + ["--validate-length", "448"], {}, "below the largest profiling"),
+    ("negative refinement", COMPRESS + ["--refine", "-1"], {}, "give 0 or more"),
     ("missing calibration file", COMPRESS + ["--calib", "{tmp}/none.txt"], {}, "does not exist"),
     ("empty calibration file", COMPRESS + ["--calib", "{tmp}/c.txt"], {"c.txt": ""}, "holds 0 document"),
     ("too short calibration file", COMPRESS + ["--calib", "{tmp}/c.txt"], {"c.txt": "One.\n\nTwo.\n\nThree."},
