@@ -44,7 +44,7 @@ for seed in a.seeds:
             model, tokenizer = moa.load_model(None, a.device)
         mix = dict(instructions=tuple(a.instructions)) if a.instructions else {}
         cfg = moa.Config(seed=seed, samples=a.samples, **mix).resolved(model.device, model.config)
-        docs, _ = (moa.tokenize_documents(tokenizer, d) for d in moa.split_documents(moa.load_documents(None), seed))
+        docs = moa.tokenize_documents(tokenizer, moa.split_documents(moa.load_documents(None), seed)[0])
         samples = moa.make_samples(model, tokenizer, docs, a.samples, a.length, cfg, seed=[seed, a.length, False])
         torch.save({"hist": moa.profile(model, samples, cfg.sink), "instruction": samples["instruction"],
                     "rise": samples["rise"]}, path)
