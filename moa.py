@@ -563,12 +563,16 @@ NODE_LIMIT = 200     # and after this many branch-and-bound nodes (a count, unli
 
 
 def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff):
-    """scipy's milp (HiGHS) to MIP_GAP, pruning at objective `cutoff` (HiGHS's objective_bound)."""
+    """scipy's milp (HiGHS) to MIP_GAP, pruning at objective `cutoff` (HiGHS's objective_bound). A run that ends with
+    neither a proof nor a plan is rerun without presolve: HiGHS's presolve fails ("Solve error", status 4) on some
+    small feasible programs (test_solve_survives_a_failed_presolve), and the plan missed may be one of the front's."""
     with warnings.catch_warnings():                                                # objective_bound passes verbatim
         warnings.simplefilter("ignore", RuntimeWarning)
-        return milp(c, integrality=np.ones_like(c), bounds=(0, 1),
-                    constraints=[LinearConstraint(A_eq, b_eq, b_eq), LinearConstraint(A_ub, -np.inf, b_ub)],
-                    options={"mip_rel_gap": MIP_GAP, "objective_bound": cutoff, "node_limit": NODE_LIMIT})
+        run = lambda **o: milp(c, integrality=np.ones_like(c), bounds=(0, 1), options={
+            "mip_rel_gap": MIP_GAP, "objective_bound": cutoff, "node_limit": NODE_LIMIT, **o},
+            constraints=[LinearConstraint(A_eq, b_eq, b_eq), LinearConstraint(A_ub, -np.inf, b_ub)])
+        res = run()
+        return run(presolve=False) if res.status not in (0, 2) and res.x is None else res
 
 
 def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_per_layer=None, names=None):
@@ -576,7 +580,7 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
     the bounds F_p <= bounds[p] (p != objective). loss: [K, R, P] ΔL per KV head, rule and profiling length; density:
     [R, M] C_r(N)/N; budget: [M] d_N; bounds: [P] or None; layers: [K] layer of each head, with at most
     max_rules_per_layer distinct rules per layer; names: the M lengths, for errors. Returns the rule per head, int
-    [K], or None if infeasible.
+    [K], or None if infeasible. Stopped by NODE_LIMIT: the best plan found, with a warning; none found: MoAError.
 
     Fast: (1) a rule s is dropped for a group of heads (a head; a layer if rules per layer are limited)
     if a rule r is no worse for all of them in F_objective, every bounded F_p and every density (ties: the lower
@@ -621,7 +625,15 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
         res = _milp(*program(sub), cutoff=best)
         if res.x is not None and res.fun < best:
             best, plan = res.fun, np.nonzero(sub)[1][np.round(res.x[:sub.sum()]) == 1]
-        if exact or best - z_L <= MIP_GAP * abs(best) < np.inf:
+        done = best - z_L <= MIP_GAP * abs(best) < np.inf                         # within the gap of the LP bound
+        if exact and not done and res.status not in (0, 2):   # HiGHS stopped unproven: at NODE_LIMIT it says status 4
+            if plan is None:                      # none found in time, which is not "infeasible" (no "raise --density")
+                raise MoAError(f"the optimizer stopped (status {res.status}, moa.NODE_LIMIT {NODE_LIMIT} nodes) before "
+                               f"finding any plan for objective {objective}: raise moa.NODE_LIMIT")
+            warnings.warn(f"solve: objective {objective} stopped at the node limit ({NODE_LIMIT} nodes) unproven; kept "
+                          f"the best plan found, F = {best * scale[objective]:.6g} (the LP bound: "
+                          f"{z_L * scale[objective]:.6g})")
+        if exact or done:
             return plan
         t = max(t, min(4 * t + 1e-3, best - z_L))
 

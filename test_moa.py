@@ -273,6 +273,42 @@ def test_infeasible_budget_names_smallest_density():
         moa.pareto_front(loss, density, budget, names=[1024, 2048, 4096])
 
 
+def test_solve_at_the_node_limit(monkeypatch):
+    """A subset sum that branch and bound must search: rule 0 keeps a head's even weight w (F_1, bounded by an odd
+    number, so the LP bound is never met), rule 1 drops it (F_0). With the default limit solve finds the exhaustive
+    optimum (within the gap); stopped after one node it keeps the best feasible plan found and warns with its F and
+    the bound; stopped before any plan it raises a clear error, where None would have read "raise --density"."""
+    K = 10
+    w = 2 * np.random.default_rng(2).integers(50, 100, K)
+    loss = np.zeros((K, 2, 2))
+    loss[:, 1, 0], loss[:, 0, 1] = w, w
+    density, budget, bounds = np.array([[1.0], [0.0]]), np.array([1.0]), np.array([np.inf, w.sum() // 2 + 1])
+    a = np.array(list(itertools.product(range(2), repeat=K)))
+    F = loss[np.arange(K), a].sum(1)
+    best = F[F[:, 1] <= bounds[1], 0].min()
+    run = lambda: loss[np.arange(K), moa.solve(loss, density, budget, 0, bounds)].sum(0)    # F_0, F_1 of its plan
+    assert run()[1] <= bounds[1] and best <= run()[0] <= best * (1 + moa.MIP_GAP)
+    monkeypatch.setattr(moa, "NODE_LIMIT", 1)
+    with pytest.warns(UserWarning, match="node limit") as warned:
+        f = run()
+    assert f[1] <= bounds[1] and f"F = {f[0]:g}" in str(warned[0].message)        # feasible, its F reported
+    monkeypatch.setattr(moa, "NODE_LIMIT", 0)
+    with pytest.raises(moa.MoAError, match="before finding any plan for objective 0: raise moa.NODE_LIMIT"):
+        run()
+
+
+def test_solve_survives_a_failed_presolve():
+    """On this feasible instance HiGHS's presolve ends in "Solve error" without a plan (scipy 1.17.1); solve reruns it
+    without presolve and finds the exhaustive optimum, where it used to read None ("infeasible")."""
+    loss, density, budget = tiny(102, P=2, ties=False)
+    a, F, ok = brute(loss, density, budget, 1)
+    f = np.sort(F[ok, 1])
+    bound = f[0] + 0.75 * (f[1] - f[0])      # an ε-bound of test_pareto_front's grid: one feasible plan meets it
+    x = moa.solve(loss, density, budget, 0, np.array([np.inf, bound]), LAYERS, 1)
+    best = F[ok & (F[:, 1] <= bound), 0].min()
+    assert x is not None and best <= loss[np.arange(4), x, 0].sum() <= best * (1 + moa.MIP_GAP)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Masked attention (SPEC §2, §10)
 
