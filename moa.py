@@ -373,15 +373,15 @@ def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
         candidates.append((before, stream[:length - len(before) - len(after)], after, c % len(texts)))
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    apply_plan(model, None)
     rows, starts = [], []
     batch = max(1, BATCH_TOKENS // length)
     for b0 in tqdm(range(0, len(candidates), batch), desc=f"answers @{length}", leave=False):
         chunk = candidates[b0:b0 + batch]
         prompts = torch.tensor([before + t[cfg.answer_tokens:] + after for before, t, after, _ in chunk],
                                device=model.device)                                # all length - answer_tokens long
-        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                             max_new_tokens=cfg.answer_tokens, pad_token_id=next(iter(eos)))
+        with following(model, None):                        # the dense model's answers, whatever plan it follows
+            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                 max_new_tokens=cfg.answer_tokens, pad_token_id=next(iter(eos)))
         for (before, t, after, _), gen in zip(chunk, out[:, prompts.shape[1]:].tolist()):
             answer = gen[:next((i + 1 for i, tok in enumerate(gen) if tok in eos), len(gen))]
             # A shorter answer leaves room: the document starts earlier in its stream, so that the sample is exactly
@@ -404,7 +404,7 @@ def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
     B, N = input_ids.shape
     keep = N - int(answer_start.min()) + 1            # positions answer_start-1 .. N-2 predict the answer
     logits = model(input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
-                   logits_to_keep=keep).logits[:, :-1].float()
+                   logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
     targets = input_ids[:, N - keep + 1:].to(logits.device)
     ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")   # [B, keep-1]
     mask = torch.arange(N - keep + 1, N, device=ce.device)[None] >= answer_start[:, None].to(ce.device)
@@ -830,6 +830,9 @@ def plan_attention(module, query, key, value, attention_mask, scaling=None, drop
                            "prefill_chunk_size")
         w = window(*module.moa_rule, layer.n).tolist()
         return kernel.chunk_attention(query, key, value, layer.ring, w, scaling).transpose(1, 2), None
+    if layer is None and q != key.shape[2]:                  # keys from another cache: transformers' DynamicCache
+        raise MoAError("a model that follows a plan decodes through its own cache: pass past_key_values="
+                       "moa.PlanCache(model, n) (n: prompt + new tokens) to the first call, or use model.generate")
     n = layer.n if layer is not None else key.shape[2]
     check_length(n, module.moa_limit)
     pad = left_padding(attention_mask, key.shape[2])
@@ -895,7 +898,7 @@ class PlanCache(Cache):
 
     def __init__(self, model, n):
         self.modules = attention_modules(model)
-        if not all(hasattr(m, "moa_rule") for m in self.modules):
+        if model.__dict__.get("moa_plan") is None:          # modules keep their rules after a plan is taken off
             raise MoAError("the model follows no plan: call moa.apply_plan(model, plan) first")
         check_length(n, self.modules[0].moa_limit)
         super().__init__(layers=[PlanLayer(cache_size(*m.moa_rule, n, m.moa_sink).tolist(), m.moa_sink, n)
@@ -934,8 +937,8 @@ def apply_plan(model, plan):
     """Make the model follow `plan` (SPEC §2), None: dense again. Forward passes go through FlexAttention, generate
     through the static sink + ring cache and the fused decode kernel (N = prompt + max_new_tokens)."""
     if plan is None:
-        model.__dict__.pop("_prepare_cache_for_generation", None)
-        model.__dict__.pop("_prefill", None)
+        for name in ("_prepare_cache_for_generation", "_prefill", "moa_plan"):
+            model.__dict__.pop(name, None)
         model.set_attn_implementation("sdpa")
         return model
     alphas, betas = kv_rules(plan, model.config)
@@ -945,17 +948,20 @@ def apply_plan(model, plan):
         m.moa_layer = None                                      # PlanCache.update's hand-off to plan_attention
     model.set_attn_implementation("moa")
     model._prepare_cache_for_generation, model._prefill = _generate_with_plans(model)
+    model.moa_plan = plan                                       # what following() restores
     return model
 
 
 @contextlib.contextmanager
 def following(model, plan):
-    """with following(model, plan): the model follows `plan` (None: dense) inside the block, dense again after."""
+    """with following(model, plan): the model follows `plan` (None: dense) inside the block, and after it what it
+    followed before (a plan the caller applied, or dense)."""
+    before = model.__dict__.get("moa_plan")
     apply_plan(model, plan)
     try:
         yield model
     finally:
-        apply_plan(model, None)
+        apply_plan(model, before)
 
 
 AttentionInterface.register("moa_profile", profile_attention)

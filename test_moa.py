@@ -495,6 +495,45 @@ def test_generate_sampling_and_limits():
             model(ids[:, :1], past_key_values=cache)
 
 
+def test_following_restores_what_was_there(tokenizer):
+    """following() (and answer_losses and make_samples, which run inside it) leaves the model on the plan the caller
+    had applied, or dense. With a plan, a plain decode loop (transformers' DynamicCache) gets a one-line error naming
+    moa.PlanCache, answer_loss makes no cache at all, and once the plan is taken off a PlanCache is refused."""
+    from transformers import DynamicCache
+    model = tiny_model(layers=2, heads=4, kv=2, seed=5, init=0.2)
+    plan = moa.make_plan([[0, -200], [50, 0]], [[0.25, 0], [0, 1]])          # at 200 tokens: 64, 64, 64, 200
+    other = moa.every_head(model.config, 0, 0.5)                              # 100 each
+    ids = torch.randint(2, 384, (1, 200), generator=torch.Generator().manual_seed(0))
+    docs = moa.tokenize_documents(tokenizer, moa.load_documents()[:40])
+    cfg = moa.Config(samples=1, answer_tokens=4, candidates=2).resolved("cpu", model.config)
+    logits = lambda: model(ids, use_cache=False).logits
+    with torch.no_grad():
+        dense = logits()
+        want = moa.apply_plan(model, plan) and logits()
+        assert not torch.equal(want, dense)
+        with moa.following(model, other):
+            assert not torch.equal(logits(), want)
+        assert torch.equal(logits(), want)
+        moa.answer_losses(model, {"input_ids": ids, "answer_start": torch.tensor([190])})     # dense inside
+        moa.make_samples(model, tokenizer, docs, 1, 384, cfg, seed=[0])       # dense answers, a local-window plan
+        assert torch.equal(logits(), want)
+        out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=1, return_dict_in_generate=True)
+        assert isinstance(out.past_key_values, moa.PlanCache)                 # generate still goes through the plan
+        out = model(ids[:, :-1])
+        assert isinstance(out.past_key_values, DynamicCache)                 # transformers' own, by default
+        with pytest.raises(moa.MoAError, match=r"pass past_key_values=moa\.PlanCache\(model, n\)"):
+            model(ids[:, -1:], past_key_values=out.past_key_values)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(DynamicCache, "__init__", lambda *a, **k: pytest.fail("answer_loss made a KV cache"))
+            moa.answer_loss(model, ids, torch.tensor([190]))
+        moa.apply_plan(model, None)
+        with moa.following(model, plan):
+            pass
+        assert torch.equal(logits(), dense)
+    with pytest.raises(moa.MoAError, match="follows no plan"):
+        moa.PlanCache(model, 200)
+
+
 def test_generate_compiles_one_decode_graph(monkeypatch):
     """generate compiles its decode step, a PlanCache being compileable (transformers' own path; on the CPU only when
     told to, with aot_eager here): one graph, traced whole (fullgraph: no graph break) and run by every step without
@@ -725,14 +764,18 @@ def test_paper_protocol_from_the_command_line(tmp_path, tiny_folder):
 def test_family_end_to_end(family, tokenizer):
     """Every supported family compresses (TINY settings); with the plan it chose, a forward pass gives the logits of
     the plain masked attention of the same windows, and generate (the plan's cache and decode kernel) the greedy
-    tokens of the masked reference that recomputes the whole sequence."""
+    tokens of the masked reference that recomputes the whole sequence. A plan the caller had applied before compress
+    is still followed after it."""
     model = tiny_model(family, layers=2, heads=4, kv=2, seed=6, init=0.2).to(DEVICE)
-    plan = moa.compress(model, tokenizer, **TINY)
-    check_plan(plan, model.config)
     n, steps = TINY["lengths"][0], 6                       # at n, the plan's density is at most the budget (0.6)
     ids = torch.randint(2, 384, (1, n - steps), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     mask = torch.ones_like(ids)
     with torch.no_grad():
+        before = moa.apply_plan(model, moa.every_head(model.config, 0, 0.25))(ids).logits
+    plan = moa.compress(model, tokenizer, **TINY)
+    check_plan(plan, model.config)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
         got = moa.apply_plan(model, plan)(ids).logits
         with pytest.MonkeyPatch.context() as m:
             m.setattr(kernel, "prefill", kernel.masked_reference)
