@@ -126,8 +126,9 @@ class Config:
         context = getattr(config, "max_position_embeddings", None) or max(LENGTHS[kind])
         lengths = tuple(int(n) for n in self.lengths or [n for n in LENGTHS[kind] if n <= context] or [context])
         return dataclasses.replace(
-            self, lengths=lengths, validate_length=self.validate_length or min(2 * max(lengths), context),
-            samples=self.samples or SAMPLES[kind], instructions=tuple(self.instructions))
+            self, lengths=lengths, instructions=tuple(self.instructions),   # 0 stays 0, for check_config to refuse
+            validate_length=min(2 * max(lengths), context) if self.validate_length is None else self.validate_length,
+            samples=SAMPLES[kind] if self.samples is None else self.samples)
 
 
 PAPER = dict(instructions=("summary",), candidates=1)   # the paper's protocol: summaries only, no selection
@@ -294,8 +295,10 @@ def load_documents(calib=None):
     if path.suffix == ".jsonl":
         try:
             docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+            if not all(isinstance(d, str) for d in docs):
+                raise TypeError("a \"text\" that is not a string")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise MoAError(f"{path}: every line must be a JSON object with a \"text\" field ({e})") from None
+            raise MoAError(f"{path}: every line must be a JSON object with a \"text\" string ({e})") from None
     else:
         docs = [p.strip() for p in text.split("\n\n")]
     docs = [d for d in docs if d.strip()]
@@ -1036,7 +1039,8 @@ def check_config(cfg, config):
     if not 0 < cfg.density <= 1:
         raise MoAError(f"--density must be in (0, 1], not {cfg.density}")
     if min(cfg.samples, cfg.answer_tokens, cfg.candidates, len(cfg.instructions)) < 1:
-        raise MoAError("--samples, --answer-tokens, --candidates and --instructions need at least 1")
+        raise MoAError(f"--samples {cfg.samples}, --answer-tokens {cfg.answer_tokens}, --candidates "
+                       f"{cfg.candidates} and {len(cfg.instructions)} --instructions: give each at least 1")
     if not 0 < cfg.local_window < 1:
         raise MoAError(f"--local-window is a share of the length, in (0, 1), not {cfg.local_window}")
     lengths = budget_lengths(cfg)
