@@ -1045,6 +1045,9 @@ def check_config(cfg, config):
         raise MoAError(f"--local-window is a share of the length, in (0, 1), not {cfg.local_window}")
     lengths = budget_lengths(cfg)
     check_budget(rule_densities(*rules(cfg.lengths), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
+    if cfg.validate_length == cfg.lengths[-1]:       # e.g. a 4k context: 2 x 4096 is capped to the profiled 4096
+        print(f"note: the validation length {cfg.validate_length} is also the largest profiling length, so plans are "
+              "chosen on unseen samples but at no unseen length: give --lengths below it for one")
 
 
 def budget_lengths(cfg):

@@ -534,6 +534,17 @@ def test_following_restores_what_was_there(tokenizer):
         moa.PlanCache(model, 200)
 
 
+def test_validation_at_the_largest_profiling_length_is_noted(capsys):
+    """A 4k context: the default profiling lengths reach 4096 and 2 x 4096 is capped to it, so validation sees no
+    unseen length, which check_config says; lengths up to 2048 leave 4096 unseen, and nothing is said."""
+    from transformers import AutoConfig
+    config = AutoConfig.for_model("llama", max_position_embeddings=4096)
+    for lengths, note in ((None, True), ((1024, 2048), False)):
+        cfg = moa.Config(lengths=lengths).resolved("cpu", config)
+        moa.check_config(cfg, config)
+        assert cfg.validate_length == 4096 and ("at no unseen length" in capsys.readouterr().out) == note
+
+
 def test_generate_compiles_one_decode_graph(monkeypatch):
     """generate compiles its decode step, a PlanCache being compileable (transformers' own path; on the CPU only when
     told to, with aot_eager here): one graph, traced whole (fullgraph: no graph break) and run by every step without
