@@ -945,6 +945,9 @@ def apply_plan(model, plan):
         model.set_attn_implementation("sdpa")
         return model
     alphas, betas = kv_rules(plan, model.config)
+    if len({str(Path(name).resolve()) for name in (plan.get("model") or model.name_or_path, model.name_or_path)}) > 1:
+        warnings.warn(f"the plan was made for {plan['model']}, not {model.name_or_path}: the shapes match, but its "
+                      "rules were chosen for the other model's heads")
     limit = length_limit(plan, model.config)
     for m in attention_modules(model):
         m.moa_rule, m.moa_sink, m.moa_limit = (alphas[m.layer_idx], betas[m.layer_idx]), int(plan["sink"]), limit

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -532,6 +533,21 @@ def test_following_restores_what_was_there(tokenizer):
         assert torch.equal(logits(), dense)
     with pytest.raises(moa.MoAError, match="follows no plan"):
         moa.PlanCache(model, 200)
+
+
+def test_plan_for_another_model_warns(tmp_path):
+    """A plan whose "model" names another model (of the same shape) is applied with a warning; the same model named
+    by a relative path, or a plan without "model" (the paper's files), gives none."""
+    model = tiny_model(layers=2, heads=4, kv=2)
+    model.name_or_path = str(tmp_path / "mine")
+    rules = np.zeros((2, 2)), np.ones((2, 2))
+    with pytest.warns(UserWarning, match="the plan was made for .*theirs, not .*mine"):
+        moa.apply_plan(model, moa.make_plan(*rules, model=str(tmp_path / "theirs")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for same in (model.name_or_path, os.path.relpath(model.name_or_path)):
+            moa.apply_plan(model, moa.make_plan(*rules, model=same))
+        moa.apply_plan(model, moa.make_plan(*rules))
 
 
 def test_validation_at_the_largest_profiling_length_is_noted(capsys):
