@@ -73,28 +73,51 @@ def test_rules_are_the_spec_grid():
     assert sorted(set(b)) == [i / 8 for i in range(9)]
 
 
+# (alpha, beta, N, W, C) worked by hand from SPEC §2: W = min(N, max(64, floor(alpha + beta N))), C = min(N, 64 + W)
+WORKED = [(-1024, 0.5, 1000, 64, 128),        # -1024 + 500 = -524: the 64-token floor
+          (0, 0.125, 1000, 125, 189),
+          (0, 0.875, 1001, 875, 939),         # 875.875 rounds down, not to 876
+          (-1024, 0.625, 2000, 226, 290),
+          (1024, 0, 1000, 1000, 1000),        # 1024 > N: the whole sequence, 1000 slots (not 1064)
+          (3072, 0.25, 4096, 4096, 4096),     # 3072 + 1024 = N exactly
+          (0, 0.5, 100, 64, 100),             # 50 -> 64; sink + window 128 > N: all 100 tokens
+          (4096, 1, 64, 64, 64)]
+
+
+@pytest.mark.parametrize("alpha, beta, n, w, c", WORKED)
+def test_window_and_cache_size_worked_numbers(alpha, beta, n, w, c):
+    assert moa.window(alpha, beta, n) == w and moa.cache_size(alpha, beta, n) == c
+
+
+def test_densities_worked_numbers():
+    """C / N of three rules at 1000 and 2000 tokens, worked by hand; and a 4-token sink."""
+    d = moa.rule_densities([0, -1024, 1024], [0.125, 0.625, 0], [1000, 2000])
+    # (0, 1/8): W 125 -> C 189; W 250 -> C 314. (-1024, 5/8): -399 -> 64 -> C 128; 226 -> C 290.
+    # (1024, 0): W 1000 -> C 1000; W 1024 -> C 1088.
+    np.testing.assert_allclose(d, [[0.189, 0.157], [0.128, 0.145], [1.0, 0.544]], rtol=1e-12)
+    assert moa.cache_size(0, 0.125, 1000, sink=4) == 129 and moa.cache_size(1024, 0, 2000, sink=4) == 1028
+
+
 @pytest.mark.parametrize("n", [64, 100, 1024, 5000, 8192])
 def test_window_and_density_properties(n):
     a, b = moa.rules([1024, 2048, 4096])
     w, c = moa.window(a, b, n), moa.cache_size(a, b, n)
     assert ((w >= min(n, 64)) & (w <= n)).all() and ((c <= n) & (c >= w)).all()
-    assert (w == np.minimum(n, np.maximum(64, np.floor(a + b * n)))).all()
     assert (moa.window(a[(b == 1) & (a >= 0)], 1.0, n) == n).all()          # beta = 1, alpha >= 0: dense
     assert (moa.window(-1024.0, 0.0, n) == min(n, 64))                       # smallest rule: the 64-token window
-    bigger = moa.window(a, b, n + 1000)
-    assert (bigger >= w).all()                                               # windows never shrink as N grows
-    d = moa.rule_densities(a, b, [n])[:, 0]
-    assert np.allclose(d, c / n) and (d <= 1).all()
+    assert (moa.window(a, b, n + 1000) >= w).all()                           # windows never shrink as N grows
+    assert (moa.rule_densities(a, b, [n]) <= 1).all()
 
 
-def test_uniform_rule_meets_budget():
-    for n in (1024, 4096, 8192):
-        for d in (0.25, 0.5, 0.9):
-            alpha, beta = moa.uniform_rule(d, n)
-            c = moa.cache_size(alpha, beta, n)
-            assert alpha == 0 and c <= d * n and moa.cache_size(alpha, beta + 2 / n, n) > d * n
+def test_uniform_rule_worked_numbers():
+    """alpha = 0 and the largest beta whose C = 64 + floor(beta N) stays within d N, worked by hand (SPEC §11)."""
+    assert moa.uniform_rule(0.5, 1024) == (0.0, 0.4375)          # (512 - 64) / 1024: W 448, C 512
+    assert moa.uniform_rule(0.25, 4096) == (0.0, 0.234375)       # (1024 - 64) / 4096: W 960, C 1024
+    assert moa.uniform_rule(0.3, 1000) == (0.0, 0.236)           # floor(300) - 64 = 236
+    assert moa.uniform_rule(0.125, 1024) == (0.0, 0.0625)        # W 64, C 128 = 0.125 x 1024: just reachable
+    assert moa.uniform_rule(0.5, 1024, sink=4) == (0.0, 0.49609375)   # (512 - 4) / 1024
     with pytest.raises(moa.MoAError, match="below"):
-        moa.uniform_rule(0.01, 1024)
+        moa.uniform_rule(0.12, 1024)                             # 122.88 slots < 64 + 64
 
 
 # ----------------------------------------------------------------------------------------------------------------
