@@ -838,17 +838,22 @@ def test_family_end_to_end(family, tokenizer):
     assert out.tolist() == reference_generate(model, plan, ids, mask, steps).tolist()
 
 
-def test_device_map_through_accelerate_hooks():
-    """A model dispatched by accelerate with a device map and its hooks (as device_map="auto" sets them up over
-    several GPUs; here every part is on one device, with the hooks forced on) profiles, scores a plan and generates
-    with it as the plain model: the same tokens, and the same profile and losses, exactly on the CPU and up to float32
-    rounding on a GPU (CUDA's atomics may add in another order). examples/multi_gpu.py checks a real split over two
-    GPUs."""
+def test_device_map_through_accelerate_hooks(tmp_path):
+    """A model split by accelerate's device map into two parts: the embedding and layer 0 on the device, layer 1, the
+    norm and the head offloaded to disk, their weights on the meta device until the hooks (AlignDevicesHook, as
+    device_map="auto" sets them up over several GPUs) load each part for its forward and drop it after. It profiles
+    (the backward runs after the weights were dropped), scores a plan and generates with it (the PlanCache passed
+    through the hooks) as the plain model: the same tokens, and the same profile and losses, exactly on the CPU and up
+    to float32 rounding on a GPU (CUDA's atomics may add in another order). examples/multi_gpu.py checks a real split
+    over two GPUs."""
     from accelerate import dispatch_model
     plain, hooked = (tiny_model(seed=7, init=0.2).to(DEVICE) for _ in range(2))
-    parts = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
-    dispatch_model(hooked, dict.fromkeys(parts, DEVICE), force_hooks=True)
-    assert hasattr(hooked.model.layers[1], "_hf_hook")
+    parts = {"model.embed_tokens": DEVICE, "model.rotary_emb": DEVICE, "model.layers.0": DEVICE,
+             "model.layers.1": "disk", "model.norm": "disk", "lm_head": "disk"}
+    dispatch_model(hooked, parts, offload_dir=tmp_path, skip_keys=hooked._skip_keys_device_placement)
+    offloaded = lambda: {p.device.type for n, p in hooked.named_parameters() if not n.startswith(
+        ("model.embed_tokens", "model.layers.0"))}
+    assert offloaded() == {"meta"} and hooked.model.embed_tokens.weight.device.type == torch.device(DEVICE).type
     samples = random_samples(2, 200, answer=20)
     plan = moa.make_plan([[0, -200], [50, 0]], [[0.25, 0], [0, 1]], validate_length=256)
     ids, mask = ragged_prompts(2, 150, [0, 20])
@@ -858,6 +863,7 @@ def test_device_map_through_accelerate_hooks():
             tokens = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
                                     pad_token_id=1)
         results.append((moa.profile(model, samples), moa.answer_losses(model, samples, plan), tokens))
+    assert offloaded() == {"meta"}                                  # every use of those weights went through hooks
     exact = {} if DEVICE == "cuda" else dict(rtol=0, atol=0)
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, **exact)
