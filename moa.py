@@ -130,8 +130,9 @@ class Config:
         context = getattr(config, "max_position_embeddings", None) or max(LENGTHS[kind])
         lengths = tuple(int(n) for n in self.lengths or [n for n in LENGTHS[kind] if n <= context] or [context])
         return dataclasses.replace(
-            self, lengths=lengths, validate_length=self.validate_length or min(2 * max(lengths), context),
-            samples=self.samples or SAMPLES[kind], instructions=tuple(self.instructions))
+            self, lengths=lengths, instructions=tuple(self.instructions),   # 0 stays 0, for check_config to refuse
+            validate_length=min(2 * max(lengths), context) if self.validate_length is None else self.validate_length,
+            samples=SAMPLES[kind] if self.samples is None else self.samples)
 
 
 PAPER = dict(instructions=("summary",), candidates=1, rounds=0, refine=0)   # the paper's: summaries, no selection,
@@ -299,8 +300,10 @@ def load_documents(calib=None):
     if path.suffix == ".jsonl":
         try:
             docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+            if not all(isinstance(d, str) for d in docs):
+                raise TypeError("a \"text\" that is not a string")
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise MoAError(f"{path}: every line must be a JSON object with a \"text\" field ({e})") from None
+            raise MoAError(f"{path}: every line must be a JSON object with a \"text\" string ({e})") from None
     else:
         docs = [p.strip() for p in text.split("\n\n")]
     docs = [d for d in docs if d.strip()]
@@ -383,15 +386,15 @@ def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
         candidates.append((before, stream[:length - len(before) - len(after)], after, c % len(texts)))
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    apply_plan(model, None)
     rows, starts = [], []
     batch = max(1, BATCH_TOKENS // length)
     for b0 in tqdm(range(0, len(candidates), batch), desc=f"answers @{length}", leave=False):
         chunk = candidates[b0:b0 + batch]
         prompts = torch.tensor([before + t[cfg.answer_tokens:] + after for before, t, after, _ in chunk],
                                device=model.device)                                # all length - answer_tokens long
-        out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
-                             max_new_tokens=cfg.answer_tokens, pad_token_id=next(iter(eos)))
+        with following(model, None):                        # the dense model's answers, whatever plan it follows
+            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                 max_new_tokens=cfg.answer_tokens, pad_token_id=next(iter(eos)))
         for (before, t, after, _), gen in zip(chunk, out[:, prompts.shape[1]:].tolist()):
             answer = gen[:next((i + 1 for i, tok in enumerate(gen) if tok in eos), len(gen))]
             # A shorter answer leaves room: the document starts earlier in its stream, so that the sample is exactly
@@ -414,7 +417,7 @@ def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
     B, N = input_ids.shape
     keep = N - int(answer_start.min()) + 1            # positions answer_start-1 .. N-2 predict the answer
     logits = model(input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
-                   logits_to_keep=keep).logits[:, :-1].float()
+                   logits_to_keep=keep, use_cache=False).logits[:, :-1].float()
     targets = input_ids[:, N - keep + 1:].to(logits.device)
     ce = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")   # [B, keep-1]
     mask = torch.arange(N - keep + 1, N, device=ce.device)[None] >= answer_start[:, None].to(ce.device)
@@ -518,17 +521,19 @@ def profile(model, samples, sink=SINK, plan=None):
         m.moa_hist, m.moa_sink, m.moa_windows = None, sink, None if plan is None else windows[m.layer_idx]
     grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)                 # gradients flow to the activations only
+    before = model.config._attn_implementation  # "moa" where the caller applied a plan: kept for after
     model.set_attn_implementation("moa_profile")
     try:
         batches = row_batches(ids, PROFILE_TOKENS)
         for b0 in tqdm(batches, desc=f"profile @{N}", leave=False):
             rows = slice(b0, b0 + batches.step)
-            embeds = model.get_input_embeddings()(ids[rows]).detach().requires_grad_()
-            # The mean over all n samples: each sample's loss enters divided by n, so hist sums to the average.
-            (answer_loss(model, ids[rows], starts[rows], inputs_embeds=embeds).sum() / n).backward()
+            with torch.enable_grad():           # also under a caller's torch.no_grad()
+                embeds = model.get_input_embeddings()(ids[rows]).detach().requires_grad_()
+                # The mean over all n samples: each sample's loss enters divided by n, so hist sums to the average.
+                (answer_loss(model, ids[rows], starts[rows], inputs_embeds=embeds).sum() / n).backward()
         return torch.stack([m.moa_hist.cpu() for m in sorted(mods, key=lambda m: m.layer_idx)])
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(before)
         for m in mods:
             del m.moa_hist, m.moa_sink, m.moa_windows
         for p, g in zip(model.parameters(), grad):
@@ -590,12 +595,16 @@ NODE_LIMIT = 200     # and after this many branch-and-bound nodes (a count, unli
 
 
 def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff):
-    """scipy's milp (HiGHS) to MIP_GAP, pruning at objective `cutoff` (HiGHS's objective_bound)."""
+    """scipy's milp (HiGHS) to MIP_GAP, pruning at objective `cutoff` (HiGHS's objective_bound). A run that ends with
+    neither a proof nor a plan is rerun without presolve: HiGHS's presolve fails ("Solve error", status 4) on some
+    small feasible programs (test_solve_survives_a_failed_presolve), and the plan missed may be one of the front's."""
     with warnings.catch_warnings():                                                # objective_bound passes verbatim
         warnings.simplefilter("ignore", RuntimeWarning)
-        return milp(c, integrality=np.ones_like(c), bounds=(0, 1),
-                    constraints=[LinearConstraint(A_eq, b_eq, b_eq), LinearConstraint(A_ub, -np.inf, b_ub)],
-                    options={"mip_rel_gap": MIP_GAP, "objective_bound": cutoff, "node_limit": NODE_LIMIT})
+        run = lambda **o: milp(c, integrality=np.ones_like(c), bounds=(0, 1), options={
+            "mip_rel_gap": MIP_GAP, "objective_bound": cutoff, "node_limit": NODE_LIMIT, **o},
+            constraints=[LinearConstraint(A_eq, b_eq, b_eq), LinearConstraint(A_ub, -np.inf, b_ub)])
+        res = run()
+        return run(presolve=False) if res.status not in (0, 2) and res.x is None else res
 
 
 def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_per_layer=None, names=None):
@@ -603,7 +612,7 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
     the bounds F_p <= bounds[p] (p != objective). loss: [K, R, P] ΔL per KV head, rule and profiling length; density:
     [R, M] C_r(N)/N; budget: [M] d_N; bounds: [P] or None; layers: [K] layer of each head, with at most
     max_rules_per_layer distinct rules per layer; names: the M lengths, for errors. Returns the rule per head, int
-    [K], or None if infeasible.
+    [K], or None if infeasible. Stopped by NODE_LIMIT: the best plan found, with a warning; none found: MoAError.
 
     Fast: (1) a rule s is dropped for a group of heads (a head; a layer if rules per layer are limited)
     if a rule r is no worse for all of them in F_objective, every bounded F_p and every density (ties: the lower
@@ -648,7 +657,15 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
         res = _milp(*program(sub), cutoff=best)
         if res.x is not None and res.fun < best:
             best, plan = res.fun, np.nonzero(sub)[1][np.round(res.x[:sub.sum()]) == 1]
-        if exact or best - z_L <= MIP_GAP * abs(best) < np.inf:
+        done = best - z_L <= MIP_GAP * abs(best) < np.inf                         # within the gap of the LP bound
+        if exact and not done and res.status not in (0, 2):   # HiGHS stopped unproven: at NODE_LIMIT it says status 4
+            if plan is None:                      # none found in time, which is not "infeasible" (no "raise --density")
+                raise MoAError(f"the optimizer stopped (status {res.status}, moa.NODE_LIMIT {NODE_LIMIT} nodes) before "
+                               f"finding any plan for objective {objective}: raise moa.NODE_LIMIT")
+            warnings.warn(f"solve: objective {objective} stopped at the node limit ({NODE_LIMIT} nodes) unproven; kept "
+                          f"the best plan found, F = {best * scale[objective]:.6g} (the LP bound: "
+                          f"{z_L * scale[objective]:.6g})")
+        if exact or done:
             return plan
         t = max(t, min(4 * t + 1e-3, best - z_L))
 
@@ -875,6 +892,9 @@ def plan_attention(module, query, key, value, attention_mask, scaling=None, drop
                            "prefill_chunk_size")
         w = window(*module.moa_rule, layer.n).tolist()
         return kernel.chunk_attention(query, key, value, layer.ring, w, scaling).transpose(1, 2), None
+    if layer is None and q != key.shape[2]:                  # keys from another cache: transformers' DynamicCache
+        raise MoAError("a model that follows a plan decodes through its own cache: pass past_key_values="
+                       "moa.PlanCache(model, n) (n: prompt + new tokens) to the first call, or use model.generate")
     n = layer.n if layer is not None else key.shape[2]
     check_length(n, module.moa_limit)
     pad = left_padding(attention_mask, key.shape[2])
@@ -940,7 +960,7 @@ class PlanCache(Cache):
 
     def __init__(self, model, n):
         self.modules = attention_modules(model)
-        if not all(hasattr(m, "moa_rule") for m in self.modules):
+        if model.__dict__.get("moa_plan") is None:          # modules keep their rules after a plan is taken off
             raise MoAError("the model follows no plan: call moa.apply_plan(model, plan) first")
         check_length(n, self.modules[0].moa_limit)
         super().__init__(layers=[PlanLayer(cache_size(*m.moa_rule, n, m.moa_sink).tolist(), m.moa_sink, n)
@@ -979,28 +999,34 @@ def apply_plan(model, plan):
     """Make the model follow `plan` (SPEC §2), None: dense again. Forward passes go through FlexAttention, generate
     through the static sink + ring cache and the fused decode kernel (N = prompt + max_new_tokens)."""
     if plan is None:
-        model.__dict__.pop("_prepare_cache_for_generation", None)
-        model.__dict__.pop("_prefill", None)
+        for name in ("_prepare_cache_for_generation", "_prefill", "moa_plan"):
+            model.__dict__.pop(name, None)
         model.set_attn_implementation("sdpa")
         return model
     alphas, betas = kv_rules(plan, model.config)
+    if len({str(Path(name).resolve()) for name in (plan.get("model") or model.name_or_path, model.name_or_path)}) > 1:
+        warnings.warn(f"the plan was made for {plan['model']}, not {model.name_or_path}: the shapes match, but its "
+                      "rules were chosen for the other model's heads")
     limit = length_limit(plan, model.config)
     for m in attention_modules(model):
         m.moa_rule, m.moa_sink, m.moa_limit = (alphas[m.layer_idx], betas[m.layer_idx]), int(plan["sink"]), limit
         m.moa_layer = None                                      # PlanCache.update's hand-off to plan_attention
     model.set_attn_implementation("moa")
     model._prepare_cache_for_generation, model._prefill = _generate_with_plans(model)
+    model.moa_plan = plan                                       # what following() restores
     return model
 
 
 @contextlib.contextmanager
 def following(model, plan):
-    """with following(model, plan): the model follows `plan` (None: dense) inside the block, dense again after."""
+    """with following(model, plan): the model follows `plan` (None: dense) inside the block, and after it what it
+    followed before (a plan the caller applied, or dense)."""
+    before = model.__dict__.get("moa_plan")
     apply_plan(model, plan)
     try:
         yield model
     finally:
-        apply_plan(model, None)
+        apply_plan(model, before)
 
 
 AttentionInterface.register("moa_profile", profile_attention)
@@ -1075,13 +1101,17 @@ def check_config(cfg, config):
     if not 0 < cfg.density <= 1:
         raise MoAError(f"--density must be in (0, 1], not {cfg.density}")
     if min(cfg.samples, cfg.answer_tokens, cfg.candidates, len(cfg.instructions)) < 1:
-        raise MoAError("--samples, --answer-tokens, --candidates and --instructions need at least 1")
+        raise MoAError(f"--samples {cfg.samples}, --answer-tokens {cfg.answer_tokens}, --candidates "
+                       f"{cfg.candidates} and {len(cfg.instructions)} --instructions: give each at least 1")
     if min(cfg.rounds, cfg.refine) < 0:
-        raise MoAError("--rounds and --refine count steps: give 0 or more")
+        raise MoAError(f"--rounds {cfg.rounds} and --refine {cfg.refine} count steps: give 0 or more")
     if not 0 < cfg.local_window < 1:
         raise MoAError(f"--local-window is a share of the length, in (0, 1), not {cfg.local_window}")
     lengths = budget_lengths(cfg)
     check_budget(rule_densities(*rules(cfg.lengths), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
+    if cfg.validate_length == cfg.lengths[-1]:       # e.g. a 4k context: 2 x 4096 is capped to the profiled 4096
+        print(f"note: the validation length {cfg.validate_length} is also the largest profiling length, so plans are "
+              "chosen on unseen samples but at no unseen length: give --lengths below it for one")
 
 
 def budget_lengths(cfg):
