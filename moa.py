@@ -512,7 +512,8 @@ def profile_attention(module, query, key, value, attention_mask, scaling=None, d
 
 def profile(model, samples, sink=SINK, plan=None):
     """Influence histograms averaged over the samples: [L, H, N] float64 (on the CPU); at dense attention (SPEC §5),
-    or with the model following `plan` at N (signed, SPEC §5.1). samples: {"input_ids": [n, N], "answer_start": [n]}."""
+    or with the model following `plan` at N (signed, SPEC §5.1).
+    samples: {"input_ids": [n, N], "answer_start": [n]}."""
     ids, starts = samples["input_ids"].to(model.device), samples["answer_start"].to(model.device)
     n, N = ids.shape
     mods = attention_modules(model)
@@ -1227,7 +1228,8 @@ def summary(plan, seconds):
     print("".join(f"{k:>10}" for k in ("length", *columns)))
     for i, n in enumerate(v["lengths"]):
         print(f"{n:>10}" + "".join(f"{x[i]:>10.4f}" for x in columns.values()))
-    print(f"{'score':>10}" + "".join(f"{validation_score(x, v['dense'], v['uniform']):>10.4f}" for x in columns.values()))
+    scores = (validation_score(x, v["dense"], v["uniform"]) for x in columns.values())
+    print(f"{'score':>10}" + "".join(f"{s:>10.4f}" for s in scores))
     print("\nstage seconds: " + (", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) or "all resumed from disk"))
 
 

@@ -698,14 +698,28 @@ def test_generate_on_embedded_model():
 
 
 def test_synthetic_plan_meets_density_and_kv_bytes():
-    """The benchmark's synthetic plans land on their density, and the cache bytes follow the plan's capacities."""
+    """The benchmark's synthetic plans land on their density, the cache bytes follow the plan's capacities, and the
+    roofline counts the bytes a decode step reads: hand-counted weights, the K/V in use at the middle step."""
+    from transformers import AutoModelForCausalLM
     model = tiny_model(layers=3, heads=4, kv=2)
     for density in (0.5, 0.25):
         plan = decode.synthetic_plan(model.config, density, 4096, seed=1)
         assert moa.plan_density(plan, model.config, 4096) == pytest.approx(density, abs=1 / 4096)
         dense = decode.kv_bytes(model, None, 2, 4096)
         assert decode.kv_bytes(model, plan, 2, 4096) == pytest.approx(density * dense, rel=1e-3)
+        # every synthetic head holds >= 128 slots, so a step at position 100 reads 100 of each, as dense does
+        assert decode.kv_bytes(model, plan, 2, 4096, upto=100) == decode.kv_bytes(model, None, 2, 4096, upto=100)
     assert decode.kv_bytes(model, None, 2, 4096) == 2 * 3 * 2 * 4096 * 16 * 2 * 4   # K+V, layers, heads, N, d, B, fp32
+    assert decode.kv_bytes(model, None, 2, 4096, upto=1000) == 2 * 3 * 2 * 1000 * 16 * 2 * 4
+    # a layer: q, o 64 x 64; k, v 64 x 32; the MLP 3 x 64 x 128; two norms of 64. Then the final norm and the output
+    # head 384 x 64; the untied input embedding is not read (a step reads B of its rows). A tied one is the head.
+    weights = (3 * (2 * 4096 + 2 * 2048 + 3 * 8192 + 128) + 64 + 384 * 64) * 4
+    assert decode.weight_bytes(model) == weights
+    model.config.tie_word_embeddings = True
+    assert decode.weight_bytes(AutoModelForCausalLM.from_config(model.config)) == weights
+    # at 1 GB/s, ms = bytes / 1e6; prompt 4000 + 192 new tokens: the middle step reads 4096 tokens of K/V
+    assert decode.roofline_ms(model, None, 2, 4000, 192, 1.0) == (weights + 2 * 3 * 2 * 4096 * 16 * 2 * 4) / 1e6
+    assert [decode.prefill_chunk(b) for b in (1, 8, 16, 72)] == [16384, 2048, 1024, 128]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -836,7 +850,7 @@ def test_validation_and_refinement(tmp_path, tokenizer):
     scores = [moa.validation_score(x, dense, uniform) for x in v["pareto"]]
     assert steps["front"]["alphas"] == front[int(np.argmin(scores))]["alphas"]
     assert steps["refined"]["alphas"] == plan["alphas"] and steps["refined"]["betas"] == plan["betas"]
-    for p in steps.values():                                 # within the budget at every profiling and validation length
+    for p in steps.values():                           # within the budget at every profiling and validation length
         for n in (*TINY["lengths"], TINY["validate_length"]):
             assert moa.plan_density(p, model.config, n) <= TINY["density"] + 1e-9
     # the score's three cases, worked by hand: both lengths weigh; only the first (uniform within 1% of dense at the

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria
 
-import kernel
+from bench.kernel import ceilings, spread_capacities
 from moa import SINK, cache_size, cli_errors, following, kv_heads, kv_rules, load_model, load_plan, make_plan
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -35,34 +35,59 @@ def random_model(shape, device, dtype=torch.bfloat16):
 
 def synthetic_plan(config, density, n, seed=0):
     """Fixed windows (beta = 0) with a realistic spread per layer (a few heads dense, the rest local of varied size)
-    whose KV density at length n is exactly `density` (kernel.spread_capacities)."""
+    whose KV density at length n is exactly `density` (bench/kernel.py's spread_capacities)."""
     rng = np.random.default_rng(seed)
-    caps = np.array([kernel.spread_capacities(kv_heads(config)[1], n, density, SINK, rng)
+    caps = np.array([spread_capacities(kv_heads(config)[1], n, density, SINK, rng)
                      for _ in range(config.num_hidden_layers)])
     return make_plan(caps - SINK, np.zeros(caps.shape), validate_length=n)
 
 
-def kv_bytes(model, plan, batch, n):
-    """Bytes of K and V the cache holds for `batch` sequences of N = n tokens."""
+def kv_bytes(model, plan, batch, n, upto=None):
+    """Bytes of K and V the cache holds for `batch` sequences of N = n tokens; with `upto`, the bytes a decode step
+    at true position `upto` reads (each head's slots in use, no more than `upto`)."""
     H, G = kv_heads(model.config)
     d = getattr(model.config, "head_dim", None) or model.config.hidden_size // H
-    slots = G * n * model.config.num_hidden_layers if plan is None else cache_size(*kv_rules(plan, model.config), n,
-                                                                                        plan["sink"]).sum()
-    return 2 * int(slots) * d * batch * model.dtype.itemsize
+    caps = (np.full((model.config.num_hidden_layers, G), n) if plan is None else
+            cache_size(*kv_rules(plan, model.config), n, plan["sink"]))
+    return 2 * int(np.minimum(caps, upto or n).sum()) * d * batch * model.dtype.itemsize
 
 
-PREFILL_CHUNK = 2048   # bench prompts are prefilled in chunks of this many tokens, dense and MoA alike
+def weight_bytes(model):
+    """Bytes of weights a decode step reads: every parameter but an untied input embedding (a step reads B of its
+    rows)."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    untied = head is None or head.weight.data_ptr() != embedding.data_ptr()
+    every = sum(p.numel() * p.element_size() for p in model.parameters())   # a tied weight counted once
+    return every - untied * embedding.numel() * embedding.element_size()
+
+
+def roofline_ms(model, plan, batch, prompt, new_tokens, ceiling):
+    """The fewest ms a decode step can take: the weights and the K/V it must read (at the middle step of the
+    generate) once, at `ceiling` GB/s. With plan None, the ideal dense engine's step."""
+    return (weight_bytes(model) + kv_bytes(model, plan, batch, prompt + new_tokens, prompt + new_tokens // 2)) / \
+        ceiling / 1e6
+
+
+PREFILL_TOKENS = 16384   # prompt tokens of the whole batch per prefill chunk (2048 per sequence at batch 8)
+
+
+def prefill_chunk(batch):
+    """Prompt tokens per prefill chunk, dense and MoA alike: PREFILL_TOKENS over the batch (a multiple of 128, at
+    least 128), so prefill's activations do not grow with the batch and the largest batch is bounded by the KV."""
+    return max(128, PREFILL_TOKENS // batch // 128 * 128)
 
 
 def bench_generate(model, plan, batch, prompt, tokens, eager=False, **extra):
     """One greedy generate of exactly `tokens` new tokens after random prompts [batch, prompt], as the bench runs it:
-    chunked prefill; dense (plan None) in transformers' static cache with SDPA, a plan in its PlanCache. Either way
-    generate compiles the decode step (CUDA graphs) unless `eager`: what users get by default."""
+    prefill in chunks (prefill_chunk); dense (plan None) in transformers' static cache with SDPA, a plan in its
+    PlanCache. Either way generate compiles the decode step (CUDA graphs) unless `eager`: what users get by default."""
     ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device,
                         generator=torch.Generator(model.device).manual_seed(0))
     with following(model, plan):
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
-                              do_sample=False, eos_token_id=None, pad_token_id=0, prefill_chunk_size=PREFILL_CHUNK,
+                              do_sample=False, eos_token_id=None, pad_token_id=0,
+                              prefill_chunk_size=prefill_chunk(batch),
                               cache_implementation="static" if plan is None else None, disable_compile=eager, **extra)
 
 
@@ -98,23 +123,32 @@ def time_generate(model, plan, batch, prompt, new_tokens, eager=False):
 
 
 def largest_batch(model, plan, batch, measured, prompt, new_tokens, eager=False):
-    """The largest batch that fits: extrapolate from the peak memory at `batch` (weights + per-sequence bytes), then
-    step down by 5% per out-of-memory. measured: time_generate's result at `batch`. Returns (batch, result).
+    """The largest batch that fits, to within 5%, and its bound, the KV room: the sequences whose cache fits in what
+    the weights and a 1 GiB runtime reserve leave of the GPU. The first try is that room less the rest of the peak at
+    `batch` (activations, graph pools: they do not grow with the batch, prefill chunks shrinking as it grows); then
+    up by 5% while it fits, below the room, and down by 5% after an out-of-memory. measured: time_generate's result
+    at `batch`. Returns (batch, result, room).
     An out-of-memory inside a CUDA graph's recording leaves torch's graph trees broken: they are reset with the
     compile caches (the next try compiles again)."""
     weights = torch.cuda.memory_allocated() / 2**30
-    free = torch.cuda.get_device_properties(model.device).total_memory / 2**30 - 1.0        # 1 GiB for the runtime
-    b = max(batch, int((free - weights) / ((measured[-1] - weights) / batch)))
-    while b > batch:
-        print(f"  batch {b}: trying (the peak at {batch} extrapolated)", flush=True)
+    free = torch.cuda.get_device_properties(model.device).total_memory / 2**30 - 1.0 - weights
+    per_sequence = kv_bytes(model, plan, 1, prompt + new_tokens) / 2**30
+    room = int(free / per_sequence)
+    rest = max(0.0, measured[-1] - weights - batch * per_sequence)
+    fit, tried = (batch, measured), set()
+    b = min(room, max(batch + 1, int((free - rest) / per_sequence)))
+    while b > fit[0] and b not in tried:
+        tried.add(b)
+        print(f"  batch {b}: trying (KV room {room})", flush=True)
         try:
-            return b, time_generate(model, plan, b, prompt, new_tokens, eager)
+            fit = (b, time_generate(model, plan, b, prompt, new_tokens, eager))
+            b = min(room, int(b * 1.05) + 1)
         except torch.cuda.OutOfMemoryError:
-            print(f"  batch {b}: out of memory, trying {int(b * 0.95)}", flush=True)   # each try compiles anew
+            print(f"  batch {b}: out of memory", flush=True)   # each try compiles anew
             torch._dynamo.reset()
             torch.cuda.empty_cache()
             b = int(b * 0.95)
-    return batch, measured
+    return (*fit, room)
 
 
 class StopAfter(StoppingCriteria):
@@ -128,14 +162,18 @@ class StopAfter(StoppingCriteria):
         return torch.full(input_ids.shape[:1], self.calls >= self.tokens, dtype=torch.bool, device=input_ids.device)
 
 
+KINDS = {"attention": ("decode_kernel", "flash", "fmha", "attention", "sdpa"), "merge": ("merge_kernel",),
+         "matmul": ("gemm", "nvjet", "cutlass", "matmul", "cublas"),
+         "norm, RoPE": ("rsqrt", "cos", "sin", "neg", "rotary")}   # words in a kernel's name (inductor names its
+                                                                   # fused kernels after the ops inside)
+
+
 def step_profile(model, plan, batch, prompt, new_tokens, eager=False, steps=16):
-    """Where one decode step's time goes, in ms: CUDA time in attention, in matrix multiplies (the weights), in other
-    kernels, and the rest of the step's wall time (the host: Python, launches, graph replays). Two generates of the
-    bench's shape, stopped after 2 + SETTLE and 2 + SETTLE + steps tokens, are profiled (nothing left to compile);
-    their difference is `steps` decode steps."""
+    """Where one decode step's time goes, in ms: CUDA time in each of KINDS and in other kernels, and the rest of the
+    step's wall time (gaps: the host's Python and launches, and idle time between kernels inside a CUDA graph).
+    Two generates of the bench's shape, stopped after 2 + SETTLE and 2 + SETTLE + steps tokens, are profiled
+    (nothing left to compile); their difference is `steps` decode steps. Returns {kind: ms}."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    kinds = {"attention": ("decode_kernel", "merge_kernel", "flash", "fmha", "attention", "sdpa"),
-             "matmul": ("gemm", "nvjet", "cutlass", "matmul", "cublas")}
     totals = []
     for tokens in (2 + SETTLE, 2 + SETTLE + steps):
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -144,38 +182,49 @@ def step_profile(model, plan, batch, prompt, new_tokens, eager=False, steps=16):
             bench_generate(model, plan, batch, prompt, new_tokens, eager, stopping_criteria=[StopAfter(tokens)])
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
-        t = {"wall": wall * 1e3, "attention": 0.0, "matmul": 0.0, "other": 0.0}
+        t = dict.fromkeys([*KINDS, "other"], 0.0)
         for e in prof.key_averages():
             name = e.key.lower()
-            kind = next((k for k, words in kinds.items() if any(w in name for w in words)), "other")
-            t[kind] += e.device_time_total / 1e3
-        totals.append(t)
-    step = {k: (totals[1][k] - totals[0][k]) / steps for k in totals[0]}
-    step["host"] = step["wall"] - step["attention"] - step["matmul"] - step["other"]
+            t[next((k for k, words in KINDS.items() if any(w in name for w in words)), "other")] += \
+                e.device_time_total / 1e3
+        totals.append((wall * 1e3, t))
+    step = {k: (totals[1][1][k] - totals[0][1][k]) / steps for k in totals[0][1]}
+    step["gaps"] = (totals[1][0] - totals[0][0]) / steps - sum(step.values())
     return step
 
 
-def decode_bench(model, methods, prompts=(8192, 16384), new_tokens=256, batches=(8,), largest=True,
+def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 16), largest=True,
                  profile_steps=True):
     """For each prompt length: each of `batches` with every method side by side (methods(n): {name: (plan or None,
-    eager)}), then each method's largest batch that fits in GPU memory; one row per run with the first call's seconds
-    (compile included), time to the first token, decode tokens/s and ms per step, peak GiB and KV-cache GiB; then a
-    profile of one decode step at each method's largest batch for the longest prompt. Prompts beyond the model's
-    context are shortened."""
+    eager)}), then each method's largest batch that fits in GPU memory. One row per run: the first call's seconds
+    (compile included), time to the first token, decode tokens/s and ms per step; the step's roofline (the bytes it
+    must read at the read ceiling measured in this run, bench/kernel.py) and its share of it; the ideal dense engine's
+    tokens/s at the same batch and the row's speedup over it; peak GiB and KV-cache GiB. Then a summary of the
+    largest batches and the time to the first token against dense's, and a profile of one decode step at each
+    method's largest batch for the longest prompt. Prompts beyond the model's context are shortened."""
     top = getattr(model.config, "max_position_embeddings", math.inf)
     for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):   # a compile per shape
         if hasattr(torch._dynamo.config, limit):
             setattr(torch._dynamo.config, limit, 256)
+    ceiling = ceilings()["read"]
+    print(f"weights read per step {weight_bytes(model) / 2**30:.2f} GiB; roof ms: the weights and the K/V a step reads"
+          f" (at its middle step) once at {ceiling:.0f} GB/s; ideal: the ideal dense engine, dense K/V read so")
     print(f"{'prompt':>6} {'method':>11} {'batch':>5} {'1st call s':>10} {'TTFT s':>7} {'tok/s':>8} {'ms/step':>7} "
-          f"{'peak GiB':>8} {'KV GiB':>7}")
-    done = []
+          f"{'roof ms':>7} {'%roof':>6} {'ideal tok/s':>11} {'x ideal':>7} {'peak GiB':>8} {'KV GiB':>7}")
+    done, table = [], []
     for prompt in sorted({min(p, top - new_tokens) for p in prompts}):
         n = prompt + new_tokens
         runs = methods(n)
         rows = {name: [] for name in runs}
 
-        def show(name, b, r):
-            print(f"{prompt:>6} {name:>11} {b:>5} {r[0]:>10.1f} {r[1]:>7.2f} {r[2]:>8.1f} {r[3]:>7.2f} {r[4]:>8.1f} "
+        def ideal(b):   # the ideal dense engine's tokens/s at batch b
+            return b / roofline_ms(model, None, b, prompt, new_tokens, ceiling) * 1e3
+
+        def show(name, b, r, room=None):
+            roof = roofline_ms(model, runs[name][0], b, prompt, new_tokens, ceiling)
+            table.append(dict(prompt=prompt, name=name, batch=b, ttft=r[1], tps=r[2], room=room))
+            print(f"{prompt:>6} {name:>11} {b:>5} {r[0]:>10.1f} {r[1]:>7.2f} {r[2]:>8.1f} {r[3]:>7.2f} {roof:>7.2f} "
+                  f"{100 * roof / r[3]:>6.1f} {ideal(b):>11.1f} {r[2] / ideal(b):>7.2f} {r[4]:>8.1f} "
                   f"{kv_bytes(model, runs[name][0], b, n) / 2**30:>7.2f}", flush=True)
 
         for batch in batches:
@@ -194,25 +243,42 @@ def decode_bench(model, methods, prompts=(8192, 16384), new_tokens=256, batches=
                 torch.cuda.empty_cache()
             if rows[name]:
                 done.append((prompt, name, plan, eager, rows[name][-1][0]))
+        summary(table, prompt, ideal)
     if profile_steps:
-        print(f"\none decode step, ms (torch.profiler):\n{'prompt':>6} {'method':>11} {'batch':>5} {'wall':>7} "
-              f"{'attention':>9} {'matmul':>7} {'other':>7} {'host':>7}")
+        print(f"\none decode step, ms (torch.profiler):\n{'prompt':>6} {'method':>11} {'batch':>5} "
+              + " ".join(f"{k:>10}" for k in [*KINDS, "other", "gaps"]))
         for prompt, name, plan, eager, b in done:
             if prompt != done[-1][0]:
                 continue                                                # the longest prompt only
             t = step_profile(model, plan, b, prompt, new_tokens, eager)
-            print(f"{prompt:>6} {name:>11} {b:>5} {t['wall']:>7.2f} {t['attention']:>9.2f} {t['matmul']:>7.2f} "
-                  f"{t['other']:>7.2f} {t['host']:>7.2f}", flush=True)
+            print(f"{prompt:>6} {name:>11} {b:>5} " + " ".join(f"{v:>10.2f}" for v in t.values()), flush=True)
             torch.cuda.empty_cache()
+
+
+def summary(table, prompt, ideal):
+    """One prompt's largest batches against their KV room, their tokens/s against the ideal dense engine's at dense's
+    largest batch, and every row's time to the first token against dense's at the same batch."""
+    rows = [r for r in table if r["prompt"] == prompt]
+    dense = {r["batch"]: r for r in rows if r["name"] == "dense"}
+    top = next((r for r in rows if r["name"] == "dense" and r["room"] is not None), None)
+    for r in rows:
+        if r["room"] is not None:
+            versus = (f", {r['tps'] / ideal(top['batch']):.2f}x the ideal dense engine's {ideal(top['batch']):.0f} "
+                      f"tok/s at dense's largest batch" if top else "")
+            print(f"{prompt:>6} {r['name']:>11} largest batch {r['batch']} of a KV room of {r['room']} "
+                  f"({100 * r['batch'] / r['room']:.0f}%){versus}")
+        if r["name"] != "dense" and r["batch"] in dense:
+            print(f"{prompt:>6} {r['name']:>11} batch {r['batch']}: time to the first token "
+                  f"{r['ttft'] / dense[r['batch']]['ttft']:.2f}x dense's")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="bench/decode.py", description="model.generate: dense vs MoA plans, compiled")
     p.add_argument("--model", default="llama3-8b", help="llama3-8b (random weights), or a model as in moa.py --model")
     p.add_argument("--plans", nargs="*", default=[], help="plan files (default: synthetic plans at 50%% and 25%%)")
-    p.add_argument("--prompts", type=int, nargs="+", default=[8192, 16384])
+    p.add_argument("--prompts", type=int, nargs="+", default=[16384])
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batch", type=int, nargs="+", default=[8], help="batch sizes run for every method")
+    p.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="batch sizes run for every method")
     p.add_argument("--no-largest", action="store_true", help="skip the search for each method's largest batch")
     p.add_argument("--methods", nargs="*",
                    help="run only these (dense, dense-eager, moa50, moa25, or plan file stems; default: all)")

@@ -125,7 +125,7 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
     kv_rules(plan, model.config)                             # clear errors before any output
     check_length(max(lengths), length_limit(plan, model.config), fix="give shorter --lengths")
     cfg = Config(seed=seed, samples=samples).resolved(model.device, model.config)
-    docs = split_documents(load_documents(), seed)[2]       # evaluation documents: no run calibrates or validates on them
+    docs = split_documents(load_documents(), seed)[2]   # evaluation documents: no run calibrates or validates on them
     held_out = tokenize_documents(tokenizer, docs)
     sample_room(tokenizer, held_out, max(lengths), cfg, "held-out")
     stages = stages or Stages(out)
