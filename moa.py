@@ -1175,10 +1175,16 @@ def compress(model, tokenizer, out=None, **settings):
     relative = loss - loss[np.arange(L * G), choice][:, None]                          # ΔL from the choice, at dense
     for r in range(cfg.rounds):
         plan = to_plan(choice)
-        relative = np.stack([rule_losses(stages(
+        at_plan = np.stack([rule_losses(stages(
             f"profile_{n}_at_{fingerprint(windows(choice, n).tolist())}", fingerprint(data_key, n, "at"),
             lambda: profile(model, calib[n], cfg.sink, plan)), H // G, alphas, betas, windows(choice, n))
             for n in tqdm(lengths, desc=f"profiling at the plan, round {r + 1}")], -1)
+        # Blended with the dense profile (SPEC §5.1 leaves it to evidence): a rule that cuts a head below the plan is
+        # rated by the dense profile's |ΔL|, one that widens it by the plan's restore estimate. The signed drop
+        # estimates of a row's kept keys sum to 0 (Σ_j A_ij (D_i - G_ij) = 0), so they rate large cuts as nearly free
+        # (bench/README.md#quality: such plans measured worse than uniform).
+        cut = np.stack([window(alphas, betas, n)[None] < windows(choice, n)[:, None] for n in lengths], -1)
+        relative = np.where(cut, loss - loss[np.arange(L * G), choice][:, None], at_plan)
         near = near_plans(loss[np.arange(L * G), choice], relative, weights, choice, density, budget, layers,
                           cfg.max_rules_per_layer, at, workers)
         tried = [scored(c, f"round {r + 1}, near plan {i + 1}/{len(near)}") for i, c in enumerate(near)]

@@ -822,9 +822,14 @@ def test_validation_and_refinement(tmp_path, tokenizer):
     held-out samples, and takes the one that keeps the least of the uniform baseline's excess loss over dense; the
     refinement then keeps a plan only where that score improves (§5.1: solves near the plan from a profile at it;
     §7: swaps of two heads' rules), within the budget at every length. Every loss is recomputed by plain masked
-    attention, and the score is checked on numbers worked by hand."""
+    attention, and the score is checked on numbers worked by hand. The solves near the plan rate each rule that cuts
+    a head below the plan by the dense profile, each other rule by the profile at the plan."""
     model = tiny_model(layers=2, heads=4, kv=2, seed=4, init=0.2)
-    plan = moa.compress(model, tokenizer, out=tmp_path, **TINY)
+    seen, near_plans = [], moa.near_plans
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(moa, "near_plans", lambda base, relative, weights, choice, *a: seen.append((relative, choice)) or
+                  near_plans(base, relative, weights, choice, *a))
+        plan = moa.compress(model, tokenizer, out=tmp_path, **TINY)
     check_plan(plan, model.config)
     v = plan["validation_loss"]
     assert v["lengths"] == [384, 768] and len(v["pareto"]) > 1
@@ -859,6 +864,17 @@ def test_validation_and_refinement(tmp_path, tokenizer):
     assert moa.validation_score([1.25, 0.9], [1, 1], [1.5, 1.005]) == pytest.approx(0.5)
     assert moa.validation_score([1.004, 1.1], [1, 1], [1.005, 0.99]) == pytest.approx((1.004 + 1.1) / 2)
     assert moa.validation_score([3.0, 2.2], [2, 2], [4, 3]) == pytest.approx((0.5 + 0.2) / 2)   # dense 2: shares
+    # the first round's blend, rule by rule, from the saved dense and at-plan profiles
+    relative, choice = seen[0]
+    for p, n in enumerate(TINY["lengths"]):
+        w = moa.window(alphas, betas, n)
+        dense = moa.rule_losses(moa.Stages.read(tmp_path / f"profile_{n}.pt")["value"], 2, alphas, betas)
+        name = f"profile_{n}_at_{moa.fingerprint(w[choice].tolist())}.pt"
+        at = moa.rule_losses(moa.Stages.read(tmp_path / name)["value"], 2, alphas, betas, w[choice])
+        for k, r in itertools.product(range(4), range(54)):
+            want = dense[k, r] - dense[k, choice[k]] if w[r] < w[choice[k]] else at[k, r]
+            assert relative[k, r, p] == pytest.approx(want, rel=1e-12, abs=1e-15), (n, k, r)
+    assert any(w[r] < w[c] for c in choice for r in range(54)) and any(w[r] > w[c] for c in choice for r in range(54))
 
 
 def test_near_plans_and_swaps_stay_within_budget():
