@@ -544,12 +544,12 @@ def test_following_restores_what_was_there(tokenizer):
     had applied, or dense. With a plan, a plain decode loop (transformers' DynamicCache) gets a one-line error naming
     moa.PlanCache, answer_loss makes no cache at all, and once the plan is taken off a PlanCache is refused."""
     from transformers import DynamicCache
-    model = tiny_model(layers=2, heads=4, kv=2, seed=5, init=0.2)
+    model = tiny_model(layers=2, heads=4, kv=2, seed=5, init=0.2).to(DEVICE)   # on a GPU the decode kernel needs it
     plan = moa.make_plan([[0, -200], [50, 0]], [[0.25, 0], [0, 1]])          # at 200 tokens: 64, 64, 64, 200
     other = moa.every_head(model.config, 0, 0.5)                              # 100 each
-    ids = torch.randint(2, 384, (1, 200), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(2, 384, (1, 200), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     docs = moa.tokenize_documents(tokenizer, moa.load_documents()[:40])
-    cfg = moa.Config(samples=1, answer_tokens=4, candidates=2).resolved("cpu", model.config)
+    cfg = moa.Config(samples=1, answer_tokens=4, candidates=2).resolved(DEVICE, model.config)
     logits = lambda: model(ids, use_cache=False).logits
     with torch.no_grad():
         dense = logits()
@@ -656,6 +656,7 @@ def test_generate_with_cuda_graphs_equals_eager(monkeypatch):
         eager = model.to(DEVICE).generate(ids, disable_compile=True, **settings)
         follow = {} if dtype == torch.float32 else {"prefix_allowed_tokens_fn": lambda b, seq: [
             int(eager.sequences[b, len(seq)])]}
+        torch._dynamo.reset()       # a graph compiled by an earlier test of the same shapes would be reused (xdist)
         graphs, skips = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
         compiled = model.generate(ids, **settings, **follow)
         assert hasattr(model, "_compiled_call") and counters["stats"]["unique_graphs"] == graphs + 1
