@@ -1,7 +1,8 @@
 """
 The optimizer's cost on a Llama-3-70B-shaped problem (80 layers x 8 KV heads x 54 rules): the whole Pareto front
 (SPEC §6) next to one naive single-objective milp.
-Run:  python bench/milp.py [--workers 2] [--lengths 1024 2048 4096]
+Run:  python bench/milp.py [--workers 2]
+      python bench/milp.py --stages DIR [--workers 1 2 8]   (the front of a pipeline's saved dense profiles)
 """
 import argparse
 import time
@@ -14,7 +15,8 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import LinearConstraint, milp
 
-from moa import cache_size, pareto_front, rules, solve, window
+from moa import SINK, Config, Stages, budget_lengths, cache_size, pareto_front, rule_densities, rule_losses, rules, \
+    solve, window
 
 def synthetic(n_layers=80, heads=8, lengths=(1024, 2048, 4096), seed=0):
     """A profiled-looking problem: each head's distance histogram hist[δ] = a (δ+1)^-p with a few long-distance bumps
@@ -60,7 +62,30 @@ def milp_bench(workers=2):
     print(f"the same solve as one naive milp: {time.perf_counter() - t:.2f} s, F = {naive.fun:.8g}")
 
 
+def stages_bench(out, workers, groups, validate_length, density=0.5):
+    """The Pareto front of a pipeline's saved dense profiles (OUT/profile_<N>.pt, every length N found) under the
+    density budget at those lengths and `validate_length`, timed once for each thread count in `workers`."""
+    lengths = sorted(int(f.stem[8:]) for f in Path(out).glob("profile_*.pt") if f.stem[8:].isdigit())
+    if not lengths:
+        sys.exit(f"error: no profile_<N>.pt in {out}: give a folder that python moa.py --out wrote")
+    alphas, betas = rules(lengths)
+    loss = np.stack([rule_losses(Stages.read(Path(out) / f"profile_{n}.pt")["value"], groups, alphas, betas)
+                     for n in lengths], -1)
+    at = budget_lengths(Config(lengths=tuple(lengths), validate_length=validate_length))
+    density = rule_densities(alphas, betas, at, SINK), np.full(len(at), density)
+    layers = np.arange(len(loss)) // (len(loss) // len(Stages.read(Path(out) / f"profile_{lengths[0]}.pt")["value"]))
+    for w in workers:
+        t = time.perf_counter()
+        front = pareto_front(loss, *density, layers, names=at, workers=w)
+        print(f"{len(loss)} KV heads, lengths {lengths}: the front in {time.perf_counter() - t:.1f} s with {w} "
+              f"threads, {len(front)} plans")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="bench/milp.py")
-    p.add_argument("--workers", type=int, default=2)
-    milp_bench(p.parse_args().workers)
+    p.add_argument("--workers", type=int, nargs="+", default=[2])
+    p.add_argument("--stages", help="a pipeline's --out folder: time the front of its saved profiles instead")
+    p.add_argument("--groups", type=int, default=3, help="query heads per KV head (default: SmolLM2's 3)")
+    p.add_argument("--validate-length", type=int, default=8192, help="the run's (default: SmolLM2's GPU default)")
+    a = p.parse_args()
+    stages_bench(a.stages, a.workers, a.groups, a.validate_length) if a.stages else milp_bench(a.workers[0])
