@@ -6,7 +6,8 @@ elastic rule W = alpha + beta * N. The pipeline, in the order of this file (defi
   calibration  -> long documents + the dense model's own answers (SPEC §4)
   profiling    -> first-order Taylor estimate of each head's loss under each of the 54 rules (SPEC §5)
   optimization -> a MILP picks one rule per KV head under a KV-density budget, Pareto front (SPEC §6)
-  validation   -> the Pareto plan with the lowest loss at a longer, unseen length wins (SPEC §7)
+  validation   -> held-out samples at a short and a longer length pick a Pareto plan; profiles at it and
+                  validated changes refine it (SPEC §5.1, §7)
 Run it:  python moa.py --model M --out DIR
 """
 from __future__ import annotations
