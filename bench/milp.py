@@ -68,15 +68,15 @@ def stages_bench(out, workers, groups, validate_length, density=0.5):
     lengths = sorted(int(f.stem[8:]) for f in Path(out).glob("profile_*.pt") if f.stem[8:].isdigit())
     if not lengths:
         sys.exit(f"error: no profile_<N>.pt in {out}: give a folder that python moa.py --out wrote")
+    hists = [Stages.read(Path(out) / f"profile_{n}.pt")["value"] for n in lengths]          # [L, H, N] each
     alphas, betas = rules(lengths)
-    loss = np.stack([rule_losses(Stages.read(Path(out) / f"profile_{n}.pt")["value"], groups, alphas, betas)
-                     for n in lengths], -1)
+    loss = np.stack([rule_losses(h, groups, alphas, betas) for h in hists], -1)                # [L * G, 54, P]
     at = budget_lengths(Config(lengths=tuple(lengths), validate_length=validate_length))
-    density = rule_densities(alphas, betas, at, SINK), np.full(len(at), density)
-    layers = np.arange(len(loss)) // (len(loss) // len(Stages.read(Path(out) / f"profile_{lengths[0]}.pt")["value"]))
+    densities, budget = rule_densities(alphas, betas, at, SINK), np.full(len(at), density)
+    layers = np.repeat(np.arange(hists[0].shape[0]), hists[0].shape[1] // groups)           # [L * G]
     for w in workers:
         t = time.perf_counter()
-        front = pareto_front(loss, *density, layers, names=at, workers=w)
+        front = pareto_front(loss, densities, budget, layers, names=at, workers=w)
         print(f"{len(loss)} KV heads, lengths {lengths}: the front in {time.perf_counter() - t:.1f} s with {w} "
               f"threads, {len(front)} plans")
 

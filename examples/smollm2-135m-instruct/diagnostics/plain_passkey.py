@@ -60,8 +60,10 @@ helped = []
 for layer in np.nonzero(cut.any(1))[0]:
     heads = np.zeros_like(cut)
     heads[layer] = True
-    print(f"layer {layer:2d}'s {int(cut[layer].sum())} cut heads whole: {(r := found(whole(heads)))}", flush=True)
-    helped += [layer] if r != base else []
+    result = found(whole(heads))
+    print(f"layer {layer:2d}'s {int(cut[layer].sum())} cut heads whole: {result}", flush=True)
+    if result != base:
+        helped.append(layer)
 for layer in helped:
     for g in np.nonzero(cut[layer])[0]:
         heads = np.zeros_like(cut)
