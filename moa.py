@@ -596,17 +596,26 @@ MIP_GAP = 1e-2       # each solve stops within this relative gap of the optimum:
 NODE_LIMIT = 200     # and after this many branch-and-bound nodes (a count, unlike a time limit: same plan anywhere)
 
 
+def _highs(solver, *args, options, **kwargs):
+    """scipy's `solver` (milp or linprog) with HiGHS on one thread. The front runs its solves side by side in threads
+    of its own; HiGHS's pool of threads, one per process and shared by all of them, made that front many times slower
+    on a 16-core host (bench/README.md#the-optimizer). HiGHS fixes the pool's size at a process's first solve and refuses
+    (status 4, no result) a solve that asks for another size: such a solve reruns on the pool as it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Unrecognized options")                  # they pass to HiGHS verbatim
+        res = solver(*args, options={**options, "threads": 1}, **kwargs)
+        return solver(*args, options=options, **kwargs) if res.status == 4 and res.x is None else res
+
+
 def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff):
     """scipy's milp (HiGHS) to MIP_GAP, pruning at objective `cutoff` (HiGHS's objective_bound). A run that ends with
     neither a proof nor a plan is rerun without presolve: HiGHS's presolve fails ("Solve error", status 4) on some
     small feasible programs (test_solve_survives_a_failed_presolve), and the plan missed may be one of the front's."""
-    with warnings.catch_warnings():                                                # objective_bound passes verbatim
-        warnings.simplefilter("ignore", RuntimeWarning)
-        run = lambda **o: milp(c, integrality=np.ones_like(c), bounds=(0, 1), options={
-            "mip_rel_gap": MIP_GAP, "objective_bound": cutoff, "node_limit": NODE_LIMIT, **o},
-            constraints=[LinearConstraint(A_eq, b_eq, b_eq), LinearConstraint(A_ub, -np.inf, b_ub)])
-        res = run()
-        return run(presolve=False) if res.status not in (0, 2) and res.x is None else res
+    run = lambda **o: _highs(milp, c, integrality=np.ones_like(c), bounds=(0, 1), options={
+        "mip_rel_gap": MIP_GAP, "objective_bound": cutoff, "node_limit": NODE_LIMIT, **o},
+        constraints=[LinearConstraint(A_eq, b_eq, b_eq), LinearConstraint(A_ub, -np.inf, b_ub)])
+    res = run()
+    return run(presolve=False) if res.status not in (0, 2) and res.x is None else res
 
 
 def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_per_layer=None, names=None):
@@ -641,7 +650,7 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
     free = ~(le & (~le.transpose(0, 2, 1) | np.tri(R, k=-1, dtype=bool).T)).any(1)  # [K, R] undominated pairs
     program = partial(_program, loss, density, budget, layers, max_rules_per_layer, objective, bounds)
     c, A_eq, b_eq, A_ub, b_ub = program(free)
-    lp = linprog(c, A_ub, b_ub, A_eq, b_eq, bounds=(0, 1), method="highs-ds", options={"presolve": False})
+    lp = _highs(linprog, c, A_ub, b_ub, A_eq, b_eq, bounds=(0, 1), method="highs-ds", options={"presolve": False})
     if lp.status == 2:
         return None
     ok = lp.status == 0                                                            # else any duals do, e.g. 0
