@@ -598,7 +598,8 @@ def test_following_restores_what_was_there(tokenizer):
 
 def test_plan_for_another_model_warns(tmp_path):
     """A plan whose "model" names another model (of the same shape) is applied with a warning; the same model named
-    by a relative path, or a plan without "model" (the paper's files), gives none."""
+    by a relative path or cached in another folder (a shipped plan on a user's machine), or a plan without "model"
+    (the paper's files), gives none."""
     model = tiny_model(layers=2, heads=4, kv=2)
     model.name_or_path = str(tmp_path / "mine")
     rules = np.zeros((2, 2)), np.ones((2, 2))
@@ -606,7 +607,7 @@ def test_plan_for_another_model_warns(tmp_path):
         moa.apply_plan(model, moa.make_plan(*rules, model=str(tmp_path / "theirs")))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for same in (model.name_or_path, os.path.relpath(model.name_or_path)):
+        for same in (model.name_or_path, os.path.relpath(model.name_or_path), "/elsewhere/cache/mine"):
             moa.apply_plan(model, moa.make_plan(*rules, model=same))
         moa.apply_plan(model, moa.make_plan(*rules))
 
