@@ -531,6 +531,23 @@ def test_generate_with_sparse_plan_equals_masked_recompute(monkeypatch):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=1, prefill_chunk_size=8)
 
 
+def test_forward_with_gradients_follows_the_plan(monkeypatch):
+    """A plain forward pass with a plan, outside torch.no_grad, gives the no-grad pass's logits on a ragged batch (on a
+    CPU through the masked reference: FlexAttention has no backward there) and gradients for every layer's weights."""
+    monkeypatch.setattr(moa, "MIN_WINDOW", 4)
+    model = tiny_model("llama", layers=3, heads=4, kv=2, seed=2, init=0.2).to(DEVICE)
+    plan = moa.make_plan([[0, 8], [30, -100], [-200, 16]], [[0.125, 1], [0, 0.5], [1, 0]], sink=4, min_window=4)
+    ids, mask = ragged_prompts(3, 30, [0, 5, 17], seed=3)
+    moa.apply_plan(model, plan)
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask, use_cache=False).logits
+    got = model(ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    got[mask.bool()].log_softmax(-1)[:, 5].sum().backward()
+    for m in moa.attention_modules(model):
+        assert m.q_proj.weight.grad is not None and bool(m.q_proj.weight.grad.abs().sum() > 0)
+
+
 def test_generate_sampling_and_limits():
     """Sampling with a dense plan draws the same tokens as transformers from the same seed; a prompt + new tokens
     past the plan's length, right padding, a cache too small for generate, and decoding past the cache's N give
