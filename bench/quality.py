@@ -151,8 +151,8 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
                     measure(f, lambda: passkey_accuracy(model, tokenizer, *passkeys[f, z], p, new_tokens), z)
                 measure("answer_loss", lambda: answer_losses(model, answers, p))
                 measure("text_loss", lambda: token_losses(model, text, p))
-    rows = [(what, name, n, z, float(v.mean()), float(v.std() / len(v) ** 0.5), len(v))
-            for what, name, n, z, v in rows]
+    sem = lambda v: float(v.std() / len(v) ** 0.5) if len(v) > 1 else math.nan       # one sample: no spread
+    rows = [(what, name, n, z, float(v.mean()), sem(v), len(v)) for what, name, n, z, v in rows]
     Path(out).mkdir(parents=True, exist_ok=True)
     with open(Path(out) / "results.csv", "w") as f:
         f.write("measure,method,length,depth,mean,sem,count\n")
