@@ -1115,8 +1115,10 @@ def check_config(cfg, config):
     if min(cfg.samples, cfg.answer_tokens, cfg.candidates, len(cfg.instructions)) < 1:
         raise MoAError(f"--samples {cfg.samples}, --answer-tokens {cfg.answer_tokens}, --candidates "
                        f"{cfg.candidates} and {len(cfg.instructions)} --instructions: give each at least 1")
-    if min(cfg.rounds, cfg.refine) < 0:
-        raise MoAError(f"--rounds {cfg.rounds} and --refine {cfg.refine} count steps: give 0 or more")
+    if min(cfg.rounds, cfg.refine, cfg.seed) < 0:
+        raise MoAError(f"--rounds {cfg.rounds}, --refine {cfg.refine} and --seed {cfg.seed}: give 0 or more")
+    if cfg.max_rules_per_layer is not None and cfg.max_rules_per_layer < 1:
+        raise MoAError(f"--max-rules-per-layer {cfg.max_rules_per_layer}: give at least 1, or leave it out")
     if not 0 < cfg.local_window < 1:
         raise MoAError(f"--local-window is a share of the length, in (0, 1), not {cfg.local_window}")
     lengths = budget_lengths(cfg)

@@ -1068,6 +1068,8 @@ BAD_INPUT = [
     ("calibration .jsonl with a text not a string", COMPRESS + ["--calib", "{tmp}/c.jsonl"],
      {"c.jsonl": '{"text": "a"}\n{"text": ["b"]}\n'}, "not a string"),
     ("zero samples", COMPRESS + ["--samples", "0"], {}, "--samples 0,"),
+    ("negative seed", COMPRESS + ["--seed", "-1"], {}, "--seed -1: give 0 or more"),
+    ("no rule per layer", COMPRESS + ["--max-rules-per-layer", "0"], {}, "give at least 1"),
     ("zero validation length", COMPRESS + ["--validate-length", "0"], {}, "below the largest profiling"),
     ("missing plan", EVAL, {}, "does not exist"),
     ("corrupt plan", EVAL, {"plan.json": '{"alphas": [[0, 0], [0'}, "not valid JSON"),
