@@ -1072,6 +1072,7 @@ BAD_INPUT = [
     ("no rule per layer", COMPRESS + ["--max-rules-per-layer", "0"], {}, "give at least 1"),
     ("zero validation length", COMPRESS + ["--validate-length", "0"], {}, "below the largest profiling"),
     ("missing plan", EVAL, {}, "does not exist"),
+    ("evaluation without samples", EVAL + ["--samples", "0"], plan_file(), "give at least 1 sample"),
     ("corrupt plan", EVAL, {"plan.json": '{"alphas": [[0, 0], [0'}, "not valid JSON"),
     ("plan for more layers", EVAL, plan_file(alphas=[[0, 0]] * 3, betas=[[1, 1]] * 3), "another model"),
     ("plan for other heads", EVAL, plan_file(alphas=[[0, 0, 0]] * 2, betas=[[1, 1, 1]] * 2), "another model"),

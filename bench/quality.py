@@ -123,6 +123,8 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
     Stages; default: under `out`) by the windows measured, so a rerun resumes and an evaluation of another plan
     into the same stages measures dense once. Returns the rows (measure, method, length, depth, mean, sem, count)."""
     kv_rules(plan, model.config)                             # clear errors before any output
+    if samples < 1 or seed < 0:
+        raise MoAError(f"--samples {samples} and --seed {seed}: give at least 1 sample and a seed of 0 or more")
     check_length(max(lengths), length_limit(plan, model.config), fix="give shorter --lengths")
     cfg = Config(seed=seed, samples=samples).resolved(model.device, model.config)
     docs = split_documents(load_documents(), seed)[2]   # evaluation documents: no run calibrates or validates on them
