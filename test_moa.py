@@ -1112,6 +1112,16 @@ def test_bad_input(case, flags, files, fragment, tmp_path, tiny_folder, capsys):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmarks run")
+def test_gpu_benchmarks_without_a_gpu():
+    """bench/decode.py and bench/kernel.py, started where torch sees no GPU, end with one line that says so."""
+    for script in ("bench/decode.py", "bench/kernel.py"):
+        run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert run.returncode == 1 and run.stderr.splitlines() == [
+            f"error: {script} times a GPU, and torch sees no CUDA GPU here: run it on a machine with one"], run.stderr
+
+
 # Runs the command line with one of moa's stage functions replaced: its `count`-th call touches `marker` and waits,
 # so that the test can interrupt the run inside that stage (an event, not a timer).
 PAUSED_CLI = """

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import StoppingCriteria
 
-from bench.kernel import ceilings, spread_capacities
+from bench.kernel import ceilings, need_gpu, spread_capacities
 from moa import SINK, cache_size, cli_errors, following, kv_heads, kv_rules, load_model, load_plan, make_plan
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -284,6 +284,7 @@ def main(argv=None):
                    help="run only these (dense, dense-eager, moa50, moa25, or plan file stems; default: all)")
     p.add_argument("--no-profile", action="store_true", help="skip the per-step profile")
     a = p.parse_args(argv)
+    need_gpu("bench/decode.py")
     with cli_errors():
         model = random_model(LLAMA3_8B, "cuda") if a.model == "llama3-8b" else load_model(a.model, "cuda")[0]
         files = {Path(f).stem: load_plan(f) for f in a.plans}

@@ -298,10 +298,17 @@ def _summary(rows, ceil, floor, t0):
     _say(f"wall time {time.perf_counter() - t0:.0f} s")
 
 
+def need_gpu(script):
+    """A one-line exit for a benchmark started where torch sees no GPU."""
+    if not torch.cuda.is_available():
+        sys.exit(f"error: {script} times a GPU, and torch sees no CUDA GPU here: run it on a machine with one")
+
+
 def bench(flex_budget_s=150):
     """The decode benchmark (a GPU): versions and device; the bandwidth ceilings measured now; one row per GRID shape,
     batch, length and density (our decode at its fastest launch config: time, bytes, GB/s, % of the read ceiling,
     speedup over dense SDPA and FlexAttention decode); the per-call floor in a CUDA graph; the targets' summary."""
+    need_gpu("bench/kernel.py")
     t0 = time.perf_counter()
     props = torch.cuda.get_device_properties(0)
     _say(f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, {props.name}, "
