@@ -1065,6 +1065,8 @@ class Stages:
 
     def __init__(self, out):
         self.out = Path(out) if out else None
+        if self.out and self.out.exists() and not self.out.is_dir():
+            raise MoAError(f"--out {out} is a file: give a folder (made if missing)")
         self.seconds, self.memo = {}, {}
 
     @staticmethod

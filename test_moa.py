@@ -1067,6 +1067,8 @@ BAD_INPUT = [
      "\"text\" string"),
     ("calibration .jsonl with a text not a string", COMPRESS + ["--calib", "{tmp}/c.jsonl"],
      {"c.jsonl": '{"text": "a"}\n{"text": ["b"]}\n'}, "not a string"),
+    ("output is a file", COMPRESS + ["--out", "{tmp}/f.txt"], {"f.txt": "x"}, "is a file: give a folder"),
+    ("evaluation output is a file", EVAL + ["--out", "{tmp}/f.txt"], {"f.txt": "x", **plan_file()}, "is a file"),
     ("zero samples", COMPRESS + ["--samples", "0"], {}, "--samples 0,"),
     ("negative seed", COMPRESS + ["--seed", "-1"], {}, "--seed -1: give 0 or more"),
     ("no rule per layer", COMPRESS + ["--max-rules-per-layer", "0"], {}, "give at least 1"),
