@@ -82,7 +82,7 @@ def prefill(q, k, v, windows, sink, scale=None, pad=None):
     """Sink + sliding-window attention over a whole (left-padded) sequence through FlexAttention.
     q: [B, H, N, d]; k, v: [B, G, N, d]; windows: G ints; pad: [B] leading padding tokens or None.
     Returns [B, H, N, d] (zeros at padding queries). On a CPU FlexAttention has no backward: a call that needs
-    gradients there (a plain forward pass outside torch.no_grad) runs the masked reference instead."""
+    gradients there (a plain forward pass outside torch.no_grad) runs the masked reference instead (N^2 memory)."""
     if not q.is_cuda and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return masked_reference(q, k, v, windows, sink, scale, pad)
     B, H, N, d = q.shape
