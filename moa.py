@@ -297,7 +297,10 @@ def load_documents(calib=None):
     if not path.is_file():
         raise MoAError(f"calibration file {path} does not exist: give a .txt or .jsonl file, or leave --calib out "
                        "for the bundled documents")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MoAError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): convert it to UTF-8") from None
     if path.suffix == ".jsonl":
         try:
             docs = [json.loads(line)["text"] for line in text.splitlines() if line.strip()]

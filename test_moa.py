@@ -1061,6 +1061,7 @@ BAD_INPUT = [
     ("negative refinement", COMPRESS + ["--refine", "-1"], {}, "give 0 or more"),
     ("missing calibration file", COMPRESS + ["--calib", "{tmp}/none.txt"], {}, "does not exist"),
     ("empty calibration file", COMPRESS + ["--calib", "{tmp}/c.txt"], {"c.txt": ""}, "holds 0 document"),
+    ("calibration file not UTF-8", COMPRESS + ["--calib", "{tmp}/c.txt"], {"c.txt": b"caf\xe9\n\nd"}, "not UTF-8"),
     ("too short calibration file", COMPRESS + ["--calib", "{tmp}/c.txt"], {"c.txt": "One.\n\nTwo.\n\nThree."},
      "the calibration documents hold"),
     ("calibration .jsonl without text", COMPRESS + ["--calib", "{tmp}/c.jsonl"], {"c.jsonl": '{"txt": "a"}\n'},
@@ -1096,7 +1097,7 @@ def test_bad_input(case, flags, files, fragment, tmp_path, tiny_folder, capsys):
     traceback, and nothing written to the output folder."""
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
     argv = [f.format(tmp=tmp_path, model=tiny_folder, out=tmp_path / "out") for f in flags]
     main = quality.main if argv[0] == "bench/quality.py" else moa.main     # the evaluation reads plans too
     with pytest.raises(SystemExit) as exit:
