@@ -601,9 +601,9 @@ NODE_LIMIT = 200     # and after this many branch-and-bound nodes (a count, unli
 
 def _highs(solver, *args, options, **kwargs):
     """scipy's `solver` (milp or linprog) with HiGHS on one thread. The front runs its solves side by side in threads
-    of its own; HiGHS's pool of threads, one per process and shared by all of them, made that front many times slower
-    on a 16-core host (bench/README.md#the-optimizer). HiGHS fixes the pool's size at a process's first solve and refuses
-    (status 4, no result) a solve that asks for another size: such a solve reruns on the pool as it is."""
+    of its own; HiGHS's pool of threads, one per process and shared by all of them, made that front many times
+    slower on a 16-core host (bench/README.md#the-optimizer). HiGHS fixes the pool's size at a process's first solve
+    and refuses (status 4, no result) a solve that asks for another size: such a solve reruns on the pool as it is."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Unrecognized options")                  # they pass to HiGHS verbatim
         res = solver(*args, options={**options, "threads": 1}, **kwargs)
@@ -824,8 +824,8 @@ def load_plan(path):
     are refused: a misspelt "validate_length" would silently lift the plan's length limit."""
     try:
         plan = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise MoAError(f"plan file {path} does not exist: give a plan.json written by python moa.py") from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise MoAError(f"plan file {path} is missing or a folder: give a plan.json written by python moa.py") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MoAError(f"plan file {path} is not valid JSON ({e}): {PLAN_FIX}") from None
     if not isinstance(plan, dict) or not {"alphas", "betas"} <= plan.keys():
