@@ -1010,12 +1010,14 @@ def _generate_with_plans(model):
 
 
 def apply_plan(model, plan):
-    """Make the model follow `plan` (SPEC §2), None: dense again. Forward passes go through FlexAttention, generate
-    through the static sink + ring cache and the fused decode kernel (N = prompt + max_new_tokens)."""
+    """Make the model follow `plan` (SPEC §2), None: dense again, through the attention it had before its first plan
+    (sdpa, eager, ...). Forward passes go through FlexAttention, generate through the static sink + ring cache and
+    the fused decode kernel (N = prompt + max_new_tokens)."""
     if plan is None:
         for name in ("_prepare_cache_for_generation", "_prefill", "moa_plan"):
             model.__dict__.pop(name, None)
-        model.set_attn_implementation("sdpa")
+        if "moa_dense" in model.__dict__:
+            model.set_attn_implementation(model.__dict__.pop("moa_dense"))
         return model
     alphas, betas = kv_rules(plan, model.config)
     # by the folder's name: the same model converted or copied elsewhere (a shipped plan on a user's machine) passes
@@ -1026,6 +1028,7 @@ def apply_plan(model, plan):
     for m in attention_modules(model):
         m.moa_rule, m.moa_sink, m.moa_limit = (alphas[m.layer_idx], betas[m.layer_idx]), int(plan["sink"]), limit
         m.moa_layer = None                                      # PlanCache.update's hand-off to plan_attention
+    model.__dict__.setdefault("moa_dense", model.config._attn_implementation)    # what apply_plan(model, None) restores
     model.set_attn_implementation("moa")
     model._prepare_cache_for_generation, model._prefill = _generate_with_plans(model)
     model.moa_plan = plan                                       # what following() restores

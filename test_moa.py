@@ -611,6 +611,10 @@ def test_following_restores_what_was_there(tokenizer):
         assert torch.equal(logits(), dense)
     with pytest.raises(moa.MoAError, match="follows no plan"):
         moa.PlanCache(model, 200)
+    model.set_attn_implementation("eager")                   # taking a plan off restores the dense attention it had
+    moa.apply_plan(moa.apply_plan(moa.apply_plan(model, plan), other), None)
+    assert model.config._attn_implementation == "eager" and moa.apply_plan(model, None) is model
+    assert model.config._attn_implementation == "eager"
 
 
 def test_plan_for_another_model_warns(tmp_path):
