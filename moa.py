@@ -997,6 +997,7 @@ def _generate_with_plans(model):
         cache = model_kwargs.get("past_key_values")
         if cache is None and config.use_cache is not False:
             model_kwargs["past_key_values"] = PlanCache(model, config.max_length)
+            config.cache_implementation = None         # this call's copy: the plan's cache replaces the one asked for
         elif isinstance(cache, PlanCache) and cache.get_max_length() < config.max_length:
             raise MoAError(f"the plan cache was built for {cache.get_max_length()} tokens; generate needs "
                            f"{config.max_length} (prompt + max_new_tokens)")

@@ -498,7 +498,8 @@ def ragged_prompts(B, P, pads, seed=0):
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_generate_with_dense_plan_equals_transformers(family):
     """An all-dense plan through PlanCache, FlexAttention prefill and the decode kernel gives transformers' own
-    greedy tokens, on a left-padded batch, and its beam search (which reorders the cache every step)."""
+    greedy tokens, on a left-padded batch, also when another cache was asked for (a PlanCache replaces it), and its
+    beam search (which reorders the cache every step)."""
     model = tiny_model(family, layers=2, heads=4, kv=2, seed=1, init=0.2).to(DEVICE)
     ids, mask = ragged_prompts(3, 40, [0, 9, 25])
     settings = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=1)
@@ -508,6 +509,8 @@ def test_generate_with_dense_plan_equals_transformers(family):
     assert isinstance(out.past_key_values, moa.PlanCache)
     assert out.past_key_values.layers[0].ring.capacities == [64, 64]                  # N = 40 + 24
     assert out.sequences.tolist() == want.tolist()
+    static = model.generate(ids, cache_implementation="static", return_dict_in_generate=True, **settings)
+    assert isinstance(static.past_key_values, moa.PlanCache) and static.sequences.tolist() == want.tolist()
     beams = dict(settings, max_new_tokens=8, num_beams=2, eos_token_id=None)          # the cache reordered per step
     assert model.generate(ids, **beams).tolist() == moa.apply_plan(model, None).generate(ids, **beams).tolist()
 
