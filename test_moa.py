@@ -515,12 +515,17 @@ def test_generate_with_dense_plan_equals_transformers(family):
     assert model.generate(ids, **beams).tolist() == moa.apply_plan(model, None).generate(ids, **beams).tolist()
 
 
+def wrapping_plan(monkeypatch):
+    """A 3-layer plan of 4- to 70-token windows: on 30-token prompts + 40 new tokens the rings wrap many times."""
+    monkeypatch.setattr(moa, "MIN_WINDOW", 4)                                         # small windows, tiny model
+    return moa.make_plan([[0, 8], [30, -100], [-200, 16]], [[0.125, 1], [0, 0.5], [1, 0]], sink=4, min_window=4)
+
+
 def test_generate_with_sparse_plan_equals_masked_recompute(monkeypatch):
     """A plan whose windows are shorter than the sequence (the ring wraps many times) gives, on a ragged batch, the
     same greedy tokens as recomputing the whole sequence with the masked reference at every step."""
-    monkeypatch.setattr(moa, "MIN_WINDOW", 4)                                         # small windows, tiny model
+    plan = wrapping_plan(monkeypatch)
     model = tiny_model("llama", layers=3, heads=4, kv=2, seed=2, init=0.2).to(DEVICE)    # d = 16, as flex needs
-    plan = moa.make_plan([[0, 8], [30, -100], [-200, 16]], [[0.125, 1], [0, 0.5], [1, 0]], sink=4, min_window=4)
     ids, mask = ragged_prompts(3, 30, [0, 5, 17], seed=3)
     got = moa.apply_plan(model, plan).generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
                                                pad_token_id=1, eos_token_id=None)
@@ -537,9 +542,8 @@ def test_generate_with_sparse_plan_equals_masked_recompute(monkeypatch):
 def test_forward_with_gradients_follows_the_plan(monkeypatch):
     """A plain forward pass with a plan, outside torch.no_grad, gives the no-grad pass's logits on a ragged batch (on a
     CPU through the masked reference: FlexAttention has no backward there) and gradients for every layer's weights."""
-    monkeypatch.setattr(moa, "MIN_WINDOW", 4)
+    plan = wrapping_plan(monkeypatch)
     model = tiny_model("llama", layers=3, heads=4, kv=2, seed=2, init=0.2).to(DEVICE)
-    plan = moa.make_plan([[0, 8], [30, -100], [-200, 16]], [[0.125, 1], [0, 0.5], [1, 0]], sink=4, min_window=4)
     ids, mask = ragged_prompts(3, 30, [0, 5, 17], seed=3)
     moa.apply_plan(model, plan)
     with torch.no_grad():
@@ -689,8 +693,7 @@ def test_generate_with_cuda_graphs_equals_eager(monkeypatch):
     round differently, the compiled logits are as close as the eager ones (within a factor 2) to the same weights run
     in float32 (every run follows the eager run's tokens, so that every step compares)."""
     from torch._dynamo.utils import counters
-    monkeypatch.setattr(moa, "MIN_WINDOW", 4)
-    plan = moa.make_plan([[0, 8], [30, -100], [-200, 16]], [[0.125, 1], [0, 0.5], [1, 0]], sink=4, min_window=4)
+    plan = wrapping_plan(monkeypatch)
     ids, mask = ragged_prompts(3, 30, [0, 5, 17], seed=3)
     settings = dict(attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=1, eos_token_id=None,
                     return_dict_in_generate=True, output_logits=True)
