@@ -163,18 +163,25 @@ class StopAfter(StoppingCriteria):
 
 
 KINDS = {"attention": ("decode_kernel", "flash", "fmha", "attention", "sdpa"), "merge": ("merge_kernel",),
-         "matmul": ("gemm", "nvjet", "cutlass", "matmul", "cublas"),
+         "matmul": ("gemm", "gemv", "nvjet", "cutlass", "matmul", "cublas", "splitk"),
          "norm, RoPE": ("rsqrt", "cos", "sin", "neg", "rotary")}   # words in a kernel's name (inductor names its
                                                                    # fused kernels after the ops inside)
+HOST_GAP_US = 50   # GPU idle longer than this between two kernels is the host's (generate's Python between steps);
+                   # shorter idle is inside the CUDA graph (launch latency between its kernels)
+
+
+def kind(name):
+    return next((k for k, words in KINDS.items() if any(w in name.lower() for w in words)), "other")
 
 
 def step_profile(model, plan, batch, prompt, new_tokens, eager=False, steps=16):
-    """Where one decode step's time goes, in ms: CUDA time in each of KINDS and in other kernels, and the rest of the
-    step's wall time (gaps: the host's Python and launches, and idle time between kernels inside a CUDA graph).
-    Two generates of the bench's shape, stopped after 2 + SETTLE and 2 + SETTLE + steps tokens, are profiled
-    (nothing left to compile); their difference is `steps` decode steps. Returns {kind: ms}."""
+    """Where one decode step's time goes, in ms: CUDA time in each of KINDS and in other kernels, the GPU's idle
+    time between kernels (under HOST_GAP_US: inside the graph), and the rest of the step's wall time (the host:
+    generate's Python, the graph's launch, syncs). Two generates of the bench's shape, stopped after 2 + SETTLE and
+    2 + SETTLE + steps tokens, are profiled (nothing left to compile); their difference is `steps` decode steps.
+    Returns ({kind: ms}, [(µs per step, calls per step, kind, kernel name)], heaviest first)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    totals = []
+    runs = []
     for tokens in (2 + SETTLE, 2 + SETTLE + steps):
         with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
             torch.cuda.synchronize()
@@ -182,15 +189,23 @@ def step_profile(model, plan, batch, prompt, new_tokens, eager=False, steps=16):
             bench_generate(model, plan, batch, prompt, new_tokens, eager, stopping_criteria=[StopAfter(tokens)])
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
-        t = dict.fromkeys([*KINDS, "other"], 0.0)
-        for e in prof.key_averages():
-            name = e.key.lower()
-            t[next((k for k, words in KINDS.items() if any(w in name for w in words)), "other")] += \
-                e.device_time_total / 1e3
-        totals.append((wall * 1e3, t))
-    step = {k: (totals[1][1][k] - totals[0][1][k]) / steps for k in totals[0][1]}
-    step["gaps"] = (totals[1][0] - totals[0][0]) / steps - sum(step.values())
-    return step
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type.name == "CUDA")
+        idle, end = 0.0, spans[0][0]
+        for start, stop in spans:                       # idle between kernels, overlapping ones merged
+            idle += start - end if 0 < start - end < HOST_GAP_US else 0
+            end = max(end, stop)
+        per_kernel = {e.key: (e.device_time_total, e.count) for e in prof.key_averages() if e.device_time_total > 0}
+        runs.append((wall * 1e3, idle / 1e3, per_kernel))
+    (wall0, idle0, k0), (wall1, idle1, k1) = runs
+    kernels = sorted(((t - k0.get(n, (0, 0))[0]) / steps, (c - k0.get(n, (0, 0))[1]) / steps, kind(n), n)
+                     for n, (t, c) in k1.items())[::-1]
+    step = dict.fromkeys([*KINDS, "other"], 0.0)
+    for us, _, k, _ in kernels:
+        step[k] += us / 1e3
+    step["idle in graph"] = (idle1 - idle0) / steps
+    step["host"] = (wall1 - wall0) / steps - sum(step.values())
+    return step, kernels
 
 
 def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 16), largest=True,
@@ -245,13 +260,17 @@ def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 1
                 done.append((prompt, name, plan, eager, rows[name][-1][0]))
         summary(table, prompt, ideal)
     if profile_steps:
-        print(f"\none decode step, ms (torch.profiler):\n{'prompt':>6} {'method':>11} {'batch':>5} "
-              + " ".join(f"{k:>10}" for k in [*KINDS, "other", "gaps"]))
+        heads = [*KINDS, "other", "idle in graph", "host"]
+        print(f"\none decode step, ms (torch.profiler; idle in graph: gaps under {HOST_GAP_US} us between kernels):\n"
+              f"{'prompt':>6} {'method':>11} {'batch':>5} {'wall':>7} " + " ".join(f"{k:>13}" for k in heads))
         for prompt, name, plan, eager, b in done:
             if prompt != done[-1][0]:
                 continue                                                # the longest prompt only
-            t = step_profile(model, plan, b, prompt, new_tokens, eager)
-            print(f"{prompt:>6} {name:>11} {b:>5} " + " ".join(f"{v:>10.2f}" for v in t.values()), flush=True)
+            t, kernels = step_profile(model, plan, b, prompt, new_tokens, eager)
+            print(f"{prompt:>6} {name:>11} {b:>5} {sum(t.values()):>7.2f} " +
+                  " ".join(f"{t[k]:>13.2f}" for k in heads), flush=True)
+            for us, calls, k, n in kernels[:12]:                       # the heaviest kernels of a step
+                print(f"{'':>25} {us:>9.1f} us {calls:>5.0f} calls  {k:<10} {n[:90]}")
             torch.cuda.empty_cache()
 
 
