@@ -86,8 +86,9 @@ def prefill(q, k, v, windows, sink, scale=None, pad=None):
     if not q.is_cuda and torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return masked_reference(q, k, v, windows, sink, scale, pad)
     B, H, N, d = q.shape
-    pad = None if pad is None or not bool(pad.any()) else tuple(pad.tolist())
-    block_mask = _block_mask(tuple(int(w) for w in windows), int(sink), H, N, str(q.device), pad)
+    pad = None if pad is None else tuple(pad.tolist())          # a host sync only where a padding is given
+    block_mask = _block_mask(tuple(int(w) for w in windows), int(sink), H, N, str(q.device), pad if pad and any(pad)
+                             else None)
     flex = _flex_compiled if q.is_cuda or H * N * N >= COMPILE_MIN_SCORES else flex_attention
     return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True)
 
@@ -151,11 +152,12 @@ class SinkRingCache:
         slot = torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % ring)
         return self.offsets[:-1] + slot
 
-    def prefill(self, key, value, pad):
-        """Start the cache with a left-padded prompt. key, value: [B, G, P, d]; pad: [B] leading padding tokens."""
-        self.pad.copy_(pad)
+    def prefill(self, key, value, pad=None):
+        """Start the cache with a prompt. key, value: [B, G, P, d]; pad: [B] leading padding tokens, or None for none
+        (then no sync, and later chunks share one mask row)."""
+        self.pad.copy_(pad) if pad is not None else self.pad.zero_()
         self.length.zero_()
-        self.prefilled, self.padded = True, bool(pad.any())             # one sync per prompt, not per chunk
+        self.prefilled, self.padded = True, pad is not None
         self.store(key, value)
 
     def store(self, key, value):

@@ -876,18 +876,22 @@ def check_length(n, limit, fix="shorten the prompt or max_new_tokens"):
 
 
 def left_padding(attention_mask, n):
-    """Leading padding tokens per sequence from a 2D mask [B, >= n] (its last n columns), or None if unpadded."""
+    """Leading padding tokens per sequence [B] in the last n columns of a 2D mask [B, >= n], or None where the mask
+    is None or pads no sequence. One host sync, for the check and the None."""
     if attention_mask is None:
         return None
     mask = attention_mask[:, -n:].bool()
     pad = (~mask).sum(1)
-    if not bool((mask == (torch.arange(n, device=mask.device)[None] >= pad[:, None])).all()):
+    left = (mask == (torch.arange(n, device=mask.device)[None] >= pad[:, None])).all()
+    left, padded = torch.stack([left, pad.any()]).tolist()
+    if not left:
         raise MoAError("moa supports left padding only: set tokenizer.padding_side = \"left\"")
-    return pad
+    return pad if padded else None
 
 
-def plan_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d].
+def plan_attention(module, query, key, value, pad, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d]; pad: padding_mask's
+    leading padding tokens [B] of this call's tokens, or None.
     Without a cache (a whole-sequence forward pass) N is the sequence length; with a PlanCache it is the cache's N:
     the prompt (or its first chunk) is stored and attended with FlexAttention, a later prompt chunk attends to the
     cache and itself (generate's prefill_chunk_size), and each new token goes through the fused decode kernel, which
@@ -900,8 +904,7 @@ def plan_attention(module, query, key, value, attention_mask, scaling=None, drop
     if layer is not None and layer.ring.prefilled:           # a decode step or a later prompt chunk
         if q == 1:
             return kernel.decode(query[:, :, 0], key[:, :, 0], value[:, :, 0], layer.ring, scaling)[:, None], None
-        pad = left_padding(attention_mask, q)
-        if pad is not None and bool(pad.any()):
+        if pad is not None:
             raise MoAError("a sequence's left padding runs past the first prefill chunk: use a larger "
                            "prefill_chunk_size")
         w = window(*module.moa_rule, layer.n).tolist()
@@ -911,19 +914,21 @@ def plan_attention(module, query, key, value, attention_mask, scaling=None, drop
                        "moa.PlanCache(model, n) (n: prompt + new tokens) to the first call, or use model.generate")
     n = layer.n if layer is not None else key.shape[2]
     check_length(n, module.moa_limit)
-    pad = left_padding(attention_mask, key.shape[2])
     if layer is not None:
-        layer.ring.prefill(key, value, key.new_zeros(len(key), dtype=torch.long) if pad is None else pad)
+        layer.ring.prefill(key, value, pad)
     w = window(*module.moa_rule, n).tolist()
     return kernel.prefill(query, key, value, w, module.moa_sink, scaling, pad).transpose(1, 2), None
 
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, **kwargs):
-    """AttentionMaskInterface entry "moa": the 2D padding mask [B, kv_length] (or None) as is, but None to a decode
-    step, whose padding the cache holds: a mask growing every step would recompile generate's compiled step."""
-    decoding = q_length == 1 and attention_mask is not None and attention_mask.shape[-1] > 1
-    return None if decoding else attention_mask
+    """AttentionMaskInterface entry "moa", made once per forward pass for every layer's plan_attention: the leading
+    padding tokens [B] of the call's q_length tokens (left_padding: None where none is padded), and None to a decode
+    step, whose padding the cache holds (a mask growing every step would recompile generate's compiled step). Its own
+    answer is returned as is: for a compileable cache, generate makes the mask before the forward pass makes it again."""
+    if attention_mask is None or attention_mask.dim() == 1:
+        return attention_mask
+    return None if q_length == 1 and attention_mask.shape[-1] > 1 else left_padding(attention_mask, q_length)
 
 
 class PlanLayer(CacheLayerMixin):

@@ -401,7 +401,7 @@ def test_chunked_prefill_matches_masked_reference(H, G, N, first, chunk, windows
     pad = torch.tensor([0, first // 2 if padded else 0])
     ref = kernel.masked_reference(q, k, v, windows, sink, pad=pad)
     cache = kernel.SinkRingCache(2, [min(N, sink + w) for w in windows], d, sink, torch.float64, "cpu")
-    cache.prefill(k[:, :, :first], v[:, :, :first], pad)
+    cache.prefill(k[:, :, :first], v[:, :, :first], pad if padded else None)   # None: one shared mask row
     for a in range(first, N, chunk):
         b = min(N, a + chunk)
         got = kernel.chunk_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], cache, windows)

@@ -159,7 +159,9 @@ class StopAfter(StoppingCriteria):
 
     def __call__(self, input_ids, scores, **_):
         self.calls += 1
-        return torch.full(input_ids.shape[:1], self.calls >= self.tokens, dtype=torch.bool, device=input_ids.device)
+        with torch.profiler.record_function(STEP_MARK):   # a mark for step_profile; nothing without a profiler
+            return torch.full(input_ids.shape[:1], self.calls >= self.tokens, dtype=torch.bool,
+                              device=input_ids.device)
 
 
 KINDS = {"attention": ("decode_kernel", "flash", "fmha", "attention", "sdpa"), "merge": ("merge_kernel",),
@@ -168,43 +170,41 @@ KINDS = {"attention": ("decode_kernel", "flash", "fmha", "attention", "sdpa"), "
                                                                    # fused kernels after the ops inside)
 HOST_GAP_US = 50   # GPU idle longer than this between two kernels is the host's (generate's Python between steps);
                    # shorter idle is inside the CUDA graph (launch latency between its kernels)
+STEP_MARK = "moa_bench_step"   # StopAfter's mark in a profiler's trace, once per decode step
 
 
 def kind(name):
     return next((k for k, words in KINDS.items() if any(w in name.lower() for w in words)), "other")
 
 
-def step_profile(model, plan, batch, prompt, new_tokens, eager=False, steps=16):
+def step_profile(model, plan, batch, prompt, new_tokens, ms_per_step, eager=False, steps=16):
     """Where one decode step's time goes, in ms: CUDA time in each of KINDS and in other kernels, the GPU's idle
-    time between kernels (under HOST_GAP_US: inside the graph), and the rest of the step's wall time (the host:
-    generate's Python, the graph's launch, syncs). Two generates of the bench's shape, stopped after 2 + SETTLE and
-    2 + SETTLE + steps tokens, are profiled (nothing left to compile); their difference is `steps` decode steps.
-    Returns ({kind: ms}, [(µs per step, calls per step, kind, kernel name)], heaviest first)."""
+    time between kernels inside the step's CUDA graph (gaps under HOST_GAP_US), and the rest of `ms_per_step` (the
+    step's time measured without the profiler): the host's, where the GPU waits for generate's Python between steps.
+    One generate of the bench's shape, stopped after 2 + SETTLE + steps tokens, is profiled (nothing left to
+    compile); the kernels that start between StopAfter's marks of its last `steps` steps are counted, so the prefill
+    and the first steps are left out. The host's share is not read from this profile: recording the CPU's ops slows
+    the host. Returns ({kind: ms}, [(us per step, calls per step, kind, kernel name)], heaviest first)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    runs = []
-    for tokens in (2 + SETTLE, 2 + SETTLE + steps):
-        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            bench_generate(model, plan, batch, prompt, new_tokens, eager, stopping_criteria=[StopAfter(tokens)])
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
-        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                       if e.device_type.name == "CUDA")
-        idle, end = 0.0, spans[0][0]
-        for start, stop in spans:                       # idle between kernels, overlapping ones merged
-            idle += start - end if 0 < start - end < HOST_GAP_US else 0
-            end = max(end, stop)
-        per_kernel = {e.key: (e.device_time_total, e.count) for e in prof.key_averages() if e.device_time_total > 0}
-        runs.append((wall * 1e3, idle / 1e3, per_kernel))
-    (wall0, idle0, k0), (wall1, idle1, k1) = runs
-    kernels = sorted(((t - k0.get(n, (0, 0))[0]) / steps, (c - k0.get(n, (0, 0))[1]) / steps, kind(n), n)
-                     for n, (t, c) in k1.items())[::-1]
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        bench_generate(model, plan, batch, prompt, new_tokens, eager, stopping_criteria=[StopAfter(2 + SETTLE + steps)])
+        torch.cuda.synchronize()
+    events = prof.events()
+    marks = sorted(e.time_range.start for e in events if e.name == STEP_MARK)[-steps - 1:]
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type.name == "CUDA" and marks[0] <= e.time_range.start < marks[-1])
+    idle, end, per_kernel = 0.0, spans[0][0], {}
+    for start, stop, name in spans:                     # idle between kernels, overlapping ones merged
+        idle += start - end if 0 < start - end < HOST_GAP_US else 0
+        end = max(end, stop)
+        us, calls = per_kernel.get(name, (0.0, 0))
+        per_kernel[name] = (us + stop - start, calls + 1)
+    kernels = sorted(((us / steps, calls / steps, kind(n), n) for n, (us, calls) in per_kernel.items()), reverse=True)
     step = dict.fromkeys([*KINDS, "other"], 0.0)
     for us, _, k, _ in kernels:
         step[k] += us / 1e3
-    step["idle in graph"] = (idle1 - idle0) / steps
-    step["host"] = (wall1 - wall0) / steps - sum(step.values())
+    step["idle in graph"] = idle / steps / 1e3
+    step["host"] = ms_per_step - sum(step.values())
     return step, kernels
 
 
@@ -257,18 +257,18 @@ def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 1
                 show(name, *rows[name][-1])
                 torch.cuda.empty_cache()
             if rows[name]:
-                done.append((prompt, name, plan, eager, rows[name][-1][0]))
+                done.append((prompt, name, plan, eager, rows[name][-1][0], rows[name][-1][1][3]))
         summary(table, prompt, ideal)
     if profile_steps:
         heads = [*KINDS, "other", "idle in graph", "host"]
-        print(f"\none decode step, ms (torch.profiler; idle in graph: gaps under {HOST_GAP_US} us between kernels):\n"
-              f"{'prompt':>6} {'method':>11} {'batch':>5} {'wall':>7} " + " ".join(f"{k:>13}" for k in heads))
-        for prompt, name, plan, eager, b in done:
+        print(f"\none decode step, ms (torch.profiler, its last 16 steps; idle in graph: gaps under {HOST_GAP_US} us "
+              f"between kernels; host: the rest of the row's ms/step):\n"
+              f"{'prompt':>6} {'method':>11} {'batch':>5} {'ms/step':>7} " + " ".join(f"{k:>13}" for k in heads))
+        for prompt, name, plan, eager, b, ms in done:
             if prompt != done[-1][0]:
                 continue                                                # the longest prompt only
-            t, kernels = step_profile(model, plan, b, prompt, new_tokens, eager)
-            print(f"{prompt:>6} {name:>11} {b:>5} {sum(t.values()):>7.2f} " +
-                  " ".join(f"{t[k]:>13.2f}" for k in heads), flush=True)
+            t, kernels = step_profile(model, plan, b, prompt, new_tokens, ms, eager)
+            print(f"{prompt:>6} {name:>11} {b:>5} {ms:>7.2f} " + " ".join(f"{t[k]:>13.2f}" for k in heads), flush=True)
             for us, calls, k, n in kernels[:12]:                       # the heaviest kernels of a step
                 print(f"{'':>25} {us:>9.1f} us {calls:>5.0f} calls  {k:<10} {n[:90]}")
             torch.cuda.empty_cache()
