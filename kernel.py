@@ -153,12 +153,20 @@ class SinkRingCache:
         return self.offsets[:-1] + slot
 
     def prefill(self, key, value, pad=None):
-        """Start the cache with a prompt. key, value: [B, G, P, d]; pad: [B] leading padding tokens, or None for none
-        (then no sync, and later chunks share one mask row)."""
-        self.pad.copy_(pad) if pad is not None else self.pad.zero_()
-        self.length.zero_()
+        """Start the cache with a prompt. key, value: [B, G, P, d]; pad: [B] leading padding tokens, or None for none:
+        then the slots each token goes to are known on the host (prompt_slots), the prompt is copied in with no sync,
+        and later chunks share one mask row."""
         self.prefilled, self.padded = True, pad is not None
-        self.store(key, value)
+        if pad is not None:
+            self.pad.copy_(pad)
+            self.length.zero_()
+            return self.store(key, value)
+        B, G, P, d = key.shape
+        self.pad.zero_()
+        self.length.fill_(P)
+        src, slot = prompt_slots(P, tuple(self.capacities), self.sink, str(key.device))
+        for cache, new in ((self.k, key), (self.v, value)):
+            cache.index_copy_(1, slot, new.reshape(B, G * P, d).index_select(1, src))
 
     def store(self, key, value):
         """Append P tokens to every sequence. key, value: [B, G, P, d]. Only what the cache keeps is written: the
@@ -184,6 +192,21 @@ class SinkRingCache:
         latest = r + ring * torch.div(stored - 1 - r, ring, rounding_mode="floor")   # newest position in the slot
         pos = torch.where(r < self.sink, r, latest)                                  # [B, S]
         return torch.where(stored > r, pos, -1)                                      # position r fills it first
+
+
+@functools.lru_cache(maxsize=256)
+def prompt_slots(P, capacities: tuple, sink, device):
+    """Where an unpadded P-token prompt goes in a SinkRingCache of these capacities (SPEC §9: each KV head keeps its
+    first `sink` tokens and its latest C - sink). Returns (src, slot), int64 [M] each: the kept tokens as flat indices
+    h * P + t into key.reshape(B, G * P, d), and the flat cache slot each is kept in."""
+    t = torch.arange(P)
+    src, slot, offset = [], [], 0
+    for h, c in enumerate(capacities):
+        kept = t[(t < sink) | (t >= P - (c - sink))]
+        src.append(h * P + kept)
+        slot.append(offset + torch.where(kept < sink, kept, sink + (kept - sink) % max(c - sink, 1)))
+        offset += c
+    return torch.cat(src).to(device), torch.cat(slot).to(device)
 
 
 def chunk_attention(q, k, v, cache, windows, scale=None):

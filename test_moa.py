@@ -409,6 +409,22 @@ def test_chunked_prefill_matches_masked_reference(H, G, N, first, chunk, windows
     assert cache.length == N
 
 
+@pytest.mark.parametrize("P", [3, 9, 40, 133])
+def test_unpadded_prompt_is_stored_as_by_the_general_path(P):
+    """An unpadded prompt goes into the cache by slots found on the host (prompt_slots, no sync); the general path,
+    which finds them on the device, fills the same slots with the same tokens: prompts shorter than the sink, shorter
+    than a head's capacity, and wrapping its ring several times, over heads of several capacities."""
+    sink, d, B = 4, 8, 3
+    capacities = [5, 4 + 29, 4 + 1, 140]
+    k, v = torch.randn(B, len(capacities), P, d).double(), torch.randn(B, len(capacities), P, d).double()
+    fast, general = (kernel.SinkRingCache(B, capacities, d, sink, torch.float64, "cpu") for _ in range(2))
+    fast.prefill(k, v)
+    general.prefill(k, v, torch.zeros(B, dtype=torch.long))
+    assert torch.equal(fast.k, general.k) and torch.equal(fast.v, general.v)
+    assert torch.equal(fast.positions(), general.positions()) and int(fast.length) == P
+    assert not fast.padded and bool((fast.positions() >= 0).sum() == B * sum(min(P, c) for c in capacities))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The static cache and the fused decode kernel (SPEC §9, §10)
 
