@@ -1236,7 +1236,7 @@ def compress(model, tokenizer, out=None, **settings):
                                  "score": score, "pareto": [x[1] for x in pareto],
                                  "steps": {k: v[2] for k, v in steps.items()}},
                 calibration={"instructions": list(cfg.instructions), "candidates": cfg.candidates,
-                             "local_window": cfg.local_window, "kept": kept})
+                             "local_window": cfg.local_window, "kept": kept, "documents": fingerprint(docs)})
     if out:
         for step, (c, *_) in steps.items():                  # what each step chose, beside the plan (diagnostics)
             save_plan(with_meta(c), Path(out) / f"plan_{step}.json")

@@ -978,6 +978,7 @@ def test_paper_protocol_from_the_command_line(tmp_path, tiny_folder):
     plan = moa.load_plan(tmp_path / "plan.json")
     assert plan["calibration"]["instructions"] == ["summary"] and plan["calibration"]["candidates"] == 1
     assert plan["calibration"]["kept"] == {str(n): [TINY["samples"]] for n in TINY["lengths"]}
+    assert plan["calibration"]["documents"] == moa.fingerprint(moa.load_documents())   # which corpus it read
     samples = moa.Stages.read(tmp_path / "samples_calib384.pt")["value"]
     assert not samples["rise"].any() and not samples["instruction"].any()
 
