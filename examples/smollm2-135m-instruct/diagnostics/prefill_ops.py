@@ -1,5 +1,6 @@
-"""Host work of one prefill (generate, max_new_tokens=1) with a plan, SmolLM2 on the CPU: aten ops, and the calls
-that sync with the device on a GPU (item/tolist/bool, nonzero). Counted on a CPU, as a GPU would launch them.
+"""Host work of one prefill (generate, max_new_tokens=1) with a plan, SmolLM2 on the CPU: aten ops, and the reads
+that wait for the device on a GPU as the profiler sees them on a CPU: item / bool (aten::_local_scalar_dense) and
+nonzero. A .tolist() of a device tensor also waits on a GPU, but on a CPU the profiler records no op for it.
 Run:  python examples/smollm2-135m-instruct/diagnostics/prefill_ops.py REPO PLAN   (REPO: the checkout to measure)"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
@@ -20,4 +21,4 @@ for batch, n, padded in ((1, 1024, False), (4, 1024, False), (4, 1024, True)):
         ev = prof.key_averages()
         ops = sum(e.count for e in ev if e.key.startswith("aten::"))
         syncs = sum(e.count for e in ev if e.key in ("aten::_local_scalar_dense", "aten::nonzero"))
-        print(f"B={batch} N={n} padded={padded} {name:>5}: aten ops {ops}, host syncs on a GPU (item/tolist/bool, nonzero) {syncs}", flush=True)
+        print(f"B={batch} N={n} padded={padded} {name:>5}: aten ops {ops}, item/bool and nonzero calls {syncs}", flush=True)
