@@ -147,10 +147,7 @@ class SinkRingCache:
 
     def slots(self, pos):
         """Flat slot of true positions pos: [...] -> [..., G] (int64)."""
-        pos = pos[..., None].long()
-        ring = (self.capacity - self.sink).clamp_min(1)
-        slot = torch.where(pos < self.sink, pos, self.sink + (pos - self.sink) % ring)
-        return self.offsets[:-1] + slot
+        return self.offsets[:-1] + ring_slot(pos[..., None].long(), self.capacity, self.sink)
 
     def prefill(self, key, value, pad=None):
         """Start the cache with a prompt. key, value: [B, G, P, d]; pad: [B] leading padding tokens, or None for none:
@@ -175,8 +172,7 @@ class SinkRingCache:
         pos = self.length + torch.arange(P, device=key.device)[None] - self.pad[:, None]             # [B, P]
         last = (self.length + P - self.pad)[:, None, None]                                          # tokens after
         idx = self.slots(pos.clamp_min(0))                                                          # [B, P, G]
-        kept = (pos[..., None] >= 0) & ((pos[..., None] < self.sink) |
-                                        (pos[..., None] >= last - (self.capacity - self.sink)))
+        kept = (pos[..., None] >= 0) & keeps(pos[..., None], last, self.capacity, self.sink)
         b, p, g = kept.nonzero(as_tuple=True)
         self.k[b, idx[b, p, g]] = key[b, g, p]
         self.v[b, idx[b, p, g]] = value[b, g, p]
@@ -194,19 +190,28 @@ class SinkRingCache:
         return torch.where(stored > r, pos, -1)                                      # position r fills it first
 
 
+def ring_slot(pos, capacity, sink):
+    """SPEC §9: the slot, within its head's `capacity` slots, that true position pos >= 0 goes to: the sink never
+    moves, the rest is a ring of capacity - sink slots. Broadcasting tensors."""
+    return torch.where(pos < sink, pos, sink + (pos - sink) % (capacity - sink).clamp_min(1))
+
+
+def keeps(pos, last, capacity, sink):
+    """Whether a head of `capacity` slots still holds true position pos once `last` tokens are stored: the sink and
+    the latest capacity - sink. Broadcasting tensors."""
+    return (pos < sink) | (pos >= last - (capacity - sink))
+
+
 @functools.lru_cache(maxsize=256)
 def prompt_slots(P, capacities: tuple, sink, device):
-    """Where an unpadded P-token prompt goes in a SinkRingCache of these capacities (SPEC §9: each KV head keeps its
-    first `sink` tokens and its latest C - sink). Returns (src, slot), int64 [M] each: the kept tokens as flat indices
-    h * P + t into key.reshape(B, G * P, d), and the flat cache slot each is kept in."""
-    t = torch.arange(P)
-    src, slot, offset = [], [], 0
-    for h, c in enumerate(capacities):
-        kept = t[(t < sink) | (t >= P - (c - sink))]
-        src.append(h * P + kept)
-        slot.append(offset + torch.where(kept < sink, kept, sink + (kept - sink) % max(c - sink, 1)))
-        offset += c
-    return torch.cat(src).to(device), torch.cat(slot).to(device)
+    """Where an unpadded P-token prompt goes in a SinkRingCache of these capacities, found on the host (ring_slot,
+    keeps). Returns (src, slot), int64 [M] each: the kept tokens as flat indices h * P + t into
+    key.reshape(B, G * P, d), and the flat cache slot each is kept in."""
+    capacity = torch.tensor(capacities)
+    offsets = capacity.cumsum(0) - capacity
+    t = torch.arange(P)[:, None]                                                         # [P, 1] true positions
+    t, h = keeps(t, P, capacity, sink).nonzero(as_tuple=True)                            # kept (token, head) pairs
+    return (h * P + t).to(device), (offsets[h] + ring_slot(t, capacity[h], sink)).to(device)
 
 
 def chunk_attention(q, k, v, cache, windows, scale=None):

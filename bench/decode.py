@@ -171,13 +171,14 @@ KINDS = {"attention": ("decode_kernel", "flash", "fmha", "attention", "sdpa"), "
 HOST_GAP_US = 50   # GPU idle longer than this between two kernels is the host's (generate's Python between steps);
                    # shorter idle is inside the CUDA graph (launch latency between its kernels)
 STEP_MARK = "moa_bench_step"   # StopAfter's mark in a profiler's trace, once per decode step
+PROFILE_STEPS = 16             # decode steps step_profile counts
 
 
 def kind(name):
     return next((k for k, words in KINDS.items() if any(w in name.lower() for w in words)), "other")
 
 
-def step_profile(model, plan, batch, prompt, new_tokens, ms_per_step, eager=False, steps=16):
+def step_profile(model, plan, batch, prompt, new_tokens, ms_per_step, eager=False, steps=PROFILE_STEPS):
     """Where one decode step's time goes, in ms: CUDA time in each of KINDS and in other kernels, the GPU's idle
     time between kernels inside the step's CUDA graph (gaps under HOST_GAP_US), and the rest of `ms_per_step` (the
     step's time measured without the profiler): the host's, where the GPU waits for generate's Python between steps.
@@ -261,8 +262,8 @@ def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 1
         summary(table, prompt, ideal)
     if profile_steps:
         heads = [*KINDS, "other", "idle in graph", "host"]
-        print(f"\none decode step, ms (torch.profiler, its last 16 steps; idle in graph: gaps under {HOST_GAP_US} us "
-              f"between kernels; host: the rest of the row's ms/step):\n"
+        print(f"\none decode step, ms (torch.profiler, its last {PROFILE_STEPS} steps; idle in graph: gaps under "
+              f"{HOST_GAP_US} us between kernels; host: the rest of the row's ms/step):\n"
               f"{'prompt':>6} {'method':>11} {'batch':>5} {'ms/step':>7} " + " ".join(f"{k:>13}" for k in heads))
         for prompt, name, plan, eager, b, ms in done:
             if prompt != done[-1][0]:

@@ -3,6 +3,7 @@ One prefill-only generate (max_new_tokens=1) profiled with CPU + CUDA activity a
 import sys, time, torch
 sys.path.insert(0, ".")   # run from the repository root: python examples/.../prefill_profile.py M PLAN
 from torch.profiler import ProfilerActivity, profile
+from bench.decode import prefill_chunk
 from moa import load_model, load_plan, following
 model, _ = load_model(sys.argv[1], device="cuda")
 plan = load_plan(sys.argv[2])
@@ -12,7 +13,7 @@ for batch, n in ((1, 4096), (8, 4096)):
         def go():
             with following(model, p):
                 model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
-                               pad_token_id=0, prefill_chunk_size=max(128, 16384 // batch // 128 * 128),
+                               pad_token_id=0, prefill_chunk_size=prefill_chunk(batch),
                                disable_compile=True)
         for _ in range(2):
             go()
@@ -21,6 +22,7 @@ for batch, n in ((1, 4096), (8, 4096)):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             go(); torch.cuda.synchronize()
         ev = prof.key_averages()
+        # counts a kernel twice where its op reports it too: the GPU's busy time is the table's "Self CUDA time total"
         gpu = sum(e.self_device_time_total for e in ev) / 1e3
         syncs = sum(e.count for e in ev if "Synchronize" in e.key or "cudaMemcpy" in e.key)
         print(f"\n=== B={batch} N={n} {name}: wall {wall*1e3:.1f} ms, GPU busy {gpu:.1f} ms, syncs+memcpy calls {syncs}")
