@@ -439,9 +439,10 @@ def diagonal_sums(e):
     """Sum a block of scores along its diagonals. e: [..., R, C] whose rows are the last R queries i = C-R+r and
     columns the keys j = 0..C-1. Returns [..., C] with out[δ] = Σ_r e[r, i_r - δ] (δ = i - j)."""
     R, C = e.shape[-2:]
-    flat = F.pad(e, (R, 0)).flatten(-2)                        # row r: R zeros, then e[r]
-    skew = F.pad(flat, (0, R)).unflatten(-1, (R, C + R + 1))   # e[r, c] now sits at column c - r + R = C - δ
-    return skew.sum(-2)[..., 1:C + 1].flip(-1)
+    padded = F.pad(e, (R, 0))                                   # row r: R zeros, then e[r]
+    # A view whose rows step one element further: [r, t] is padded[r, r + t] = e[r, i_r - δ] at t = C - δ.
+    skew = padded.as_strided((*e.shape[:-2], R, C + 1), (*padded.stride()[:-2], R + C + 1, 1))
+    return skew.sum(-2)[..., 1:].flip(-1)
 
 
 def influence_backward(q, k, v, do, scale, hist, sink, windows=None):
@@ -463,26 +464,28 @@ def influence_backward(q, k, v, do, scale, hist, sink, windows=None):
     w = torch.full((G,), N, device=q.device) if windows is None else torch.as_tensor(windows, device=q.device)
     for i0 in range(0, N, rows):
         i1 = min(N, i0 + rows)
-        qb = q[:, :, :, i0:i1].flatten(2, 3)                                   # [B, G, g*R, d]
+        qb = q[:, :, :, i0:i1].flatten(2, 3) * scale                           # [B, G, g*R, d], scaled
         dob = do[:, :, :, i0:i1].flatten(2, 3)
         kb, vb = k[:, :, :i1], v[:, :, :i1]                                    # [B, G, C, d], C = i1
         i, j = pos[i0:i1, None], pos[None, :i1]
         kept = kernel.sees(i, j, w[:, None, None, None], sink)                 # [G, 1, R, C]
-        s = (qb @ kb.transpose(-1, -2)).mul_(scale).unflatten(2, (g, i1 - i0)).masked_fill_(j > i, float("-inf"))
+        s = (qb @ kb.transpose(-1, -2)).unflatten(2, (g, i1 - i0)).masked_fill_(j > i, float("-inf"))
         s -= s.masked_fill(~kept, float("-inf")).logsumexp(-1, keepdim=True)   # s_ij - lse_i: [B, G, g, R, C]
         a = s.exp().masked_fill_(~kept, 0)                                     # A
         grad_a = (dob @ vb.transpose(-1, -2)).unflatten(2, (g, i1 - i0))  # G_ij
-        grad_a -= (a * grad_a).sum(-1, keepdim=True)                           # G_ij - D_i
+        out = (a.flatten(2, 3) @ vb).unflatten(2, (g, i1 - i0))                # O_i = Σ_j A_ij V_j
+        grad_a -= (out * do[:, :, :, i0:i1]).sum(-1, keepdim=True)             # G_ij - D_i, D_i = dO_i·O_i
         ds = a * grad_a                                                        # dL/dS = A (G - D)
         dq[:, :, :, i0:i1] = (ds.flatten(2, 3) @ kb).unflatten(2, (g, i1 - i0)) * scale
-        dk[:, :, :i1] += ds.flatten(2, 3).transpose(-1, -2) @ qb * scale
+        dk[:, :, :i1] += ds.flatten(2, 3).transpose(-1, -2) @ qb
         dv[:, :, :i1] += a.flatten(2, 3).transpose(-1, -2) @ dob
         if windows is None:
             influence = ds.abs_().div_((1 - a).clamp_min_(1e-6))               # |ΔL_ij| = |dS_ij| / (1 - A_ij)
         else:                                                                  # a / (1 + a) = sigmoid(s - lse)
             influence = torch.where(kept, -ds / (1 - a).clamp_min(1e-6), grad_a * s.sigmoid_())
-        influence.masked_fill_((j > i) | (j < sink), 0)                        # sink keys are never dropped
-        hist[:, :i1] += diagonal_sums(influence).sum(0).flatten(0, 1)
+        influence = influence.sum(0)                                           # j > i is 0 already (A = a = 0)
+        influence[..., :sink] = 0                                              # sink keys are never dropped
+        hist[:, :i1] += diagonal_sums(influence).flatten(0, 1)
     return dq.view(B, H, N, d), dk, dv
 
 
