@@ -5,7 +5,9 @@ pair of seeds and for pairs of two-seed sums (twice the samples), the Spearman c
 losses under the uniform 0.5 rule, the overlap of the top `--top` heads, and the ranks of `--heads` (layer.kv_head).
 Run: python examples/smollm2-135m-instruct/diagnostics/profile_seeds.py OUT [--seeds 0 1 2 3] [--samples 16]
      [--length 1024] [--device cpu] [--instructions quote quote question summary]
-     [--gpu-profile DIR/profile_1024.pt] [--front DIR PLAN.json]
+     [--gpu-profile DIR/profile_1024.pt] [--front DIR PLAN.json] [--plain] [--versus OUT2/h_0_16.pt ...]
+--plain: the samples without the chat template (the frame moa.chat_frame uses for a tokenizer without one), saved as
+h_SEED_SAMPLES[_MIX]_plain.pt; --versus: each seed against other runs' h_*.pt (another mix or frame).
 --front: each of that run's Pareto plans' profiled loss F at the length, from the seeds' mean histogram (and from
 DIR's own profile), beside its validation loss there (what the optimizer sees against what the model does).
 """
@@ -31,6 +33,8 @@ p.add_argument("--instructions", nargs="+", help="the calibration mix, as moa.py
 p.add_argument("--top", type=int, default=38, help="heads compared at the top (38: whole 1k windows in plan_d50)")
 p.add_argument("--heads", nargs="+", default=["20.1", "20.2"])
 p.add_argument("--gpu-profile", help="a run's profile_N.pt (e.g. the H200 run behind plan_d50.json) to compare too")
+p.add_argument("--plain", action="store_true", help="frame the samples without the chat template")
+p.add_argument("--versus", nargs="+", default=[], help="h_*.pt files of this script to compare each seed with")
 p.add_argument("--front", nargs=2, metavar=("DIR", "PLAN"), help="a run's folder (optimize.pt, profile_N.pt) and plan")
 a = p.parse_args()
 out = Path(a.out)
@@ -38,10 +42,11 @@ out.mkdir(parents=True, exist_ok=True)
 model = tokenizer = None
 hist = {}
 for seed in a.seeds:
-    path = out / f"h_{seed}_{a.samples}{'_' + '-'.join(a.instructions) if a.instructions else ''}.pt"
+    path = out / f"h_{seed}_{a.samples}{'_' + '-'.join(a.instructions) if a.instructions else ''}{'_plain' if a.plain else ''}.pt"
     if not path.is_file():
         if model is None:
             model, tokenizer = moa.load_model(None, a.device)
+            tokenizer.chat_template = None if a.plain else tokenizer.chat_template
         mix = dict(instructions=tuple(a.instructions)) if a.instructions else {}
         cfg = moa.Config(seed=seed, samples=a.samples, **mix).resolved(model.device, model.config)
         docs = moa.tokenize_documents(tokenizer, moa.split_documents(moa.load_documents(None), seed)[0])
@@ -65,7 +70,7 @@ def compare(name, x, y):
 
 
 print(f"KV heads' profiled loss at N = {a.length} under the uniform 0.5 rule, {a.samples} samples a seed, mix "
-      f"{' '.join(a.instructions or moa.INSTRUCTIONS)}")
+      f"{' '.join(a.instructions or moa.INSTRUCTIONS)}, {'plain frame' if a.plain else 'chat template'}")
 for s, t in itertools.combinations(a.seeds, 2):
     compare(f"seed {s} vs {t}", hist[s], hist[t])
 for (s, t), (u, v) in itertools.combinations(itertools.combinations(a.seeds, 2), 2):
@@ -75,6 +80,9 @@ if a.gpu_profile:
     g = moa.Stages.read(Path(a.gpu_profile))["value"]
     for s in a.seeds:
         compare(f"{Path(a.gpu_profile).name} vs seed {s}", g, hist[s])
+for f in a.versus:
+    for s in a.seeds:
+        compare(f"{Path(f).name} vs seed {s}", torch.load(f)["hist"], hist[s])
 if a.front:
     run, plan = Path(a.front[0]), __import__("json").load(open(a.front[1]))
     ra, rb = moa.rules(plan["lengths"])
