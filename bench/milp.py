@@ -62,9 +62,10 @@ def milp_bench(workers=2):
     print(f"the same solve as one naive milp: {time.perf_counter() - t:.2f} s, F = {naive.fun:.8g}")
 
 
-def stages_bench(out, workers, groups, validate_length, density=0.5):
-    """The Pareto front of a pipeline's saved dense profiles (OUT/profile_<N>.pt, every length N found) under the
-    density budget at those lengths and `validate_length`, timed once for each thread count in `workers`."""
+def saved_problem(out, groups, validate_length, density=0.5):
+    """The optimizer's problem from a pipeline's saved dense profiles (OUT/profile_<N>.pt, every length N found) under
+    the density budget at those lengths and `validate_length`, as compress states it.
+    Returns (lengths, loss [L * G, 54, P], densities [54, M], budget [M], budget lengths [M], layers [L * G])."""
     lengths = sorted(int(f.stem[8:]) for f in Path(out).glob("profile_*.pt") if f.stem[8:].isdigit())
     if not lengths:
         sys.exit(f"error: no profile_<N>.pt in {out}: give a folder that python moa.py --out wrote")
@@ -72,8 +73,14 @@ def stages_bench(out, workers, groups, validate_length, density=0.5):
     alphas, betas = rules(lengths)
     loss = np.stack([rule_losses(h, groups, alphas, betas) for h in hists], -1)                # [L * G, 54, P]
     at = budget_lengths(Config(lengths=tuple(lengths), validate_length=validate_length))
-    densities, budget = rule_densities(alphas, betas, at, SINK), np.full(len(at), density)
     layers = np.repeat(np.arange(hists[0].shape[0]), hists[0].shape[1] // groups)           # [L * G]
+    return lengths, loss, rule_densities(alphas, betas, at, SINK), np.full(len(at), density), at, layers
+
+
+def stages_bench(out, workers, groups, validate_length):
+    """The Pareto front of a pipeline's saved dense profiles (saved_problem), timed once for each thread count in
+    `workers`."""
+    lengths, loss, densities, budget, at, layers = saved_problem(out, groups, validate_length)
     for w in workers:
         t = time.perf_counter()
         front = pareto_front(loss, densities, budget, layers, names=at, workers=w)

@@ -9,18 +9,13 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, ".")
-from moa import SINK, Config, Stages, budget_lengths, pareto_front, rule_densities, rule_losses, rules, solve
+from bench.milp import saved_problem
+from moa import pareto_front
 
 warnings.filterwarnings("ignore", "solve: objective")       # node-limit notes: the kept plan is what is compared
 out, validate_length = Path(sys.argv[1]), int(sys.argv[2])
-lengths = sorted(int(f.stem[8:]) for f in out.glob("profile_*.pt") if f.stem[8:].isdigit())
-hists = [Stages.read(out / f"profile_{n}.pt")["value"] for n in lengths]                # [L, H, N] each
-L, H = hists[0].shape[:2]
 groups = 3 if len(sys.argv) < 4 else int(sys.argv[3])                                   # SmolLM2: 9 / 3
-alphas, betas = rules(lengths)
-loss = np.stack([rule_losses(h, groups, alphas, betas) for h in hists], -1)               # [L * G, 54, P]
-at = budget_lengths(Config(lengths=tuple(lengths), validate_length=validate_length))
-density, budget, layers = rule_densities(alphas, betas, at, SINK), np.full(len(at), 0.5), np.repeat(np.arange(L), H // groups)
+lengths, loss, density, budget, at, layers = saved_problem(out, groups, validate_length)
 front = lambda x: np.array(pareto_front(x, density, budget, layers, names=at, workers=8))   # [plans, L * G]
 base = front(loss)
 F = lambda x: loss[np.arange(x.shape[-1]), x].sum(-2)                                     # [plans, P]
