@@ -46,7 +46,8 @@ for seed in a.seeds:
     if not path.is_file():
         if model is None:
             model, tokenizer = moa.load_model(None, a.device)
-            tokenizer.chat_template = None if a.plain else tokenizer.chat_template
+            if a.plain:
+                tokenizer.chat_template = None      # moa.chat_frame's frame for a tokenizer without one
         mix = dict(instructions=tuple(a.instructions)) if a.instructions else {}
         cfg = moa.Config(seed=seed, samples=a.samples, **mix).resolved(model.device, model.config)
         docs = moa.tokenize_documents(tokenizer, moa.split_documents(moa.load_documents(None), seed)[0])
