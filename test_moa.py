@@ -1207,8 +1207,9 @@ def test_bad_input(case, flags, files, fragment, tmp_path, tiny_folder, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmarks run")
 def test_gpu_benchmarks_without_a_gpu():
-    """bench/decode.py and bench/kernel.py, started where torch sees no GPU, end with one line that says so."""
-    for script in ("bench/decode.py", "bench/kernel.py"):
+    """bench/decode.py, bench/kernel.py and bench/profiling.py, started where torch sees no GPU, end with one line that
+    says so."""
+    for script in ("bench/decode.py", "bench/kernel.py", "bench/profiling.py"):
         run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
         assert run.returncode == 1 and run.stderr.splitlines() == [
