@@ -617,14 +617,15 @@ def influence_attention(q, k, v, scale, hist, sink, windows=None):
     return Influence.apply(o, q, k, v, aux.lse.detach(), scale, hist, sink, windows)
 
 
-def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """moa.profile's AttentionInterface entry "moa_profile": influence_attention with the layer's histogram, sink and
-    windows, which moa.profile puts in module.moa_profile (a dict). query [B, H, N, d], key/value [B, G, N, d] ->
-    [B, N, H, d]. The histogram [H, N] float64 is made at the layer's first call, on its tensors' device (a device map
-    may spread layers)."""
+def profile_attention(hists, sink, windows, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      **kwargs):
+    """moa.profile's AttentionInterface entry "moa_profile", with its first three arguments bound: influence_attention
+    adding to hists[layer], made at the layer's first call on its tensors' device (a device map may spread layers).
+    hists: {layer: [H, N] float64}; windows: [L][G] per KV head of each layer, or None (dense).
+    query [B, H, N, d], key/value [B, G, N, d] -> [B, N, H, d]."""
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    state = module.moa_profile
-    if state["hist"] is None:
-        state["hist"] = torch.zeros(query.shape[1], query.shape[2], dtype=torch.float64, device=query.device)
-    out = influence_attention(query, key, value, scale, state["hist"], state["sink"], state["windows"])
+    layer = module.layer_idx
+    if layer not in hists:
+        hists[layer] = torch.zeros(query.shape[1], query.shape[2], dtype=torch.float64, device=query.device)
+    out = influence_attention(query, key, value, scale, hists[layer], sink, None if windows is None else windows[layer])
     return out.transpose(1, 2), None

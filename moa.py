@@ -434,40 +434,36 @@ def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
 PROFILE_TOKENS = 1 << 15         # tokens per batch when profiling (the backward keeps every layer's activations)
 
 
+@torch.enable_grad()                            # also under a caller's torch.no_grad()
 def profile(model, samples, sink=SINK, plan=None):
-    """Influence histograms averaged over the samples: [L, H, N] float64 (on the CPU); at dense attention (SPEC §5),
-    or with the model following `plan` at N (signed, SPEC §5.1), through kernel.profile_attention.
-    samples: {"input_ids": [n, N], "answer_start": [n]}."""
+    """Influence histograms averaged over the samples {"input_ids": [n, N], "answer_start": [n]}: [L, H, N] float64
+    (on the CPU); at dense attention (SPEC §5), or with the model following `plan` at N (signed, SPEC §5.1)."""
     ids, starts = samples["input_ids"].to(model.device), samples["answer_start"].to(model.device)
     n, N = ids.shape
-    mods = sorted(attention_modules(model), key=lambda m: m.layer_idx)
     windows = None if plan is None else window(*kv_rules(plan, model.config), N).tolist()
-    for m in mods:   # what kernel.profile_attention reads; it makes the histogram at the layer's first call
-        m.moa_profile = dict(hist=None, sink=sink, windows=None if plan is None else windows[m.layer_idx])
+    hists = {}   # layer -> its histogram [H, N], made by kernel.profile_attention at the layer's first call
+    AttentionInterface.register("moa_profile", partial(kernel.profile_attention, hists, sink, windows))
     grad = [p.requires_grad for p in model.parameters()]
     before = model.config._attn_implementation  # "moa" where the caller applied a plan: kept for after
     model.requires_grad_(False).set_attn_implementation("moa_profile")   # gradients flow to the activations only
     try:
-        for b0 in tqdm(batches := row_batches(ids, PROFILE_TOKENS), desc=f"profile @{N}", leave=False):
-            rows = slice(b0, b0 + batches.step)
-            with torch.enable_grad():           # also under a caller's torch.no_grad()
-                embeds = model.get_input_embeddings()(ids[rows]).detach().requires_grad_()
-                # The mean over all n samples: each sample's loss enters divided by n, so hist sums to the average.
-                (answer_loss(model, ids[rows], starts[rows], inputs_embeds=embeds).sum() / n).backward()
-        return torch.stack([m.moa_profile["hist"].cpu() for m in mods])
+        step = row_batches(ids, PROFILE_TOKENS).step
+        for rows, first in zip(tqdm(ids.split(step), desc=f"profile @{N}", leave=False), starts.split(step)):
+            embeds = model.get_input_embeddings()(rows).detach().requires_grad_()
+            # The mean over all n samples: each sample's loss enters divided by n, so hist sums to the average.
+            (answer_loss(model, rows, first, inputs_embeds=embeds).sum() / n).backward()
+        return torch.stack([hists[layer].cpu() for layer in sorted(hists)])
     finally:
         model.set_attn_implementation(before)
-        for m in mods:
-            del m.moa_profile
+        hists.clear()
         for p, g in zip(model.parameters(), grad):
             p.requires_grad_(g)
 
 
 def rule_losses(hist, groups, alphas, betas, at=None):
-    """ΔL of every KV head under every rule at the histograms' length N, summed over the KV head's `groups` query
-    heads. At dense (SPEC §5) the suffix sum of the histogram from the rule's window on; at a plan whose windows at N
-    are `at` [L * G] (§5.1), the sum between the two windows: the keys the rule drops, or restores.
-    hist: [L, H, N] -> [L * G, R]."""
+    """ΔL of every KV head under every rule at the histograms' length N, summed over its `groups` query heads: at dense
+    (SPEC §5) the histogram's suffix sum from the rule's window on; at a plan whose windows at N are `at` [L * G]
+    (§5.1), the sum between the two windows, over the keys the rule drops or restores. hist: [L, H, N] -> [L * G, R]."""
     L, H, N = hist.shape
     per_kv = hist.view(L, H // groups, groups, N).sum(2).reshape(-1, N)
     tail = F.pad(per_kv.flip(-1).cumsum(-1).flip(-1), (0, 1))   # tail[δ] = Σ_{δ' >= δ} hist[δ']; tail[N] = 0
@@ -971,7 +967,6 @@ def following(model, plan):
         apply_plan(model, before)
 
 
-AttentionInterface.register("moa_profile", kernel.profile_attention)
 AttentionInterface.register("moa", plan_attention)
 AttentionMaskInterface.register("moa", padding_mask)
 
