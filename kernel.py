@@ -498,7 +498,7 @@ def _influence_kernel(Q, K, V, O, Do, Lse, Windows, Acc, B, N, sink, qk_scale,
     dims = c < D
     acc = tl.zeros([BLOCK, BLOCK], tl.float32)
     for b in range(0, B):
-        for t in range(m, tl.cdiv(N, BLOCK)):
+        for t in range(m + sink // BLOCK, tl.cdiv(N, BLOCK)):   # key blocks wholly in the sink add nothing: skipped
             i = t * BLOCK + r                   # query positions of the tile's rows
             j = (t - m) * BLOCK + r             # key positions of its columns
             rows = (i < N)[:, None] & dims[None, :]
@@ -529,16 +529,15 @@ def _influence_kernel(Q, K, V, O, Do, Lse, Windows, Acc, B, N, sink, qk_scale,
     tl.store(Acc + ((h * M + m) * BLOCK + r[:, None]) * BLOCK + r[None, :], acc)
 
 
-def influence(q, k, v, o, do, lse, scale, hist, sink, windows=None, block=None, num_warps=None, num_stages=None):
+def influence(q, k, v, o, do, lse, scale, hist, sink, windows=None, **launch):
     """Add each query head's influence histogram over δ (SPEC §5 at dense: |ΔL|; §5.1 at a plan: signed) to `hist`,
     as influence_reference does, from what the attention forward and backward hold, in O(N) memory per head.
     q, o, do: [B, H, N, d]; k, v: [B, G, N, d] (any dtype; last dims contiguous or they are copied); lse: [B, H, N]
     natural log-sum-exp of each row's scaled scores over the keys it keeps; windows: [G] per KV head, or None (dense);
-    hist: [H, N]. block, num_warps, num_stages: INFLUENCE_LAUNCH's unless given."""
+    hist: [H, N]. launch: block, num_warps, num_stages, each INFLUENCE_LAUNCH's unless given."""
     B, H, N, d = q.shape
     G = k.shape[1]
-    launch = dict(INFLUENCE_LAUNCH, **{k_: v_ for k_, v_ in (("block", block), ("num_warps", num_warps),
-                                                             ("num_stages", num_stages)) if v_ is not None})
+    launch = {**INFLUENCE_LAUNCH, **launch}
     BLOCK = launch["block"]
     q, k, v, o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o, do))
     M = triton.cdiv(N, BLOCK)
