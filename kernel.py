@@ -415,8 +415,9 @@ def decode_reference(q, keys, values, scale=None):
 #                          path and the reference the kernel is tested against
 
 REFERENCE_BLOCK_SCORES = 1 << 25   # attention scores held at once by influence_reference (x4 bytes, ~6 copies)
-INFLUENCE_LAUNCH = dict(block=64, num_warps=4, num_stages=2)   # the kernel's tile and launch (bench/profiling.py tries
-                                                               # others); tl.dot needs a tile of at least 16
+# The kernel's tile and launch (bench/profiling.py tries others; tl.dot needs a tile of at least 16). num_warps None: 4
+# up to head dim 64, else 8 (compiled for sm_90, 4 warps spill registers at head dim 128 and 8 do not).
+INFLUENCE_LAUNCH = dict(block=64, num_warps=None, num_stages=2)
 FUSED_PROFILE = None   # influence_attention's path: None = fused on a GPU, influence_reference on a CPU (measured: the
                        # interpreted kernel is slower there); True or False forces one (tests, bench/profiling.py)
 
@@ -476,20 +477,20 @@ def influence_reference(q, k, v, do, scale, hist, sink, windows=None):
 
 
 @triton.jit
-def _influence_kernel(Q, K, V, O, Do, Lse, Windows, Acc, B, N, sink, qk_scale,
+def _influence_kernel(Q, K, V, Do, Delta, Lse, Windows, Acc, B, N, sink, qk_scale,
                       stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
-                      stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-                      stride_db, stride_dh, stride_dn,
+                      stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
                       H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                       BLOCK: tl.constexpr, SIGNED: tl.constexpr, F32_DOT: tl.constexpr):
     """Program (h, m): query head h, block diagonal m. It walks the tiles whose query block t and key block t - m lie
     m blocks apart (t = m .. T-1, every sequence of the batch), so every pair (i, j) of a tile has i - j =
     m*BLOCK + r - c for its row r and column c: the tile's sum over the walk, Acc[h, m] [BLOCK, BLOCK] (float32),
     holds the histogram of block diagonal m, and a diagonal sum of it on the host finishes the job.
-    Per tile, in float32: s = q k^T * scale, G = dO v^T, D_i = dO_i·O_i, p = exp(s - lse) (A for a kept key, a for a
-    hidden one), and E = |A (G - D)| / (1 - A) at dense (SIGNED false), or at a plan A (D - G) / (1 - A) for a kept
-    key and (G - D) a / (1 + a) for a hidden one (SIGNED). Keys j < sink and j > i add nothing.
-    Scores are in log2 units (qk_scale carries 1/ln 2; the lse is converted) so that exp2 serves."""
+    Per tile, in float32: s = q k^T * scale, G = dO v^T, D_i = Delta[b, h, i], p = exp(s - lse) (A for a kept key,
+    a for a hidden one), and E = |A (G - D)| / (1 - A) at dense (SIGNED false), or at a plan A (D - G) / (1 - A) for a
+    kept key and (G - D) a / (1 + a) for a hidden one (SIGNED). Keys j < sink and j > i add nothing.
+    Scores are in log2 units (qk_scale carries 1/ln 2; the lse is converted) so that exp2 serves. Q, Do: [B, H, N, D];
+    K, V: [B, G, N, D] (any strides but the last, 1); Delta, Lse: [B, H, N] float32; Windows: [G] int32."""
     h, m = tl.program_id(0), tl.program_id(1)   # h fastest: all heads' longest walks (m = 0) are launched first
     kv = h // GROUP
     window = tl.load(Windows + kv)
@@ -506,11 +507,10 @@ def _influence_kernel(Q, K, V, O, Do, Lse, Windows, Acc, B, N, sink, qk_scale,
             q = tl.load(Q + b * stride_qb + h * stride_qh + i[:, None] * stride_qn + c[None, :], mask=rows, other=0.0)
             do = tl.load(Do + b * stride_db + h * stride_dh + i[:, None] * stride_dn + c[None, :], mask=rows,
                          other=0.0)
-            o = tl.load(O + b * stride_ob + h * stride_oh + i[:, None] * stride_on + c[None, :], mask=rows, other=0.0)
             k = tl.load(K + b * stride_kb + kv * stride_kh + j[:, None] * stride_kn + c[None, :], mask=cols, other=0.0)
             v = tl.load(V + b * stride_vb + kv * stride_vh + j[:, None] * stride_vn + c[None, :], mask=cols, other=0.0)
             lse = tl.load(Lse + (b * H + h) * N + i, mask=i < N, other=0.0) * 1.4426950408889634   # ln -> log2
-            delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)   # D_i = dO_i·O_i, the row's mean of G under A
+            delta = tl.load(Delta + (b * H + h) * N + i, mask=i < N, other=0.0)
             if F32_DOT:   # exact float32 products (not tf32); the interpreter's half-precision tl.dot is wrong
                 q, k, v, do = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32), do.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None]   # log2 of A or a
@@ -539,17 +539,19 @@ def influence(q, k, v, o, do, lse, scale, hist, sink, windows=None, **launch):
     G = k.shape[1]
     launch = {**INFLUENCE_LAUNCH, **launch}
     BLOCK = launch["block"]
-    q, k, v, o, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, o, do))
+    q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
+    # D_i = dO_i·O_i, the row's mean of G under A, once per row (in the kernel it cost registers at every tile)
+    delta = torch.linalg.vecdot(do.float(), o.float())                                         # [B, H, N]
     M = triton.cdiv(N, BLOCK)
     acc = torch.empty(H, M, BLOCK, BLOCK, dtype=torch.float32, device=q.device)                 # N*BLOCK per head
     w = torch.tensor([N] * G if windows is None else [int(x) for x in windows], dtype=torch.int32, device=q.device)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():   # Triton launches on the current GPU
         _influence_kernel[(H, M)](
-            q, k, v, o, do, lse.float().contiguous(), w, acc, B, N, sink, scale * 1.4426950408889634,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3], *do.stride()[:3],
+            q, k, v, do, delta, lse.float().contiguous(), w, acc, B, N, sink, scale * 1.4426950408889634,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
             H=H, GROUP=H // G, D=d, D_PAD=max(16, triton.next_power_of_2(d)), BLOCK=BLOCK,
             SIGNED=windows is not None, F32_DOT=q.dtype in (torch.float32, torch.float64) or INTERPRETED,
-            num_warps=launch["num_warps"], num_stages=launch["num_stages"])
+            num_warps=launch["num_warps"] or (4 if d <= 64 else 8), num_stages=launch["num_stages"])
     # Tile entry (r, c) of block diagonal m has δ = m*BLOCK + r - c: its diagonals r >= c land on m*BLOCK + 0..BLOCK-1,
     # those r < c on (m-1)*BLOCK + 1..BLOCK-1 (none at m = 0, where they are keys after their query).
     lower = diagonal_sums(acc).flatten(1)                                             # [H, M*BLOCK]

@@ -40,13 +40,14 @@ def measure(fn):
         torch.cuda.empty_cache()
 
 
-def profile_bench(model, lengths, reference=False, launches=((64, 4, 2),), plan_density=None, train=True,
+def profile_bench(model, lengths, reference=False, launches=(), plan_density=None, train=True,
                   trace=False):
     """One table per length n: seconds and peak GiB of
       forward+backward  the answer loss of profiling (the last 128 tokens), gradients to the activations only, SDPA:
                         the floor a profile's backward cannot go under;
       train step        (with `train`) the loss over every token, weight gradients too, SDPA;
-      profiling         one sample at dense (SPEC §5), per kernel launch (block, num_warps, num_stages), and at a
+      profiling         one sample at dense (SPEC §5), per kernel launch (block, num_warps or 0 for the kernel's
+                        choice, num_stages; none given: kernel.INFLUENCE_LAUNCH), and at a
                         synthetic plan of KV density `plan_density` (§5.1); with `reference`, influence_reference's
                         path too (the profiler before the fused kernel).
     With `trace`, the GPU kernels of one fused profile by time (torch.profiler)."""
@@ -75,9 +76,9 @@ def profile_bench(model, lengths, reference=False, launches=((64, 4, 2),), plan_
 
         default = dict(kernel.INFLUENCE_LAUNCH)
         rows = [("forward+backward", plain)]
-        rows += [(f"profiling, block {b}, {w} warps, {s} stages", profiled(launch=dict(block=b, num_warps=w,
-                                                                                        num_stages=s)))
-                 for b, w, s in launches]
+        rows += [(f"profiling, block {b}, {w or 'auto'} warps, {s} stages",
+                  profiled(launch=dict(block=b, num_warps=w or None, num_stages=s)))
+                 for b, w, s in launches or [tuple(v or 0 for v in default.values())]]
         if plan_density:
             plan = synthetic_plan(model.config, plan_density, n)
             rows.append((f"profiling at a plan ({plan_density:.0%} KV)", profiled(plan=plan, launch=default)))
@@ -104,7 +105,7 @@ def profile_bench(model, lengths, reference=False, launches=((64, 4, 2),), plan_
 
 
 def launch(text):
-    """--launch's BLOCK,NUM_WARPS,NUM_STAGES."""
+    """--launch's BLOCK,NUM_WARPS,NUM_STAGES (NUM_WARPS 0: kernel.influence's choice by head dim)."""
     block, warps, stages = (int(x) for x in text.split(","))
     if block < 16 or block & (block - 1):
         raise argparse.ArgumentTypeError(f"block {block}: tl.dot needs a power of two of at least 16")
@@ -119,8 +120,9 @@ if __name__ == "__main__":
     p.add_argument("--reference", action="store_true", help="also time the PyTorch path (influence_reference)")
     p.add_argument("--plan", type=float, default=0.5, help="also profile at a synthetic plan of this KV density "
                                                           "(0: skip)")
-    p.add_argument("--launch", type=launch, nargs="+", default=[tuple(kernel.INFLUENCE_LAUNCH.values())],
-                   help="the kernel's BLOCK,NUM_WARPS,NUM_STAGES to try (default: kernel.INFLUENCE_LAUNCH)")
+    p.add_argument("--launch", type=launch, nargs="+", default=[],
+                   help="the kernel's BLOCK,NUM_WARPS,NUM_STAGES to try, NUM_WARPS 0 for its choice by head dim "
+                        "(default: kernel.INFLUENCE_LAUNCH)")
     p.add_argument("--checkpoint", action="store_true", help="recompute activations layer by layer (on for "
                                                              "llama3-8b)")
     p.add_argument("--no-train", action="store_true", help="skip the train step (all-token loss, weight gradients)")
