@@ -483,9 +483,9 @@ def _influence_kernel(Q, K, V, Do, Delta, Lse, Windows, Acc, B, N, sink, qk_scal
                       H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                       BLOCK: tl.constexpr, SIGNED: tl.constexpr, F32_DOT: tl.constexpr):
     """Program (h, m): query head h, block diagonal m. It walks the tiles whose query block t and key block t - m lie
-    m blocks apart (t from m on, past key blocks wholly in the sink; every sequence of the batch), so every pair (i, j) of a tile has i - j =
-    m*BLOCK + r - c for its row r and column c: the tile's sum over the walk, Acc[h, m] [BLOCK, BLOCK] (float32),
-    holds the histogram of block diagonal m, and a diagonal sum of it on the host finishes the job.
+    m blocks apart (t from m on, past key blocks wholly in the sink; every sequence of the batch), so every pair (i, j)
+    of a tile has i - j = m*BLOCK + r - c for its row r and column c: the tile's sum over the walk, Acc[h, m]
+    [BLOCK, BLOCK] (float32), holds the histogram of block diagonal m, and a diagonal sum on the host finishes it.
     Per tile, in float32: s = q k^T * scale, G = dO v^T, D_i = Delta[b, h, i], p = exp(s - lse) (A for a kept key,
     a for a hidden one), and E = |A (G - D)| / (1 - A) at dense (SIGNED false), or at a plan A (D - G) / (1 - A) for a
     kept key and (G - D) a / (1 + a) for a hidden one (SIGNED). Keys j < sink and j > i add nothing.
