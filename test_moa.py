@@ -1,6 +1,7 @@
 """Tests for moa.py and kernel.py on the CPU: tiny random-weight models built here, plus the embedded SmolLM2 if
 present.
 Run: python -m pytest -q test_moa.py"""
+import copy
 import importlib.util
 import dataclasses
 import itertools
@@ -230,9 +231,9 @@ def test_influence_matches_brute_force_masking(windows, monkeypatch):
     hists = []                                                                # [L, H, N] of each path
     for fused in (False, True):
         monkeypatch.setattr(kernel, "FUSED_PROFILE", fused)
-        profiled = model.to(DEVICE, torch.float32) if fused and DEVICE == "cuda" else model   # Flex: no float64
-        hists.append(moa.profile(profiled, samples, sink=sink, plan=plan).cpu())
-        model.to("cpu", torch.float64)
+        gpu = fused and DEVICE == "cuda"                                      # FlexAttention: float32 at most
+        hists.append(moa.profile(copy.deepcopy(model).to(DEVICE, torch.float32) if gpu else model, samples,
+                                 sink=sink, plan=plan).cpu())
 
     flip = {}
     i, j = torch.arange(N)[:, None], torch.arange(N)[None]
@@ -268,7 +269,8 @@ def test_influence_matches_brute_force_masking(windows, monkeypatch):
             for part in (slice(0, w), slice(w, N))[:1 + (w < N)]:          # kept keys dropped, hidden ones restored
                 want, got = ref[layer, 2 * kv:2 * kv + 2, part], hist[layer, 2 * kv:2 * kv + 2, part]
                 assert want.abs().sum() > 0 and float((got - want).norm() / want.norm()) < 0.05, (layer, kv, part)
-    torch.testing.assert_close(hists[1], hists[0], rtol=1e-4, atol=1e-6 * float(hists[0].abs().max()))
+    exact = 1 if DEVICE == "cpu" else 100                                     # a GPU profiles in float32
+    torch.testing.assert_close(hists[1], hists[0], rtol=1e-5 * exact, atol=1e-6 * exact * float(hists[0].abs().max()))
 
 
 @pytest.mark.parametrize("at_plan", [False, True])
