@@ -29,7 +29,7 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 # Compiling FlexAttention costs 10-30 s per shape on a CPU; below this many scores the eager version is faster.
 COMPILE_MIN_SCORES = 1 << 22
@@ -404,3 +404,229 @@ def decode_reference(q, keys, values, scale=None):
         a = (qh @ k.transpose(1, 2) * (scale if scale is not None else d ** -0.5)).softmax(-1)
         outs.append(a @ v)
     return torch.cat(outs, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Profiling: each head's influence histograms over the distance δ = i - j, inside the attention backward (SPEC §5, §5.1)
+#   influence_attention -> attention whose backward also adds the histograms: on a GPU FlexAttention's own forward and
+#                          backward, plus `influence` on the gradient of its output
+#   influence           -> the fused Triton kernel: the histograms from q, k, v, O, dO and the row log-sum-exp
+#   influence_reference -> the same as a PyTorch loop over query blocks that also returns dq, dk, dv: the CPU's
+#                          path and the reference the kernel is tested against
+
+REFERENCE_BLOCK_SCORES = 1 << 25   # attention scores held at once by influence_reference (x4 bytes, ~6 copies)
+# The kernel's tile and launch (bench/profiling.py tries others; tl.dot needs a tile of at least 16). num_warps None: 4
+# up to head dim 64, else 8 (compiled for sm_90, 4 warps spill registers at head dim 128 and 8 do not).
+INFLUENCE_LAUNCH = dict(block=64, num_warps=None, num_stages=2)
+FUSED_PROFILE = None   # influence_attention's path: None = fused on a GPU, influence_reference on a CPU (measured: the
+                       # interpreted kernel is slower there); True or False forces one (tests, bench/profiling.py)
+
+
+def diagonal_sums(e):
+    """Sum a block of scores along its diagonals. e: [..., R, C] whose rows are the last R queries i = C-R+r and
+    columns the keys j = 0..C-1. Returns [..., C] with out[δ] = Σ_r e[r, i_r - δ] (δ = i - j)."""
+    R, C = e.shape[-2:]
+    padded = F.pad(e, (R, 0))                                   # row r: R zeros, then e[r]
+    # A view whose rows step one element further: [r, t] is padded[r, r + t] = e[r, i_r - δ] at t = C - δ.
+    skew = padded.as_strided((*e.shape[:-2], R, C + 1), (*padded.stride()[:-2], R + C + 1, 1))
+    return skew.sum(-2)[..., 1:].flip(-1)
+
+
+def influence_reference(q, k, v, do, scale, hist, sink, windows=None):
+    """Backward of causal softmax attention under a plan's masks (windows: [G] per KV head; None: dense), in query
+    blocks and float32, that also adds each head's influence histogram to `hist`. With A = softmax row over the
+    kept keys, G_ij = dO_i·V_j, D_i = Σ_k A_ik G_ik, and a_ij = exp(s_ij - lse_i) for a key the mask hides:
+        dropping a kept key j:     ΔL_ij = A_ij (D_i - G_ij) / (1 - A_ij)       (SPEC §5)
+        restoring a hidden key j:  ΔL_ij = a_ij (G_ij - D_i) / (1 + a_ij)       (SPEC §5.1)
+    hist[h, δ] += Σ_i ΔL_{i,i-δ} over keys j >= sink: |ΔL| at dense (E_ij, SPEC §5), signed at a plan (§5.1).
+    q, do: [B, H, N, d]; k, v: [B, G, N, d]; hist: [H, N] float64. Returns dq [B, H, N, d], dk, dv [B, G, N, d]."""
+    B, H, N, d = q.shape
+    G = k.shape[1]
+    g = H // G
+    q, do = (t.float().reshape(B, G, g, N, d) for t in (q, do))
+    k, v = k.float(), v.float()
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    rows = max(1, REFERENCE_BLOCK_SCORES // (B * H * N))
+    pos = torch.arange(N, device=q.device)
+    w = torch.full((G,), N, device=q.device) if windows is None else torch.as_tensor(windows, device=q.device)
+    for i0 in range(0, N, rows):
+        i1 = min(N, i0 + rows)
+        qb = q[:, :, :, i0:i1].flatten(2, 3) * scale                           # [B, G, g*R, d], scaled
+        dob = do[:, :, :, i0:i1].flatten(2, 3)
+        kb, vb = k[:, :, :i1], v[:, :, :i1]                                    # [B, G, C, d], C = i1
+        i, j = pos[i0:i1, None], pos[None, :i1]
+        kept = sees(i, j, w[:, None, None, None], sink)                        # [G, 1, R, C]
+        s = (qb @ kb.transpose(-1, -2)).unflatten(2, (g, i1 - i0)).masked_fill_(j > i, float("-inf"))
+        s -= s.masked_fill(~kept, float("-inf")).logsumexp(-1, keepdim=True)   # s_ij - lse_i: [B, G, g, R, C]
+        a = s.exp().masked_fill_(~kept, 0)                                     # A
+        grad_a = (dob @ vb.transpose(-1, -2)).unflatten(2, (g, i1 - i0))  # G_ij
+        out = (a.flatten(2, 3) @ vb).unflatten(2, (g, i1 - i0))                # O_i = Σ_j A_ij V_j
+        grad_a -= (out * do[:, :, :, i0:i1]).sum(-1, keepdim=True)             # G_ij - D_i, D_i = dO_i·O_i
+        ds = a * grad_a                                                        # dL/dS = A (G - D)
+        dq[:, :, :, i0:i1] = (ds.flatten(2, 3) @ kb).unflatten(2, (g, i1 - i0)) * scale
+        dk[:, :, :i1] += ds.flatten(2, 3).transpose(-1, -2) @ qb
+        dv[:, :, :i1] += a.flatten(2, 3).transpose(-1, -2) @ dob
+        if windows is None:
+            e = ds.abs_().div_((1 - a).clamp_min_(1e-6))                       # |ΔL_ij| = |dS_ij| / (1 - A_ij)
+        else:                                                                  # a / (1 + a) = sigmoid(s - lse)
+            e = torch.where(kept, -ds / (1 - a).clamp_min(1e-6), grad_a * s.sigmoid_())
+        e = e.sum(0)                                                           # j > i is 0 already (A = a = 0)
+        e[..., :sink] = 0                                                      # sink keys are never dropped
+        hist[:, :i1] += diagonal_sums(e).flatten(0, 1)
+    return dq.view(B, H, N, d), dk, dv
+
+
+@triton.jit
+def _influence_kernel(Q, K, V, Do, Delta, Lse, Windows, Acc, B, N, sink, qk_scale,
+                      stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
+                      stride_vb, stride_vh, stride_vn, stride_db, stride_dh, stride_dn,
+                      H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                      BLOCK: tl.constexpr, SIGNED: tl.constexpr, F32_DOT: tl.constexpr):
+    """Program (h, m): query head h, block diagonal m. It walks the tiles whose query block t and key block t - m lie
+    m blocks apart (t from m on, past key blocks wholly in the sink; every sequence of the batch), so every pair (i, j)
+    of a tile has i - j = m*BLOCK + r - c for its row r and column c: the tile's sum over the walk, Acc[h, m]
+    [BLOCK, BLOCK] (float32), holds the histogram of block diagonal m, and a diagonal sum on the host finishes it.
+    Per tile, in float32: s = q k^T * scale, G = dO v^T, D_i = Delta[b, h, i], p = exp(s - lse) (A for a kept key,
+    a for a hidden one), and E = |A (G - D)| / (1 - A) at dense (SIGNED false), or at a plan A (D - G) / (1 - A) for a
+    kept key and (G - D) a / (1 + a) for a hidden one (SIGNED). Keys j < sink and j > i add nothing.
+    Scores are in log2 units (qk_scale carries 1/ln 2; the lse is converted) so that exp2 serves. Q, Do: [B, H, N, D];
+    K, V: [B, G, N, D] (any strides but the last, 1); Delta, Lse: [B, H, N] float32; Windows: [G] int32."""
+    h, m = tl.program_id(0), tl.program_id(1)   # h fastest: all heads' longest walks (m = 0) are launched first
+    kv = h // GROUP
+    window = tl.load(Windows + kv)
+    r = tl.arange(0, BLOCK)
+    c = tl.arange(0, D_PAD)
+    dims = c < D
+    acc = tl.zeros([BLOCK, BLOCK], tl.float32)
+    for b in range(0, B):
+        for t in range(m + sink // BLOCK, tl.cdiv(N, BLOCK)):   # key blocks wholly in the sink add nothing: skipped
+            i = t * BLOCK + r                   # query positions of the tile's rows
+            j = (t - m) * BLOCK + r             # key positions of its columns
+            rows = (i < N)[:, None] & dims[None, :]
+            cols = (j < N)[:, None] & dims[None, :]
+            q = tl.load(Q + b * stride_qb + h * stride_qh + i[:, None] * stride_qn + c[None, :], mask=rows, other=0.0)
+            do = tl.load(Do + b * stride_db + h * stride_dh + i[:, None] * stride_dn + c[None, :], mask=rows,
+                         other=0.0)
+            k = tl.load(K + b * stride_kb + kv * stride_kh + j[:, None] * stride_kn + c[None, :], mask=cols, other=0.0)
+            v = tl.load(V + b * stride_vb + kv * stride_vh + j[:, None] * stride_vn + c[None, :], mask=cols, other=0.0)
+            lse = tl.load(Lse + (b * H + h) * N + i, mask=i < N, other=0.0) * 1.4426950408889634   # ln -> log2
+            delta = tl.load(Delta + (b * H + h) * N + i, mask=i < N, other=0.0)
+            if F32_DOT:   # exact float32 products (not tf32); the interpreter's half-precision tl.dot is wrong
+                q, k, v, do = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32), do.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale - lse[:, None]   # log2 of A or a
+            grad = tl.dot(do, tl.trans(v), input_precision="ieee") - delta[:, None]       # G - D
+            p = tl.exp2(s)
+            ds = p * grad                                                                  # dL/dS at a kept key
+            # 1 - A is 0 only for a row that sees one key, whose dropping is not first order: clamp, as the reference
+            if SIGNED:   # a hidden key's a / (1 + a) as a sigmoid: its exp(s - lse) may overflow where that cannot
+                kept = (i[:, None] - j[None, :]) < window
+                e = tl.where(kept, -ds / tl.maximum(1.0 - p, 1e-6), grad / (1.0 + tl.exp2(-s)))
+            else:
+                e = tl.abs(ds) / tl.maximum(1.0 - p, 1e-6)
+            seen = (j[None, :] <= i[:, None]) & (i < N)[:, None] & (j >= sink)[None, :]
+            acc += tl.where(seen, e, 0.0)
+    M = tl.num_programs(1)
+    tl.store(Acc + ((h * M + m) * BLOCK + r[:, None]) * BLOCK + r[None, :], acc)
+
+
+def influence(q, k, v, o, do, lse, scale, hist, sink, windows=None, **launch):
+    """Add each query head's influence histogram over δ (SPEC §5 at dense: |ΔL|; §5.1 at a plan: signed) to `hist`,
+    as influence_reference does, from what the attention forward and backward hold, in O(N) memory per head.
+    q, o, do: [B, H, N, d]; k, v: [B, G, N, d] (any dtype; last dims contiguous or they are copied); lse: [B, H, N]
+    natural log-sum-exp of each row's scaled scores over the keys it keeps; windows: [G] per KV head, or None (dense);
+    hist: [H, N]. launch: block, num_warps, num_stages, each INFLUENCE_LAUNCH's unless given."""
+    B, H, N, d = q.shape
+    G = k.shape[1]
+    launch = {**INFLUENCE_LAUNCH, **launch}
+    BLOCK = launch["block"]
+    q, k, v, do = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, do))
+    # D_i = dO_i·O_i, the row's mean of G under A, once per row (in the kernel it cost registers at every tile)
+    delta = torch.linalg.vecdot(do.float(), o.float())                                         # [B, H, N]
+    M = triton.cdiv(N, BLOCK)
+    acc = torch.empty(H, M, BLOCK, BLOCK, dtype=torch.float32, device=q.device)                 # N*BLOCK per head
+    w = torch.tensor([N] * G if windows is None else [int(x) for x in windows], dtype=torch.int32, device=q.device)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():   # Triton launches on the current GPU
+        _influence_kernel[(H, M)](
+            q, k, v, do, delta, lse.float().contiguous(), w, acc, B, N, sink, scale * 1.4426950408889634,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            H=H, GROUP=H // G, D=d, D_PAD=max(16, triton.next_power_of_2(d)), BLOCK=BLOCK,
+            SIGNED=windows is not None, F32_DOT=q.dtype in (torch.float32, torch.float64) or INTERPRETED,
+            num_warps=launch["num_warps"] or (4 if d <= 64 else 8), num_stages=launch["num_stages"])
+    # Tile entry (r, c) of block diagonal m has δ = m*BLOCK + r - c: its diagonals r >= c land on m*BLOCK + 0..BLOCK-1,
+    # those r < c on (m-1)*BLOCK + 1..BLOCK-1 (none at m = 0, where they are keys after their query).
+    lower = diagonal_sums(acc).flatten(1)                                             # [H, M*BLOCK]
+    upper = F.pad(diagonal_sums(acc.mT)[..., 1:].flip(-1), (1, 0))[:, 1:].flatten(1)   # [H, (M-1)*BLOCK]
+    lower[:, :upper.shape[1]] += upper
+    hist += lower[:, :N]
+
+
+class ReferenceProfiledAttention(torch.autograd.Function):
+    """Attention under a plan's masks (windows [G]; None: causal SDPA) whose backward is `influence_reference`."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, hist, sink, windows):
+        ctx.save_for_backward(q, k, v)
+        ctx.scale, ctx.hist, ctx.sink, ctx.windows = scale, hist, sink, windows
+        if windows is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return prefill(q.detach(), k.detach(), v.detach(), windows, sink, scale)   # flex: no grads on a CPU
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = influence_reference(q, k, v, do, ctx.scale, ctx.hist, ctx.sink, ctx.windows)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+class Influence(torch.autograd.Function):
+    """The identity on an attention output O whose backward adds the influence histograms (`influence`) from the
+    gradient dO it passes on unchanged: the gradients of q, k, v stay the attention's own. What it saves (q, k, v,
+    O, lse) the attention's backward holds anyway, and recomputing activations (checkpointing) recomputes it too."""
+
+    @staticmethod
+    def forward(ctx, o, q, k, v, lse, scale, hist, sink, windows):
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale, ctx.hist, ctx.sink, ctx.windows = scale, hist, sink, windows
+        return o.view_as(o)
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        influence(q, k, v, o, do, lse, ctx.scale, ctx.hist, ctx.sink, ctx.windows)
+        return do, None, None, None, None, None, None, None, None
+
+
+def influence_attention(q, k, v, scale, hist, sink, windows=None):
+    """Causal attention under a plan's masks (windows: [G] per KV head; None: dense) whose backward also adds each
+    query head's influence histogram to hist [H, N] (float64): SPEC §5 at dense, §5.1 at a plan.
+    q: [B, H, N, d]; k, v: [B, G, N, d]. Returns [B, H, N, d].
+    Fused (FUSED_PROFILE): FlexAttention's forward and backward give O, the row log-sum-exp and dq, dk, dv, and the
+    Triton kernel the histograms from dO; on a CPU, where FlexAttention has no backward, the gradients come through
+    masked_reference (N^2 memory). Otherwise influence_reference is the whole backward."""
+    B, H, N, d = q.shape
+    if not (q.is_cuda if FUSED_PROFILE is None else FUSED_PROFILE):
+        return ReferenceProfiledAttention.apply(q, k, v, scale, hist, sink, windows)
+    w = tuple([N] * k.shape[1] if windows is None else (int(x) for x in windows))
+    block_mask = _block_mask(w, int(sink), H, N, str(q.device), None)
+    lse_only = AuxRequest(lse=True)
+    if q.is_cuda:
+        o, aux = _flex_compiled(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=True, return_aux=lse_only)
+    else:
+        o = masked_reference(q, k, v, w, sink, scale)
+        aux = flex_attention(q.detach(), k.detach(), v.detach(), block_mask=block_mask, scale=scale, enable_gqa=True,
+                             return_aux=lse_only)[1]
+    return Influence.apply(o, q, k, v, aux.lse.detach(), scale, hist, sink, windows)
+
+
+def profile_attention(hists, sink, windows, module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      **kwargs):
+    """moa.profile's AttentionInterface entry "moa_profile", with its first three arguments bound: influence_attention
+    adding to hists[layer], made at the layer's first call on its tensors' device (a device map may spread layers).
+    hists: {layer: [H, N] float64}; windows: [L][G] per KV head of each layer, or None (dense).
+    query [B, H, N, d], key/value [B, G, N, d] -> [B, N, H, d]."""
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    layer = module.layer_idx
+    if layer not in hists:
+        hists[layer] = torch.zeros(query.shape[1], query.shape[2], dtype=torch.float64, device=query.device)
+    out = influence_attention(query, key, value, scale, hists[layer], sink, None if windows is None else windows[layer])
+    return out.transpose(1, 2), None

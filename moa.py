@@ -432,127 +432,38 @@ def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
 # Profiling: first-order Taylor estimate of the loss each head would add under each rule (SPEC §5)
 
 PROFILE_TOKENS = 1 << 15         # tokens per batch when profiling (the backward keeps every layer's activations)
-PROFILE_BLOCK_SCORES = 1 << 25   # attention scores held at once by the profiling backward (x4 bytes, ~6 copies)
 
 
-def diagonal_sums(e):
-    """Sum a block of scores along its diagonals. e: [..., R, C] whose rows are the last R queries i = C-R+r and
-    columns the keys j = 0..C-1. Returns [..., C] with out[δ] = Σ_r e[r, i_r - δ] (δ = i - j)."""
-    R, C = e.shape[-2:]
-    padded = F.pad(e, (R, 0))                                   # row r: R zeros, then e[r]
-    # A view whose rows step one element further: [r, t] is padded[r, r + t] = e[r, i_r - δ] at t = C - δ.
-    skew = padded.as_strided((*e.shape[:-2], R, C + 1), (*padded.stride()[:-2], R + C + 1, 1))
-    return skew.sum(-2)[..., 1:].flip(-1)
-
-
-def influence_backward(q, k, v, do, scale, hist, sink, windows=None):
-    """Backward of causal softmax attention under a plan's masks (windows: [G] per KV head; None: dense), in query
-    blocks and float32, that also adds each head's influence histogram to `hist`. With A = softmax row over the
-    kept keys, G_ij = dO_i·V_j, D_i = Σ_k A_ik G_ik, and a_ij = exp(s_ij - lse_i) for a key the mask hides:
-        dropping a kept key j:     ΔL_ij = A_ij (D_i - G_ij) / (1 - A_ij)       (SPEC §5)
-        restoring a hidden key j:  ΔL_ij = a_ij (G_ij - D_i) / (1 + a_ij)       (SPEC §5.1)
-    hist[h, δ] += Σ_i ΔL_{i,i-δ} over keys j >= sink: |ΔL| at dense (E_ij, SPEC §5), signed at a plan (§5.1).
-    q, do: [B, H, N, d]; k, v: [B, G, N, d]; hist: [H, N] float64. Returns dq [B, H, N, d], dk, dv [B, G, N, d]."""
-    B, H, N, d = q.shape
-    G = k.shape[1]
-    g = H // G
-    q, do = (t.float().reshape(B, G, g, N, d) for t in (q, do))
-    k, v = k.float(), v.float()
-    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    rows = max(1, PROFILE_BLOCK_SCORES // (B * H * N))
-    pos = torch.arange(N, device=q.device)
-    w = torch.full((G,), N, device=q.device) if windows is None else torch.as_tensor(windows, device=q.device)
-    for i0 in range(0, N, rows):
-        i1 = min(N, i0 + rows)
-        qb = q[:, :, :, i0:i1].flatten(2, 3) * scale                           # [B, G, g*R, d], scaled
-        dob = do[:, :, :, i0:i1].flatten(2, 3)
-        kb, vb = k[:, :, :i1], v[:, :, :i1]                                    # [B, G, C, d], C = i1
-        i, j = pos[i0:i1, None], pos[None, :i1]
-        kept = kernel.sees(i, j, w[:, None, None, None], sink)                 # [G, 1, R, C]
-        s = (qb @ kb.transpose(-1, -2)).unflatten(2, (g, i1 - i0)).masked_fill_(j > i, float("-inf"))
-        s -= s.masked_fill(~kept, float("-inf")).logsumexp(-1, keepdim=True)   # s_ij - lse_i: [B, G, g, R, C]
-        a = s.exp().masked_fill_(~kept, 0)                                     # A
-        grad_a = (dob @ vb.transpose(-1, -2)).unflatten(2, (g, i1 - i0))  # G_ij
-        out = (a.flatten(2, 3) @ vb).unflatten(2, (g, i1 - i0))                # O_i = Σ_j A_ij V_j
-        grad_a -= (out * do[:, :, :, i0:i1]).sum(-1, keepdim=True)             # G_ij - D_i, D_i = dO_i·O_i
-        ds = a * grad_a                                                        # dL/dS = A (G - D)
-        dq[:, :, :, i0:i1] = (ds.flatten(2, 3) @ kb).unflatten(2, (g, i1 - i0)) * scale
-        dk[:, :, :i1] += ds.flatten(2, 3).transpose(-1, -2) @ qb
-        dv[:, :, :i1] += a.flatten(2, 3).transpose(-1, -2) @ dob
-        if windows is None:
-            influence = ds.abs_().div_((1 - a).clamp_min_(1e-6))               # |ΔL_ij| = |dS_ij| / (1 - A_ij)
-        else:                                                                  # a / (1 + a) = sigmoid(s - lse)
-            influence = torch.where(kept, -ds / (1 - a).clamp_min(1e-6), grad_a * s.sigmoid_())
-        influence = influence.sum(0)                                           # j > i is 0 already (A = a = 0)
-        influence[..., :sink] = 0                                              # sink keys are never dropped
-        hist[:, :i1] += diagonal_sums(influence).flatten(0, 1)
-    return dq.view(B, H, N, d), dk, dv
-
-
-class ProfiledAttention(torch.autograd.Function):
-    """Attention under a plan's masks (windows [G]; None: causal SDPA) whose backward is `influence_backward`."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, hist, sink, windows):
-        ctx.save_for_backward(q, k, v)
-        ctx.scale, ctx.hist, ctx.sink, ctx.windows = scale, hist, sink, windows
-        if windows is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        return kernel.prefill(q.detach(), k.detach(), v.detach(), windows, sink, scale)   # flex: no grads on a CPU
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v = ctx.saved_tensors
-        dq, dk, dv = influence_backward(q, k, v, do, ctx.scale, ctx.hist, ctx.sink, ctx.windows)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
-
-
-def profile_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface entry "moa_profile": query [B, H, N, d], key/value [B, G, N, d] -> [B, N, H, d].
-    The layer's histogram [H, N] is made at its first call, on its tensors' device (a device map may spread layers)."""
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if module.moa_hist is None:
-        module.moa_hist = torch.zeros(query.shape[1], query.shape[2], dtype=torch.float64, device=query.device)
-    out = ProfiledAttention.apply(query, key, value, scale, module.moa_hist, module.moa_sink, module.moa_windows)
-    return out.transpose(1, 2), None
-
-
+@torch.enable_grad()                            # also under a caller's torch.no_grad()
 def profile(model, samples, sink=SINK, plan=None):
-    """Influence histograms averaged over the samples: [L, H, N] float64 (on the CPU); at dense attention (SPEC §5),
-    or with the model following `plan` at N (signed, SPEC §5.1).
-    samples: {"input_ids": [n, N], "answer_start": [n]}."""
+    """Influence histograms averaged over the samples {"input_ids": [n, N], "answer_start": [n]}: [L, H, N] float64
+    (on the CPU); at dense attention (SPEC §5), or with the model following `plan` at N (signed, SPEC §5.1)."""
     ids, starts = samples["input_ids"].to(model.device), samples["answer_start"].to(model.device)
     n, N = ids.shape
-    mods = attention_modules(model)
     windows = None if plan is None else window(*kv_rules(plan, model.config), N).tolist()
-    for m in mods:
-        m.moa_hist, m.moa_sink, m.moa_windows = None, sink, None if plan is None else windows[m.layer_idx]
+    hists = {}   # layer -> its histogram [H, N], made by kernel.profile_attention at the layer's first call
+    AttentionInterface.register("moa_profile", partial(kernel.profile_attention, hists, sink, windows))
     grad = [p.requires_grad for p in model.parameters()]
-    model.requires_grad_(False)                 # gradients flow to the activations only
     before = model.config._attn_implementation  # "moa" where the caller applied a plan: kept for after
-    model.set_attn_implementation("moa_profile")
+    model.requires_grad_(False).set_attn_implementation("moa_profile")   # gradients flow to the activations only
     try:
-        batches = row_batches(ids, PROFILE_TOKENS)
-        for b0 in tqdm(batches, desc=f"profile @{N}", leave=False):
-            rows = slice(b0, b0 + batches.step)
-            with torch.enable_grad():           # also under a caller's torch.no_grad()
-                embeds = model.get_input_embeddings()(ids[rows]).detach().requires_grad_()
-                # The mean over all n samples: each sample's loss enters divided by n, so hist sums to the average.
-                (answer_loss(model, ids[rows], starts[rows], inputs_embeds=embeds).sum() / n).backward()
-        return torch.stack([m.moa_hist.cpu() for m in sorted(mods, key=lambda m: m.layer_idx)])
+        step = row_batches(ids, PROFILE_TOKENS).step
+        for rows, first in zip(tqdm(ids.split(step), desc=f"profile @{N}", leave=False), starts.split(step)):
+            embeds = model.get_input_embeddings()(rows).detach().requires_grad_()
+            # The mean over all n samples: each sample's loss enters divided by n, so hist sums to the average.
+            (answer_loss(model, rows, first, inputs_embeds=embeds).sum() / n).backward()
+        return torch.stack([hists[layer].cpu() for layer in sorted(hists)])
     finally:
         model.set_attn_implementation(before)
-        for m in mods:
-            del m.moa_hist, m.moa_sink, m.moa_windows
+        hists.clear()
         for p, g in zip(model.parameters(), grad):
             p.requires_grad_(g)
 
 
 def rule_losses(hist, groups, alphas, betas, at=None):
-    """ΔL of every KV head under every rule at the histograms' length N, summed over the KV head's `groups` query
-    heads. At dense (SPEC §5) the suffix sum of the histogram from the rule's window on; at a plan whose windows at N
-    are `at` [L * G] (§5.1), the sum between the two windows: the keys the rule drops, or restores.
-    hist: [L, H, N] -> [L * G, R]."""
+    """ΔL of every KV head under every rule at the histograms' length N, summed over its `groups` query heads: at dense
+    (SPEC §5) the histogram's suffix sum from the rule's window on; at a plan whose windows at N are `at` [L * G]
+    (§5.1), the sum between the two windows, over the keys the rule drops or restores. hist: [L, H, N] -> [L * G, R]."""
     L, H, N = hist.shape
     per_kv = hist.view(L, H // groups, groups, N).sum(2).reshape(-1, N)
     tail = F.pad(per_kv.flip(-1).cumsum(-1).flip(-1), (0, 1))   # tail[δ] = Σ_{δ' >= δ} hist[δ']; tail[N] = 0
@@ -1056,7 +967,6 @@ def following(model, plan):
         apply_plan(model, before)
 
 
-AttentionInterface.register("moa_profile", profile_attention)
 AttentionInterface.register("moa", plan_attention)
 AttentionMaskInterface.register("moa", padding_mask)
 

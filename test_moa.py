@@ -1,6 +1,7 @@
 """Tests for moa.py and kernel.py on the CPU: tiny random-weight models built here, plus the embedded SmolLM2 if
 present.
 Run: python -m pytest -q test_moa.py"""
+import copy
 import importlib.util
 import dataclasses
 import itertools
@@ -126,7 +127,7 @@ def test_uniform_rule_worked_numbers():
 
 def test_diagonal_sums_match_loop():
     e = torch.rand(2, 5, 7, dtype=torch.float64)
-    out = moa.diagonal_sums(e)
+    out = kernel.diagonal_sums(e)
     R, C = 5, 7
     ref = torch.zeros(2, C, dtype=torch.float64)
     for r in range(R):
@@ -138,13 +139,13 @@ def test_diagonal_sums_match_loop():
 
 
 @pytest.mark.parametrize("B,H,G,N,d", [(1, 4, 2, 37, 8), (2, 3, 3, 50, 16), (1, 8, 1, 20, 4)])
-def test_influence_backward_gradients(B, H, G, N, d, monkeypatch):
+def test_influence_reference_gradients(B, H, G, N, d, monkeypatch):
     """The blocked backward gives the same gradients as autograd through float64 attention (several blocks)."""
-    monkeypatch.setattr(moa, "PROFILE_BLOCK_SCORES", B * H * N * 7)
+    monkeypatch.setattr(kernel, "REFERENCE_BLOCK_SCORES", B * H * N * 7)
     q, do = torch.randn(B, H, N, d, dtype=torch.float64), torch.randn(B, H, N, d, dtype=torch.float64)
     k, v = torch.randn(B, G, N, d, dtype=torch.float64), torch.randn(B, G, N, d, dtype=torch.float64)
     hist = torch.zeros(H, N, dtype=torch.float64)
-    dq, dk, dv = moa.influence_backward(q, k, v, do, 0.3, hist, sink=2)
+    dq, dk, dv = kernel.influence_reference(q, k, v, do, 0.3, hist, sink=2)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
     F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=0.3, enable_gqa=True).backward(do)
     for got, want in ((dq, qq.grad), (dk, kk.grad), (dv, vv.grad)):
@@ -161,18 +162,78 @@ def test_influence_backward_gradients(B, H, G, N, d, monkeypatch):
     torch.testing.assert_close(hist, ref, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("B,H,G,N,d,windows", [(2, 4, 2, 37, 16, [5, 30]), (1, 3, 3, 50, 16, [2, 50, 17]),
+                                               (1, 4, 1, 29, 16, [100])])
+def test_profile_attention_gradients_at_a_plan(B, H, G, N, d, windows, fused, monkeypatch):
+    """Under a plan's windows, the profiling attention's dq, dk, dv (FlexAttention's own where fused on a GPU,
+    influence_reference's otherwise) equal autograd through the float64 masked reference."""
+    monkeypatch.setattr(kernel, "REFERENCE_BLOCK_SCORES", B * H * N * 7)
+    monkeypatch.setattr(kernel, "FUSED_PROFILE", fused)
+    dtype = torch.float32 if fused and DEVICE == "cuda" else torch.float64
+    q, do = (torch.randn(B, H, N, d, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(B, G, N, d, dtype=torch.float64) for _ in range(2))
+    fast = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
+    hist = torch.zeros(H, N, dtype=torch.float64, device=DEVICE)
+    kernel.influence_attention(*fast, 0.3, hist, 3, windows).backward(do.to(DEVICE, dtype))
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    kernel.masked_reference(*ref, windows, 3, 0.3).backward(do)
+    for got, want in zip(fast, ref):
+        torch.testing.assert_close(got.grad.cpu().double(), want.grad, rtol=1e-4, atol=1e-4)
+    assert hist.abs().sum() > 0
+
+
+@pytest.mark.parametrize("B,H,G,N,d,windows,sink,dtype,block", [
+    (1, 4, 2, 70, 16, None, 3, torch.float32, 16),                # GQA, dense, ragged
+    (2, 4, 4, 70, 8, [3, 20, 69, 200], 0, torch.float32, 16),     # MHA, batch 2, d < 16, windows near the sink, >= N
+    (1, 2, 1, 200, 32, [70], 64, torch.float32, 32),               # the default sink
+    (2, 2, 1, 333, 16, [65], 64, torch.bfloat16, 64),              # bf16, a window just past the sink
+    (1, 2, 2, 200, 64, [64, 400], 64, torch.bfloat16, 64),       # a window < N, one >= N
+])
+def test_influence_kernel_matches_reference(B, H, G, N, d, windows, sink, dtype, block):
+    """The fused Triton kernel's histograms (interpreted on a CPU) equal influence_reference's on fresh random inputs,
+    given O and the row log-sum-exp of the same attention (float64, cast to dtype as FlexAttention hands them on)."""
+    torch.manual_seed(N + d)
+    q, do = (torch.randn(B, H, N, d, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(B, G, N, d, dtype=torch.float64) for _ in range(2))
+    scale = d ** -0.5
+    w = [N] * G if windows is None else windows
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None]
+    seen = kernel.sees(i, j, torch.tensor(w).repeat_interleave(H // G)[:, None, None], sink)        # [H, N, N]
+    lse = (q @ k.repeat_interleave(H // G, 1).transpose(-1, -2) * scale).masked_fill(~seen, float("-inf")).logsumexp(-1)
+    o = kernel.masked_reference(q, k, v, w, sink, scale)
+    q, k, v, o, do = (t.to(DEVICE, dtype) for t in (q, k, v, o, do))
+    want = torch.zeros(H, N, dtype=torch.float64, device=DEVICE)
+    kernel.influence_reference(q, k, v, do, scale, want, sink, windows)
+    got = torch.zeros(H, N, dtype=torch.float64, device=DEVICE)
+    kernel.influence(q, k, v, o, do, lse.float().to(DEVICE), scale, got, sink, windows, block=block)
+    # at sink 0, query 0 sees key 0 alone: its 1 - A is rounding, amplified (δ = 0, which no window ever drops)
+    got, want = got[:, sink == 0:], want[:, sink == 0:]
+    assert want.abs().sum() > 0 and (windows is not None or (want >= 0).all())
+    error = float((got - want).norm() / want.norm())
+    assert error < (1e-4 if dtype == torch.float32 else 2e-2), error       # bf16: O and dO rounded to 8 bits
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+
+
 @pytest.mark.parametrize("windows", [None, [[4, 20], [9, 2]]])
 def test_influence_matches_brute_force_masking(windows, monkeypatch):
     """Masking one key for one query (renormalising its row), or at a plan restoring one the plan hides, and
     recomputing the loss in float64 agrees with the first-order estimates, summed per distance: the profiler's
-    histograms are what SPEC §5 (at dense: |ΔL|) and §5.1 (at a plan: signed, both kinds of key) define."""
+    histograms are what SPEC §5 (at dense: |ΔL|) and §5.1 (at a plan: signed, both kinds of key) define, through
+    either path of the profiler: the fused kernel (float32 on a GPU, interpreted on a CPU) or influence_reference."""
     from transformers import AttentionInterface
     model = tiny_model(layers=2, heads=4, kv=2, dtype=torch.float64, seed=1, init=0.02 if windows is None else 0.005)
     N, sink = 20, 3
     samples = random_samples(1, N, answer=6, seed=1)
     monkeypatch.setattr(moa, "MIN_WINDOW", 1)                                 # windows this short, for N = 20
     plan = None if windows is None else moa.make_plan(np.array(windows, float), np.zeros((2, 2)), sink=sink)
-    hist = moa.profile(model, samples, sink=sink, plan=plan)                  # [L, H, N]
+    hists = []                                                                # [L, H, N] of each path
+    for fused in (False, True):
+        monkeypatch.setattr(kernel, "FUSED_PROFILE", fused)
+        gpu = fused and DEVICE == "cuda"                                      # FlexAttention: float32 at most
+        hists.append(moa.profile(copy.deepcopy(model).to(DEVICE, torch.float32) if gpu else model, samples,
+                                 sink=sink, plan=plan).cpu())
 
     flip = {}
     i, j = torch.arange(N)[:, None], torch.arange(N)[None]
@@ -191,7 +252,7 @@ def test_influence_matches_brute_force_masking(windows, monkeypatch):
     loss = lambda: float(moa.answer_loss(model, samples["input_ids"], samples["answer_start"]))
     with torch.no_grad():
         base = loss()
-        ref = torch.zeros_like(hist)
+        ref = torch.zeros_like(hists[0])
         for layer, head, q in itertools.product(range(2), range(4), range(sink, N)):
             for k in range(sink, q + 1):
                 flip.update(layer=layer, head=head, i=q, j=k)
@@ -200,13 +261,16 @@ def test_influence_matches_brute_force_masking(windows, monkeypatch):
     model.set_attn_implementation("sdpa")
     # dense: 0.016 measured, without the (1 - A) renormalisation 0.07; plan: 0.015 (0.05 at init 0.02: the estimate is
     # first order, its error shrinks with the weights), without the (1 + a) renormalisation of a restored key 0.15
-    assert float((hist - ref).norm() / ref.norm()) < 0.03
     assert ref.abs().sum() > 0
-    for layer, kv in itertools.product(range(2), range(2)) if windows else ():   # both kinds of key, each head
-        w = windows[layer][kv]
-        for part in (slice(0, w), slice(w, N))[:1 + (w < N)]:          # kept keys dropped, hidden ones restored
-            want, got = ref[layer, 2 * kv:2 * kv + 2, part], hist[layer, 2 * kv:2 * kv + 2, part]
-            assert want.abs().sum() > 0 and float((got - want).norm() / want.norm()) < 0.05, (layer, kv, part)
+    for hist in hists:
+        assert float((hist - ref).norm() / ref.norm()) < 0.03
+        for layer, kv in itertools.product(range(2), range(2)) if windows else ():   # both kinds of key, each head
+            w = windows[layer][kv]
+            for part in (slice(0, w), slice(w, N))[:1 + (w < N)]:          # kept keys dropped, hidden ones restored
+                want, got = ref[layer, 2 * kv:2 * kv + 2, part], hist[layer, 2 * kv:2 * kv + 2, part]
+                assert want.abs().sum() > 0 and float((got - want).norm() / want.norm()) < 0.05, (layer, kv, part)
+    exact = 1 if DEVICE == "cpu" else 100                                     # a GPU profiles in float32
+    torch.testing.assert_close(hists[1], hists[0], rtol=1e-5 * exact, atol=1e-6 * exact * float(hists[0].abs().max()))
 
 
 @pytest.mark.parametrize("at_plan", [False, True])
@@ -217,7 +281,7 @@ def test_rule_losses_equal_masked_sums(at_plan):
     L, H, G, N, sink = 2, 4, 2, 300, moa.SINK
     e = torch.rand(L, H, N, N, dtype=torch.float64).tril() - 0.5 * at_plan
     e[..., :sink] = 0
-    hist = moa.diagonal_sums(e.tril())                                         # [L, H, N]
+    hist = kernel.diagonal_sums(e.tril())                                         # [L, H, N]
     a, b = moa.rules([100, 200, 300])
     at = torch.randint(64, N + 1, (L * G,)) if at_plan else torch.full((L * G,), N)
     got = moa.rule_losses(hist, H // G, a, b, at if at_plan else None)         # [L*G, 54]
@@ -1145,8 +1209,9 @@ def test_bad_input(case, flags, files, fragment, tmp_path, tiny_folder, capsys):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmarks run")
 def test_gpu_benchmarks_without_a_gpu():
-    """bench/decode.py and bench/kernel.py, started where torch sees no GPU, end with one line that says so."""
-    for script in ("bench/decode.py", "bench/kernel.py"):
+    """bench/decode.py, bench/kernel.py and bench/profiling.py, started where torch sees no GPU, end with one line that
+    says so."""
+    for script in ("bench/decode.py", "bench/kernel.py", "bench/profiling.py"):
         run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
         assert run.returncode == 1 and run.stderr.splitlines() == [
