@@ -1,6 +1,7 @@
 """Tests for moa.py and kernel.py on the CPU: tiny random-weight models built here, plus the embedded SmolLM2 if
 present.
 Run: python -m pytest -q test_moa.py"""
+import copy
 import importlib.util
 import dataclasses
 import itertools
@@ -1287,7 +1288,7 @@ def test_eval_inputs(tokenizer):
     decode = lambda ids: tokenizer.decode(ids)
     for kind in quality.COPY_KINDS:
         for frame in quality.FRAMES:
-            before = moa.chat_frame(tokenizer, "x")[0] if frame == "chat" else []
+            before = moa.chat_frame(tokenizer, "x")[0] if frame == "chat" else tokenizer("")["input_ids"]
             for row in quality.copy_inputs(tokenizer, docs, doc_ids, words, n, kind, frame, 0.3, 2, rng).tolist():
                 assert len(row) == n and row[:len(before)] == before
                 segment = row[-S:]
@@ -1310,6 +1311,11 @@ def test_eval_inputs(tokenizer):
         assert text.endswith(question) if frame == "plain" else question in text[-len(question) - 80:]
         if sentence is not None:
             assert text.count(quality.FORMATS["filler"][sentence].strip()) >= 3
+    plain = copy.deepcopy(tokenizer)                 # a model without a chat template: the chat frame still works
+    plain.chat_template = None
+    (row,), (key,) = quality.passkey_inputs(plain, doc_ids, n, "passkey", 0.5, 1, rng, 4)
+    assert len(row) == n - 4 and decode(row.tolist()).endswith(quality.FORMATS["question"][0] + "\n\nAnswer:")
+    assert quality.copy_inputs(plain, docs, doc_ids, words, n, "words", "chat", 0.5, 1, rng).shape == (1, n)
 
 
 def test_eval_documents_fingerprint(tmp_path):

@@ -127,6 +127,14 @@ def passage(tokenizer, docs, rng):
     raise MoAError(f"no held-out document has {SEGMENT} tokens of its own: give longer documents")
 
 
+def framed(tokenizer, frame, request):
+    """Token ids (before, after) around a text in `frame`: the chat turn whose request follows the text, or plain
+    text, begun as the tokenizer begins any text (its BOS, if it adds one) and followed by `request` to continue."""
+    if frame == "chat":
+        return chat_frame(tokenizer, request)
+    return tokenizer("")["input_ids"], tokenizer(request, add_special_tokens=False)["input_ids"]
+
+
 def copy_inputs(tokenizer, docs, doc_ids, words, n, kind, frame, depth, count, rng):
     """Copy retrieval: held-out text with a segment of `kind` (COPY_KINDS) at `depth`, then the segment again at the
     end, in `frame`: plain, or the chat turn asks for the text from the segment's cue on and the reply repeats it.
@@ -141,7 +149,7 @@ def copy_inputs(tokenizer, docs, doc_ids, words, n, kind, frame, depth, count, r
         elif kind == "words":
             segment = encode(" " + " ".join(rng.choice(words, SEGMENT)))[:SEGMENT]
         cue = " ".join(tokenizer.decode(segment[:CUE]).split())
-        before, after = chat_frame(tokenizer, FORMATS["copy"][0].format(cue=cue)) if frame == "chat" else ([], [])
+        before, after = framed(tokenizer, frame, FORMATS["copy"][0].format(cue=cue) if frame == "chat" else "")
         text = text[:len(text) - len(before) - len(after)]
         at = int(depth * len(text))
         rows.append(before + text[:at] + segment + text[at:] + after + segment)
@@ -154,7 +162,7 @@ def passkey_inputs(tokenizer, doc_ids, n, form, depth, count, rng, new_tokens):
     frame, intro, planted, question, sentence = PASSKEY[form]
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     question = FORMATS["question"][question]
-    before, after = chat_frame(tokenizer, question) if frame == "chat" else ([], encode(question))
+    before, after = framed(tokenizer, frame, question)
     before = before + (encode(FORMATS["intro"][intro]) if intro is not None else [])
     rows, keys = [], []
     for _ in range(count):
@@ -306,6 +314,10 @@ def digest(rows):
                 for what, v in e.items()} for k, e in out.items()}
 
 
+def length_name(n):
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
 def worst(scores, frame=None):
     """(the lowest accuracy, its format) among `scores` ({format: accuracy}), those in `frame` only if given."""
     return min((v, f) for f, v in scores.items() if frame is None or f.endswith("_" + frame))
@@ -351,17 +363,17 @@ def table(paths):
             rows = list(csv.reader(f))
         if not rows or tuple(rows[0]) != COLUMNS:
             raise MoAError(f"{path} is not a results.csv of this version of bench/quality.py: rerun the evaluation")
-        for (name, n), e in digest(rows[1:]).items():
-            densities = [x["density"] for (m, _), x in digest(rows[1:]).items() if m == name]
-            label = {"dense": "dense", "uniform": f"uniform {np.mean(densities):.2f}"}.get(name, Path(path).parent.name)
+        results = digest(rows[1:])
+        for (name, n), e in results.items():
+            density = np.mean([x["density"] for (m, _), x in results.items() if m == name])
+            label = {"dense": "dense", "uniform": f"uniform {density:.2f}"}.get(name, Path(path).parent.name)
             found.setdefault(label, {}).setdefault(n, e)                  # dense and shared baselines: the first
             lengths.add(n)
     lengths = sorted(lengths)
     cell = lambda e: (f"{worst(e['copy'], 'chat')[0]:.2f} / {worst(e['copy'], 'plain')[0]:.2f} · " +
                       (f"{np.mean(list(e['passkey'].values())):.2f} ({worst(e['passkey'])[0]:.2f})" if "passkey" in e
                        else "–") + f" · {math.exp(e['text_loss']['']):.2f}")
-    name = lambda n: f"{n // 1024}k" if n % 1024 == 0 else str(n)
-    lines = ["| method | " + " | ".join(map(name, lengths)) + " |", "|---" * (len(lengths) + 1) + "|"]
+    lines = ["| method | " + " | ".join(map(length_name, lengths)) + " |", "|---" * (len(lengths) + 1) + "|"]
     order = sorted(found, key=lambda k: (k != "dense", not k.startswith("uniform"), k))
     lines += [f"| {k} | " + " | ".join(cell(found[k][n]) if n in found[k] else "" for n in lengths) + " |"
               for k in order]
@@ -392,6 +404,7 @@ def plot(rows, plan, config, out):
             ax.plot(lengths, [table[name, n]["copy"][f"{kind}_{frame}"] for n in lengths], marker="o", label=name)
         ax.set(title=f"copy, {kind}, {frame} frame", xlabel="length", ylabel="accuracy", ylim=(0, 1.02))
         ax.set_xscale("log", base=2)
+        ax.set_xticks(lengths, [length_name(n) for n in lengths])
         ax.legend()
     fig.tight_layout()
     fig.savefig(out / "copy.png", dpi=120)
