@@ -50,20 +50,20 @@ FORMATS = {
         " (For the record, the invoice number is {key}.)",
         "\nIMPORTANT - the door code for the back entrance is {key}.\n",
         " By the way, Margaret's lucky number is {key}.",
-        "\n[catalogue reference: {key}]\n",
+        "\nCatalogue number of this volume: {key}.\n",
         " The parcel was sent with tracking number {key}.",
         " The winning lottery ticket carried the number {key}.",
         " The vault on the third floor opens with the code {key}."),
     "question": (
         "What is the pass key? Answer with the number only.",
         "What is the number?",
-        "What is the combination for the blue locker?",
-        "Tell me the door code for the back entrance.",
-        "What catalogue reference appears in the text? Reply with the digits.",
-        "What code opens the vault on the third floor?",
+        "What is the combination of the blue locker? Give just the number.",
+        "What is the door code?",
+        "What is the catalogue number of this volume?",
+        "Which code opens the vault?",
         "\n\nQuestion: what is the pass key? Answer: the pass key is",
         "\n\nQ: What is the combination for the blue locker?\nA: The combination is",
-        "\n\nThe invoice number mentioned above is",
+        "\n\nAs noted in passing above, the invoice number is",
         "\n\nIn short, Margaret's lucky number is",
         "\n\nThe parcel's tracking number, as given above, was",
         "\n\nQuestion: Which number did the winning lottery ticket carry?\nAnswer: It carried the number"),
@@ -207,7 +207,7 @@ def copy_accuracy(model, ids, plan):
 
 def passkey_accuracy(model, tokenizer, ids, keys, plan, new_tokens):
     """1 where greedy generation (through the plan's cache and decode kernel) states the key, else 0, per row.
-    Eager: a compile per batch shape would cost more than a dozen tokens take (compiled equals eager: the GPU tests)."""
+    Eager: a compile per batch shape would cost more than 16 tokens take (compiled equals eager: the GPU tests)."""
     out, batches = [], row_batches(ids)
     with following(model, plan):
         for b in batches:
@@ -230,7 +230,7 @@ def token_losses(model, ids, plan):
     return torch.cat(out)
 
 
-def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed=0, new_tokens=12, stages=None,
+def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed=0, new_tokens=16, stages=None,
              passkey_lengths=PASSKEY_LENGTHS, calib=None, other_documents=False):
     """Dense, the uniform baseline at the plan's density budget (SPEC §11) and the plan, on the same held-out inputs
     at each length: copy (each kind of segment, each frame) at each depth, the pass-key formats at each depth at the
@@ -253,17 +253,15 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
     with torch.no_grad():
         for n in tqdm(lengths, desc="lengths"):
             rng = np.random.default_rng([seed, n])
-            tasks = {"copy": [(f"{kind}_{frame}", z, copy_inputs(tokenizer, docs, doc_ids, words, n, kind, frame, z,
-                                                                 samples, rng))
-                              for kind in COPY_KINDS for frame in FRAMES for z in DEPTHS]}
+            tasks = {"copy": {(f"{kind}_{frame}", z): copy_inputs(tokenizer, docs, doc_ids, words, n, kind, frame, z,
+                                                                  samples, rng)
+                              for kind in COPY_KINDS for frame in FRAMES for z in DEPTHS}}
             if n in passkey_lengths:
-                tasks["passkey"] = [(f, z, passkey_inputs(tokenizer, doc_ids, n, f, z, samples, rng, new_tokens))
-                                    for f in PASSKEY for z in DEPTHS]
-            tags = {what: [(f, z) for f, z, _ in x for _ in range(samples)] for what, x in tasks.items()}
-            copies = torch.cat([x for *_, x in tasks["copy"]])
-            if "passkey" in tasks:
-                passkeys = torch.cat([x for *_, (x, _) in tasks["passkey"]]), sum([k for *_, (_, k) in
-                                                                                   tasks["passkey"]], [])
+                tasks["passkey"] = {(f, z): passkey_inputs(tokenizer, doc_ids, n, f, z, samples, rng, new_tokens)
+                                    for f in PASSKEY for z in DEPTHS}
+                passkeys = (torch.cat([x for x, _ in tasks["passkey"].values()]),
+                            [k for _, keys in tasks["passkey"].values() for k in keys])
+            copies = torch.cat(list(tasks["copy"].values()))
             text = torch.tensor([filler(doc_ids, n, rng) for _ in range(samples)])
             answers = stages(f"answers_{n}", fingerprint(base, n), lambda: make_samples(
                 model, tokenizer, doc_ids, samples, n, cfg, seed=[seed, n, 2]))
@@ -279,8 +277,7 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
                     each["passkey"] = measure("passkey", lambda: passkey_accuracy(model, tokenizer, *passkeys, p,
                                                                                   new_tokens))
                 for what, v in each.items():
-                    for f, z, _ in tasks[what]:
-                        rows.append((what, f, name, d, n, z, v[torch.tensor([t == (f, z) for t in tags[what]])]))
+                    rows += [(what, f, name, d, n, z, x) for (f, z), x in zip(tasks[what], v.split(samples))]
                 rows.append(("answer_loss", "", name, d, n, "", measure("answer_loss", lambda: answer_losses(
                     model, answers, p))))
                 rows.append(("text_loss", "", name, d, n, "", measure("text_loss", lambda: token_losses(model, text,
