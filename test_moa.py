@@ -1235,7 +1235,7 @@ def test_eval_on_tiny_model(tmp_path, tokenizer):
     copies = {f"{kind}_{frame}" for kind in quality.COPY_KINDS for frame in quality.FRAMES}
     assert {(r[0], r[1]) for r in rows} == {("copy", f) for f in copies} | {("passkey", f) for f in quality.PASSKEY} \
         | {("answer_loss", ""), ("text_loss", "")}
-    assert len(rows) == 3 * (2 * (6 * 5 + 2) + len(quality.PASSKEY) * 5)   # methods x (lengths x (copy + losses) + suite)
+    assert len(rows) == 3 * (2 * (6 * 5 + 2) + len(quality.PASSKEY) * 5)   # methods x (lengths x (copy, losses), suite)
     assert all(r[-1] == 2 for r in rows)
     by = {(r[0], r[1], r[2], r[4], r[5]): r[6] for r in rows}
     for (what, form, name, n, z), v in by.items():
@@ -1252,7 +1252,7 @@ def test_eval_on_tiny_model(tmp_path, tokenizer):
     assert [x.split(" | ")[0] for x in lines[2:5]] == ["| dense", "| uniform 1.00", f"| {tmp_path.name}"]
     assert "–" not in lines[2].split(" | ")[1] and "–" in lines[2].split(" | ")[2]     # pass-key at 384 only
     with pytest.MonkeyPatch.context() as m:
-        for measure in ("copy_accuracy", "passkey_accuracy"):
+        for measure in ("inputs", "copy_accuracy", "passkey_accuracy"):
             m.setattr(quality, measure, lambda *a: pytest.fail("should have resumed"))
         assert quality.evaluate(model, tokenizer, dense, tmp_path, **settings) == rows
 

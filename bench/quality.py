@@ -177,16 +177,31 @@ def passkey_inputs(tokenizer, doc_ids, n, form, depth, count, rng, new_tokens):
     return torch.tensor(rows), keys
 
 
+def inputs(tokenizer, docs, doc_ids, words, n, samples, seed, new_tokens, passkey=True):
+    """Every input at length n, `samples` of each, drawn with the seed [seed, n]: {"copy": {(kind_frame, depth): ids
+    [samples, n]}, "passkey" (if `passkey`): {(format, depth): (ids [samples, n - new_tokens], keys)}, "text": plain
+    held-out text [samples, n]}."""
+    rng = np.random.default_rng([seed, n])
+    tasks = {"copy": {(f"{kind}_{frame}", z): copy_inputs(tokenizer, docs, doc_ids, words, n, kind, frame, z, samples,
+                                                          rng)
+                      for kind in COPY_KINDS for frame in FRAMES for z in DEPTHS}}
+    if passkey:
+        tasks["passkey"] = {(f, z): passkey_inputs(tokenizer, doc_ids, n, f, z, samples, rng, new_tokens)
+                            for f in PASSKEY for z in DEPTHS}
+    tasks["text"] = torch.tensor([filler(doc_ids, n, rng) for _ in range(samples)])
+    return tasks
+
+
 def held_out(plan, calib, other_documents=False):
     """The evaluation documents (SPEC §7) of the corpus `calib` (None: the bundled one), after checking that the plan
     was made on that very corpus (else its calibration may have read them); other_documents: evaluate anyway."""
     docs = load_documents(calib)
     made_on = (plan.get("calibration") or {}).get("documents")
     if made_on and made_on != fingerprint(docs) and not other_documents:
-        raise MoAError(f"the plan was made on other documents (fingerprint {made_on}) than these ({fingerprint(docs)}"
-                       f", {'the bundled pydoc topics of this Python' if calib is None else calib}), so the evaluation's"
-                       " may not be held out: give the plan's --calib file or run the Python that made it, or pass "
-                       "--other-documents to evaluate anyway")
+        here = "the bundled pydoc topics of this Python" if calib is None else calib
+        raise MoAError(f"the plan was made on other documents (fingerprint {made_on}) than these ({fingerprint(docs)}, "
+                       f"{here}), so the evaluation's may not be held out: give the plan's --calib file or run the "
+                       "Python that made it, or pass --other-documents to evaluate anyway")
     return split_documents(docs, 0)[2]            # the evaluation quarter: the same for every seed
 
 
@@ -235,10 +250,10 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
     """Dense, the uniform baseline at the plan's density budget (SPEC §11) and the plan, on the same held-out inputs
     at each length: copy (each kind of segment, each frame) at each depth, the pass-key formats at each depth at the
     passkey_lengths among `lengths` (`samples` each), answer loss on SPEC §4 samples and perplexity on plain text
-    (`samples` each). Every format of a task is one batch of rows. Writes out/results.csv and PNGs. Measurements are
-    saved (`stages`, a Stages; default: under `out`) by the windows measured, so a rerun resumes and an evaluation
-    of other plans into the same stages measures dense (and a shared uniform baseline) once. Returns the rows
-    (measure, format, method, density, length, depth, mean, sem, count)."""
+    (`samples` each). Every format of a task is one batch of rows. Writes out/results.csv and PNGs. The inputs and
+    measurements are saved (`stages`, a Stages; default: under `out`), the latter by the windows measured, so a
+    rerun resumes and an evaluation of other plans into the same stages measures dense (and a shared uniform
+    baseline) once. Returns the rows (measure, format, method, density, length, depth, mean, sem, count)."""
     kv_rules(plan, model.config)                             # clear errors before any output
     if samples < 1 or seed < 0:
         raise MoAError(f"--samples {samples} and --seed {seed}: give at least 1 sample and a seed of 0 or more")
@@ -252,17 +267,12 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
     rows = []
     with torch.no_grad():
         for n in tqdm(lengths, desc="lengths"):
-            rng = np.random.default_rng([seed, n])
-            tasks = {"copy": {(f"{kind}_{frame}", z): copy_inputs(tokenizer, docs, doc_ids, words, n, kind, frame, z,
-                                                                  samples, rng)
-                              for kind in COPY_KINDS for frame in FRAMES for z in DEPTHS}}
-            if n in passkey_lengths:
-                tasks["passkey"] = {(f, z): passkey_inputs(tokenizer, doc_ids, n, f, z, samples, rng, new_tokens)
-                                    for f in PASSKEY for z in DEPTHS}
+            tasks = stages(f"inputs_{n}", fingerprint(base, n, n in passkey_lengths), lambda: inputs(
+                tokenizer, docs, doc_ids, words, n, samples, seed, new_tokens, n in passkey_lengths))
+            copies = torch.cat(list(tasks["copy"].values()))
+            if "passkey" in tasks:
                 passkeys = (torch.cat([x for x, _ in tasks["passkey"].values()]),
                             [k for _, keys in tasks["passkey"].values() for k in keys])
-            copies = torch.cat(list(tasks["copy"].values()))
-            text = torch.tensor([filler(doc_ids, n, rng) for _ in range(samples)])
             answers = stages(f"answers_{n}", fingerprint(base, n), lambda: make_samples(
                 model, tokenizer, doc_ids, samples, n, cfg, seed=[seed, n, 2]))
             density, budget = plan_density(plan, model.config, n), plan.get("density_budget")
@@ -280,8 +290,8 @@ def evaluate(model, tokenizer, plan, out, lengths=EVAL_LENGTHS, samples=20, seed
                     rows += [(what, f, name, d, n, z, x) for (f, z), x in zip(tasks[what], v.split(samples))]
                 rows.append(("answer_loss", "", name, d, n, "", measure("answer_loss", lambda: answer_losses(
                     model, answers, p))))
-                rows.append(("text_loss", "", name, d, n, "", measure("text_loss", lambda: token_losses(model, text,
-                                                                                                        p))))
+                rows.append(("text_loss", "", name, d, n, "", measure("text_loss", lambda: token_losses(
+                    model, tasks["text"], p))))
     sem = lambda v: float(v.std() / len(v) ** 0.5) if len(v) > 1 else math.nan       # one sample: no spread
     rows = [(*r[:-1], float(r[-1].mean()), sem(r[-1]), len(r[-1])) for r in rows]
     Path(out).mkdir(parents=True, exist_ok=True)
