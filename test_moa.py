@@ -1281,7 +1281,8 @@ def find(row, segment):
 def test_eval_inputs(tokenizer):
     """Copy: each kind of segment is what it claims (tokens of the held-out text; real words of it; a contiguous span
     of one held-out document, found nowhere else in the row) at its depth, and repeats at the end, in each frame.
-    Pass-key: the key's sentence at its depth and the format's question last."""
+    Pass-key: the key's sentence at its depth and the format's question last. Copy and text inputs do not depend on
+    whether pass-key is drawn too."""
     docs = moa.split_documents(moa.load_documents(), 0)[2]
     doc_ids, words = moa.tokenize_documents(tokenizer, docs), quality.words_of(docs)
     rng, n, S = np.random.default_rng(0), 512, quality.SEGMENT
@@ -1311,6 +1312,10 @@ def test_eval_inputs(tokenizer):
         assert text.endswith(question) if frame == "plain" else question in text[-len(question) - 80:]
         if sentence is not None:
             assert text.count(quality.FORMATS["filler"][sentence].strip()) >= 3
+    without, every = (quality.inputs(tokenizer, docs, doc_ids, words, n, 1, 0, 4, passkey) for passkey in (0, 1))
+    assert "passkey" not in without and len(every["passkey"]) == 5 * len(quality.PASSKEY)
+    assert torch.equal(without["text"], every["text"]) and without["copy"].keys() == every["copy"].keys()
+    assert all(torch.equal(x, every["copy"][k]) for k, x in without["copy"].items())   # the same with or without
     plain = copy.deepcopy(tokenizer)                 # a model without a chat template: the chat frame still works
     plain.chat_template = None
     (row,), (key,) = quality.passkey_inputs(plain, doc_ids, n, "passkey", 0.5, 1, rng, 4)

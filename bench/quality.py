@@ -180,15 +180,16 @@ def passkey_inputs(tokenizer, doc_ids, n, form, depth, count, rng, new_tokens):
 def inputs(tokenizer, docs, doc_ids, words, n, samples, seed, new_tokens, passkey=True):
     """Every input at length n, `samples` of each, drawn with the seed [seed, n]: {"copy": {(kind_frame, depth): ids
     [samples, n]}, "passkey" (if `passkey`): {(format, depth): (ids [samples, n - new_tokens], keys)}, "text": plain
-    held-out text [samples, n]}."""
-    rng = np.random.default_rng([seed, n])
+    held-out text [samples, n]}. Each task draws from its own generator: with or without pass-key, the others are
+    the same."""
+    copy, key, text = np.random.default_rng([seed, n]).spawn(3)
     tasks = {"copy": {(f"{kind}_{frame}", z): copy_inputs(tokenizer, docs, doc_ids, words, n, kind, frame, z, samples,
-                                                          rng)
-                      for kind in COPY_KINDS for frame in FRAMES for z in DEPTHS}}
+                                                          copy)
+                      for kind in COPY_KINDS for frame in FRAMES for z in DEPTHS},
+             "text": torch.tensor([filler(doc_ids, n, text) for _ in range(samples)])}
     if passkey:
-        tasks["passkey"] = {(f, z): passkey_inputs(tokenizer, doc_ids, n, f, z, samples, rng, new_tokens)
+        tasks["passkey"] = {(f, z): passkey_inputs(tokenizer, doc_ids, n, f, z, samples, key, new_tokens)
                             for f in PASSKEY for z in DEPTHS}
-    tasks["text"] = torch.tensor([filler(doc_ids, n, rng) for _ in range(samples)])
     return tasks
 
 
