@@ -122,7 +122,8 @@ def passage(tokenizer, docs, rng):
             continue
         start = int(rng.integers(len(ids) - SEGMENT + 1))
         span, copies = ids[start:start + SEGMENT], [j for j, d in enumerate(docs) if d == docs[i]]
-        if corpus.count(tokenizer.decode(span)) <= len(copies) * docs[i].count(tokenizer.decode(span)):
+        text = tokenizer.decode(span)
+        if corpus.count(text) <= len(copies) * docs[i].count(text):
             return span, copies
     raise MoAError(f"no held-out document has {SEGMENT} tokens of its own: give longer documents")
 
