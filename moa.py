@@ -949,8 +949,16 @@ class PlanLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states, value_states=None):
         B, _, _, d = key_states.shape
-        self.ring = kernel.SinkRingCache(B, self.capacities, d, self.sink, key_states.dtype, key_states.device)
+        self.allocate(B, d, key_states.dtype, key_states.device)
+
+    def allocate(self, batch, head_dim, dtype, device):
+        self.ring = kernel.SinkRingCache(batch, self.capacities, head_dim, self.sink, dtype, device)
         self.is_initialized = True
+
+    def rows(self, start, stop):
+        part = copy.copy(self)
+        part.ring = self.ring.rows(start, stop)
+        return part
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -994,6 +1002,25 @@ class PlanCache(Cache):
         self.modules[layer_idx].moa_layer = self.layers[layer_idx]      # for plan_attention, this call only
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def prefill_rows(self, batch, rows, dtype, device, prefill):
+        """Start the cache of `batch` sequences `rows` at a time, so the prompt's activations are those of `rows`
+        sequences however large the batch: prefill(start, stop, part) stores sequences start .. stop - 1 through
+        `part`, a PlanCache over those rows of this one's tensors (their ring's length, shared by all sequences, is
+        zeroed before each group). Returns prefill's results, one per group."""
+        for layer, m in zip(self.layers, self.modules):
+            layer.allocate(batch, m.head_dim, dtype, device)
+        done, parts = [], []
+        for start in range(0, batch, rows):
+            for layer in self.layers:
+                layer.ring.length.zero_()                # the group's prompt starts an empty cache
+            parts.append(copy.copy(self))
+            parts[-1].layers = [layer.rows(start, min(start + rows, batch)) for layer in self.layers]
+            done.append(prefill(start, min(start + rows, batch), parts[-1]))
+        for i, layer in enumerate(self.layers):     # every group stored the same prompt length
+            own = [part.layers[i] for part in parts]
+            layer.stored, layer.ring.prefilled, layer.ring.padded = own[0].stored, True, any(p.ring.padded for p in own)
+        return done
+
 
 class DeferredPlanStop(generation_utils.DeferredStopCheck):
     """generate's stop check for a PlanCache: transformers' DeferredStopCheck (on by default on mps only), whose answer
@@ -1019,6 +1046,10 @@ class DeferredPlanStop(generation_utils.DeferredStopCheck):
                                         done()) for _ in range(2))
 
 
+PREFILL_TOKENS = 16384   # prompt tokens of a plan's prefill per forward pass: a larger batch goes a few sequences at a
+                         # time into its cache, so its prefill's activations do not grow with the batch
+
+
 def _generate_with_plans(model):
     """Replacements, bound to `model`, for generate, which defers its stop check a step for a PlanCache (DeferredPlanStop,
     for this call only), for its _prepare_cache_for_generation, which gives it a PlanCache for
@@ -1041,10 +1072,23 @@ def _generate_with_plans(model):
                            f"{config.max_length} (prompt + max_new_tokens)")
         return cls._prepare_cache_for_generation(model, config, model_kwargs, *args)
 
-    def prefill(input_ids, config, *args, **kwargs):
+    def prefill(input_ids, config, model_kwargs, *args, **kwargs):
         eager = copy.copy(config)
         eager.disable_compile = True
-        return cls._prefill(model, input_ids, eager, *args, **kwargs)
+        cache, (B, P) = model_kwargs.get("past_key_values"), input_ids.shape
+        rows = max(1, PREFILL_TOKENS // min(P, config.prefill_chunk_size or P))
+        if (rows >= B or not isinstance(cache, PlanCache) or cache.layers[0].is_initialized
+                or config.output_hidden_states or config.output_attentions):
+            return cls._prefill(model, input_ids, eager, model_kwargs, *args, **kwargs)
+
+        def rows_prefill(start, stop, part):           # batch-first inputs cut to the rows, the rest as it is
+            cut = {k: v[start:stop] if torch.is_tensor(v) and v.dim() and len(v) == B else v
+                   for k, v in model_kwargs.items()}
+            return cls._prefill(model, input_ids[start:stop], eager, {**cut, "past_key_values": part}, *args, **kwargs)
+        done = cache.prefill_rows(B, rows, model.dtype, input_ids.device, rows_prefill)
+        out = done[-1]
+        out.logits, out.past_key_values = torch.cat([o.logits for o in done]), cache
+        return out
 
     @wraps(cls.generate)
     def generate(*args, **kwargs):

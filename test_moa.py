@@ -597,6 +597,27 @@ def test_generate_with_sparse_plan_equals_masked_recompute(monkeypatch):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=1, prefill_chunk_size=8)
 
 
+def test_generate_prefills_a_large_batch_by_rows(monkeypatch):
+    """A batch of more prompt tokens than PREFILL_TOKENS goes into its PlanCache a few sequences at a time (groups of
+    2, 2, 1 whole; of 3, 2 in chunks of 18 + 12): the cache then holds what a one-shot prefill stores (K, V, padding,
+    length, counts), on an unpadded and a left-padded batch whose rings wrap, and generate gives the same tokens."""
+    model = moa.apply_plan(tiny_model("llama", layers=3, heads=4, kv=2, seed=2, init=0.2).to(DEVICE),
+                           wrapping_plan(monkeypatch))
+    for pads, chunk in (([0] * 5, None), ([0, 5, 17, 3, 0], 18)):
+        ids, mask = ragged_prompts(5, 30, pads, seed=3)
+        settings = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=1, eos_token_id=None,
+                        return_dict_in_generate=True, prefill_chunk_size=chunk)
+        runs = []
+        for tokens in (1 << 20, 60):                     # one shot; rows of 60 // 30 = 2 or 60 // 18 = 3
+            monkeypatch.setattr(moa, "PREFILL_TOKENS", tokens)
+            runs.append(model.generate(ids, **settings))
+        (one, rows), cached = runs, lambda layer: (layer.ring.k, layer.ring.v, layer.ring.pad, layer.ring.length)
+        assert rows.sequences.tolist() == one.sequences.tolist()
+        for a, b in zip(one.past_key_values.layers, rows.past_key_values.layers):
+            assert all(torch.equal(x, y) for x, y in zip(cached(a), cached(b)))
+            assert (a.stored, a.ring.padded) == (b.stored, b.ring.padded) and b.ring.padded == any(pads)
+
+
 def test_forward_with_gradients_follows_the_plan(monkeypatch):
     """A plain forward pass with a plan, outside torch.no_grad, gives the no-grad pass's logits on a ragged batch (on a
     CPU through the masked reference: FlexAttention has no backward there) and gradients for every layer's weights."""
