@@ -10,6 +10,7 @@ The decode benchmark is bench/kernel.py.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import os
 import sys
@@ -144,6 +145,13 @@ class SinkRingCache:
         self.block_n = 64 if self.k.is_cuda else 512   # the CPU interpreter pays per operation: fewer, larger blocks
         self.programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if self.k.is_cuda else 1
         self.chunk, self.splits = split_kv(batch, self.capacities, self.block_n, self.programs)
+
+    def rows(self, start, stop):
+        """Sequences start .. stop - 1 as a SinkRingCache of views of this one's tensors (its length, which every
+        sequence shares, included): a prompt stored through it is stored here."""
+        part = copy.copy(self)
+        part.k, part.v, part.pad = self.k[start:stop], self.v[start:stop], self.pad[start:stop]
+        return part
 
     def slots(self, pos):
         """Flat slot of true positions pos: [...] -> [..., G] (int64)."""

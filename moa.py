@@ -13,6 +13,7 @@ Run it:  python moa.py --model M --out DIR
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -27,7 +28,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from scipy.optimize import LinearConstraint, linprog, milp
 from tqdm.auto import tqdm
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.generation import utils as generation_utils
 from transformers.masking_utils import AttentionMaskInterface
 
 SINK = 64          # s: the first tokens every head keeps (SPEC §1)
@@ -858,8 +860,16 @@ class PlanLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states, value_states=None):
         B, _, _, d = key_states.shape
-        self.ring = kernel.SinkRingCache(B, self.capacities, d, self.sink, key_states.dtype, key_states.device)
+        self.allocate(B, d, key_states.dtype, key_states.device)
+
+    def allocate(self, batch, head_dim, dtype, device):
+        self.ring = kernel.SinkRingCache(batch, self.capacities, head_dim, self.sink, dtype, device)
         self.is_initialized = True
+
+    def rows(self, start, stop):
+        part = copy.copy(self)
+        part.ring = self.ring.rows(start, stop)
+        return part
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -903,9 +913,57 @@ class PlanCache(Cache):
         self.modules[layer_idx].moa_layer = self.layers[layer_idx]      # for plan_attention, this call only
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
+    def prefill_rows(self, batch, rows, dtype, device, prefill):
+        """Start the cache of `batch` sequences `rows` at a time, so the prompt's activations are those of `rows`
+        sequences however large the batch: prefill(start, stop, part) stores sequences start .. stop - 1 through
+        `part`, a PlanCache over those rows of this one's tensors (their ring's length, shared by all sequences, is
+        zeroed before each group). Returns prefill's results, one per group."""
+        for layer, m in zip(self.layers, self.modules):
+            layer.allocate(batch, m.head_dim, dtype, device)
+        done, parts = [], []
+        for start in range(0, batch, rows):
+            for layer in self.layers:
+                layer.ring.length.zero_()                # the group's prompt starts an empty cache
+            parts.append(copy.copy(self))
+            parts[-1].layers = [layer.rows(start, min(start + rows, batch)) for layer in self.layers]
+            done.append(prefill(start, min(start + rows, batch), parts[-1]))
+        for i, layer in enumerate(self.layers):     # every group stored the same prompt length
+            own = [part.layers[i] for part in parts]
+            layer.stored, layer.ring.prefilled, layer.ring.padded = own[0].stored, True, any(p.ring.padded for p in own)
+        return done
+
+
+class DeferredPlanStop(generation_utils.DeferredStopCheck):
+    """generate's stop check for a PlanCache: transformers' DeferredStopCheck (on by default on mps only), whose answer
+    to "have all sequences stopped?" is read one step late, so the host queues step t + 1 while the GPU runs step t
+    instead of waiting for every step's `unfinished.max()`. Tokens are streamed a step late; a step run past an early
+    stop (eos, a stopping criterion) is undone by generate, its token dropped. That step stores at most token
+    max_length - 2 (the stop at max_length itself is not deferred), which a PlanCache of N = max_length holds; it may
+    overwrite a ring slot, so a cache that generate returns (given by the caller, or return_dict_in_generate) keeps the
+    plain check. Installed by a plan's generate for that call only (_generate_with_plans)."""
+
+    @staticmethod
+    def is_supported(device, cache, cache_is_returned, is_assistant):
+        return isinstance(cache, PlanCache) and not cache_is_returned and not is_assistant
+
+    def __init__(self, input_ids, max_length, cache, cache_is_returned, streamer=None):
+        if input_ids.device.type != "cpu":
+            return super().__init__(input_ids, max_length, None, False, streamer)
+        # the CPU has no events, and none are needed: its ops have finished when they return
+        generation_utils.StopCheck.__init__(self, streamer)
+        self.max_length, self.cache, self.is_first_step, self.stop_reported = max_length, None, True, False
+        done = type("Done", (), {"record": lambda self: None, "synchronize": lambda self: None})
+        self.slots = collections.deque((torch.zeros((), dtype=torch.bool), torch.zeros(len(input_ids), dtype=torch.long),
+                                        done()) for _ in range(2))
+
+
+PREFILL_TOKENS = 16384   # prompt tokens of a plan's prefill per forward pass: a larger batch goes a few sequences at a
+                         # time into its cache, so its prefill's activations do not grow with the batch
+
 
 def _generate_with_plans(model):
-    """Replacements, bound to `model`, for generate's _prepare_cache_for_generation, which gives it a PlanCache for
+    """Replacements, bound to `model`, for generate, which defers its stop check a step for a PlanCache (DeferredPlanStop,
+    for this call only), for its _prepare_cache_for_generation, which gives it a PlanCache for
     N = generation_config.max_length (or checks that a given one holds that many: a compiled decode step cannot),
     and for its _prefill, which never compiles: generate compiles the decode step for a compileable cache, and with
     it a chunked prefill, but the prompt goes through the eager paths (shapes change per chunk; padding is checked
@@ -915,18 +973,42 @@ def _generate_with_plans(model):
     def prepare_cache(config, model_kwargs, *args):
         cache = model_kwargs.get("past_key_values")
         if cache is None and config.use_cache is not False:
-            model_kwargs["past_key_values"] = PlanCache(model, config.max_length)
+            own = model_kwargs["past_key_values"] = PlanCache(model, config.max_length)
             config.cache_implementation = None         # this call's copy: the plan's cache replaces the one asked for
-        elif isinstance(cache, PlanCache) and cache.get_max_length() < config.max_length:
+            cls._prepare_cache_for_generation(model, config, model_kwargs, *args)
+            own._is_user_defined = False               # generate's own, not the caller's (which it would return)
+            return
+        if isinstance(cache, PlanCache) and cache.get_max_length() < config.max_length:
             raise MoAError(f"the plan cache was built for {cache.get_max_length()} tokens; generate needs "
                            f"{config.max_length} (prompt + max_new_tokens)")
         return cls._prepare_cache_for_generation(model, config, model_kwargs, *args)
 
-    def prefill(input_ids, config, *args, **kwargs):
+    def prefill(input_ids, config, model_kwargs, *args, **kwargs):
         eager = copy.copy(config)
         eager.disable_compile = True
-        return cls._prefill(model, input_ids, eager, *args, **kwargs)
-    return prepare_cache, prefill
+        cache, (B, P) = model_kwargs.get("past_key_values"), input_ids.shape
+        rows = max(1, PREFILL_TOKENS // min(P, config.prefill_chunk_size or P))
+        if (rows >= B or not isinstance(cache, PlanCache) or cache.layers[0].is_initialized
+                or config.output_hidden_states or config.output_attentions):
+            return cls._prefill(model, input_ids, eager, model_kwargs, *args, **kwargs)
+
+        def rows_prefill(start, stop, part):           # batch-first inputs cut to the rows, the rest as it is
+            cut = {k: v[start:stop] if torch.is_tensor(v) and v.dim() and len(v) == B else v
+                   for k, v in model_kwargs.items()}
+            return cls._prefill(model, input_ids[start:stop], eager, {**cut, "past_key_values": part}, *args, **kwargs)
+        done = cache.prefill_rows(B, rows, model.dtype, input_ids.device, rows_prefill)
+        out = done[-1]
+        out.logits, out.past_key_values = torch.cat([o.logits for o in done]), cache
+        return out
+
+    @wraps(cls.generate)
+    def generate(*args, **kwargs):
+        before, generation_utils.DeferredStopCheck = generation_utils.DeferredStopCheck, DeferredPlanStop
+        try:
+            return cls.generate(model, *args, **kwargs)
+        finally:
+            generation_utils.DeferredStopCheck = before
+    return prepare_cache, prefill, generate
 
 
 def apply_plan(model, plan):
@@ -934,7 +1016,7 @@ def apply_plan(model, plan):
     (sdpa, eager, ...). Forward passes go through FlexAttention, generate through the static sink + ring cache and
     the fused decode kernel (N = prompt + max_new_tokens)."""
     if plan is None:
-        for name in ("_prepare_cache_for_generation", "_prefill", "moa_plan"):
+        for name in ("_prepare_cache_for_generation", "_prefill", "generate", "moa_plan"):
             model.__dict__.pop(name, None)
         if "moa_dense" in model.__dict__:
             model.set_attn_implementation(model.__dict__.pop("moa_dense"))
@@ -950,7 +1032,7 @@ def apply_plan(model, plan):
         m.moa_layer = None                                      # PlanCache.update's hand-off to plan_attention
     model.__dict__.setdefault("moa_dense", model.config._attn_implementation)    # what apply_plan(model, None) restores
     model.set_attn_implementation("moa")
-    model._prepare_cache_for_generation, model._prefill = _generate_with_plans(model)
+    model._prepare_cache_for_generation, model._prefill, model.generate = _generate_with_plans(model)
     model.moa_plan = plan                                       # what following() restores
     return model
 

@@ -595,6 +595,48 @@ def test_generate_with_dense_plan_equals_transformers(family):
     assert model.generate(ids, **beams).tolist() == moa.apply_plan(model, None).generate(ids, **beams).tolist()
 
 
+def test_generate_defers_its_stop_check_with_a_plan(monkeypatch):
+    """A plan's generate reads its stop check a step late (DeferredPlanStop, so the host never waits for the GPU):
+    greedy tokens equal transformers' dense ones on a left-padded batch whose sequences hit eos at different steps
+    (the batch stopping early, the step run past it undone; or max_new_tokens reached first), streamed whole; on a
+    sparse plan (wrapping rings) they equal the plain check's (a returned cache keeps it). Taking the plan off
+    restores transformers' own check and generate (the dense runs between plans use no deferred check)."""
+    from transformers.generation import utils as generation_utils
+    original = generation_utils.DeferredStopCheck
+    model = tiny_model("llama", layers=3, heads=4, kv=2, seed=2, init=0.2).to(DEVICE)
+    ids, mask = ragged_prompts(3, 16, [0, 4, 9])
+    settings = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=1)
+    plain = model.generate(ids, eos_token_id=None, **settings)[:, 16:]
+    undone = []
+    finish = moa.DeferredPlanStop.finish
+    monkeypatch.setattr(moa.DeferredPlanStop, "finish", lambda self: undone.append(finish(self)) or undone[-1])
+    dense = moa.make_plan(np.zeros((3, 2)), np.ones((3, 2)), sink=4)
+
+    class Tokens:   # a streamer: the prompt, then each step's tokens
+        def __init__(self):
+            self.got = []
+
+        def put(self, x):
+            self.got.append(x)
+
+        def end(self):
+            pass
+    for steps in ((1, 4, 8), (2,)):          # the last stop at step 8 of 10: one step run past it (token N - 2)
+        eos = [int(plain[b, s]) for b, s in enumerate(steps)]
+        want = moa.apply_plan(model, None).generate(ids, eos_token_id=eos, **settings)
+        streamed = Tokens()
+        got = moa.apply_plan(model, dense).generate(ids, eos_token_id=eos, streamer=streamed, **settings)
+        assert got.tolist() == want.tolist() and torch.equal(torch.cat(streamed.got[1:], 0), got[:, 16:].T.flatten())
+        assert generation_utils.DeferredStopCheck is original           # for the call only
+    assert undone == [1, 0] and len(set((want[:, 16:] == 1).sum(1).tolist())) > 1   # stopped at different steps
+    moa.apply_plan(model, wrapping_plan(monkeypatch))
+    eos = [int(plain[0, 3]), int(plain[2, 6])]
+    got = model.generate(ids, eos_token_id=eos, **settings)
+    kept = model.generate(ids, eos_token_id=eos, return_dict_in_generate=True, **settings)
+    assert got.tolist() == kept.sequences.tolist() and undone == [1, 0, 0]   # one more deferred call, none returned
+    assert "generate" not in moa.apply_plan(model, None).__dict__ and generation_utils.DeferredStopCheck is original
+
+
 def wrapping_plan(monkeypatch):
     """A 3-layer plan of 4- to 70-token windows: on 30-token prompts + 40 new tokens the rings wrap many times."""
     monkeypatch.setattr(moa, "MIN_WINDOW", 4)                                         # small windows, tiny model
@@ -617,6 +659,27 @@ def test_generate_with_sparse_plan_equals_masked_recompute(monkeypatch):
     assert chunked.tolist() == got.tolist()
     with pytest.raises(moa.MoAError, match="larger prefill_chunk_size"):          # 17 padding tokens > a chunk of 8
         model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=1, prefill_chunk_size=8)
+
+
+def test_generate_prefills_a_large_batch_by_rows(monkeypatch):
+    """A batch of more prompt tokens than PREFILL_TOKENS goes into its PlanCache a few sequences at a time (groups of
+    2, 2, 1 whole; of 3, 2 in chunks of 18 + 12): the cache then holds what a one-shot prefill stores (K, V, padding,
+    length, counts), on an unpadded and a left-padded batch whose rings wrap, and generate gives the same tokens."""
+    model = moa.apply_plan(tiny_model("llama", layers=3, heads=4, kv=2, seed=2, init=0.2).to(DEVICE),
+                           wrapping_plan(monkeypatch))
+    for pads, chunk in (([0] * 5, None), ([0, 5, 17, 3, 0], 18)):
+        ids, mask = ragged_prompts(5, 30, pads, seed=3)
+        settings = dict(attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=1, eos_token_id=None,
+                        return_dict_in_generate=True, prefill_chunk_size=chunk)
+        runs = []
+        for tokens in (1 << 20, 60):                     # one shot; rows of 60 // 30 = 2 or 60 // 18 = 3
+            monkeypatch.setattr(moa, "PREFILL_TOKENS", tokens)
+            runs.append(model.generate(ids, **settings))
+        (one, rows), cached = runs, lambda layer: (layer.ring.k, layer.ring.v, layer.ring.pad, layer.ring.length)
+        assert rows.sequences.tolist() == one.sequences.tolist()
+        for a, b in zip(one.past_key_values.layers, rows.past_key_values.layers):
+            assert all(torch.equal(x, y) for x, y in zip(cached(a), cached(b)))
+            assert (a.stored, a.ring.padded) == (b.stored, b.ring.padded) and b.ring.padded == any(pads)
 
 
 def test_forward_with_gradients_follows_the_plan(monkeypatch):

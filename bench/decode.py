@@ -1,11 +1,13 @@
 """
 End-to-end decoding: model.generate with a plan against dense attention in transformers' static cache, both
-compiled (generate's default on a GPU: CUDA graphs), dense eager for reference. For each prompt length and method:
-the same batch, then the largest batch that fits; tokens/s, ms per step, time to the first token, peak memory, KV
-bytes; then a profile of one decode step.
-Run:  python bench/decode.py [--model llama3-8b|M] [--plans P.json ...] [--prompts 8192 16384] [--batch 8]
+compiled (generate's default on a GPU: CUDA graphs), dense eager for reference. For each prompt length: the given
+batches, every method side by side; each method's largest batch that fits, found by search; every method again at
+dense's largest batch; tokens/s, ms per step, time to the first token, peak memory, KV bytes, all beside the ideal
+dense engine; then a profile of one decode step.
+Run:  python bench/decode.py [--model llama3-8b|M] [--plans P.json ...] [--prompts 8192 16384] [--batch 8 16]
 """
 import argparse
+import gc
 import math
 import time
 import sys
@@ -18,7 +20,7 @@ import torch
 from transformers import StoppingCriteria
 
 from bench.kernel import ceilings, need_gpu, spread_capacities
-from moa import SINK, cache_size, cli_errors, following, kv_heads, kv_rules, load_model, load_plan, make_plan
+from moa import PREFILL_TOKENS, SINK, cache_size, cli_errors, following, kv_heads, kv_rules, load_model, load_plan, make_plan
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=32768,
@@ -69,42 +71,40 @@ def roofline_ms(model, plan, batch, prompt, new_tokens, ceiling):
         ceiling / 1e6
 
 
-PREFILL_TOKENS = 16384   # prompt tokens of the whole batch per prefill chunk (2048 per sequence at batch 8)
-
-
 def prefill_chunk(batch):
-    """Prompt tokens per prefill chunk, dense and MoA alike: PREFILL_TOKENS over the batch (a multiple of 128, at
-    least 128), so prefill's activations do not grow with the batch and the largest batch is bounded by the KV."""
+    """Dense's prompt tokens per prefill chunk: moa.PREFILL_TOKENS over the batch (a multiple of 128, at least 128),
+    so its prefill's activations do not grow with the batch. A plan's generate needs none: it prefills a large batch a
+    few whole prompts at a time (moa.PREFILL_TOKENS tokens a forward pass)."""
     return max(128, PREFILL_TOKENS // batch // 128 * 128)
 
 
 def bench_generate(model, plan, batch, prompt, tokens, eager=False, **extra):
     """One greedy generate of exactly `tokens` new tokens after random prompts [batch, prompt], as the bench runs it:
-    prefill in chunks (prefill_chunk); dense (plan None) in transformers' static cache with SDPA, a plan in its
+    dense (plan None) in transformers' static cache with SDPA, prefilled in chunks (prefill_chunk); a plan in its
     PlanCache. Either way generate compiles the decode step (CUDA graphs) unless `eager`: what users get by default."""
     ids = torch.randint(100, model.config.vocab_size - 100, (batch, prompt), device=model.device,
                         generator=torch.Generator(model.device).manual_seed(0))
     with following(model, plan):
         return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                               do_sample=False, eos_token_id=None, pad_token_id=0,
-                              prefill_chunk_size=prefill_chunk(batch),
+                              prefill_chunk_size=prefill_chunk(batch) if plan is None else None,
                               cache_implementation="static" if plan is None else None, disable_compile=eager, **extra)
 
 
 SETTLE = 4   # decode steps left out of the rate: a new cache's CUDA graph is warmed up and recorded in the first ones
 
 
-def time_generate(model, plan, batch, prompt, new_tokens, eager=False):
+def time_generate(model, plan, batch, prompt, new_tokens, eager=False, steps=None):
     """A first generate that compiles for this shape, stopped once its decode step runs in a CUDA graph (2 + SETTLE
-    tokens: its wall time is reported, compile and prefill included), then a whole one timed token by token. Both
-    ask for `new_tokens`: a static cache's length is prompt + new tokens, and another length recompiles.
+    tokens: its wall time is reported, compile and prefill included), then one timed token by token, whole or
+    stopped after SETTLE + `steps` decode steps. Both ask for `new_tokens`: a static cache's length is prompt + new
+    tokens, and another length recompiles.
     Returns (first call s, time to the first token s, decode tokens/s, ms per step over the steps after SETTLE,
     peak GiB)."""
     stamps = []
 
-    class Clock:   # generate's streamer hook: called with the prompt, then once per new token
-        def put(self, _):
-            torch.cuda.synchronize()
+    class Clock:   # generate's streamer hook: called with the prompt, then with each new token once it is on the host
+        def put(self, _):   # no synchronize here: a plan's generate queues a step ahead, which a wait would undo
             stamps.append(time.perf_counter())
 
         def end(self):
@@ -117,38 +117,47 @@ def time_generate(model, plan, batch, prompt, new_tokens, eager=False):
     first = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    bench_generate(model, plan, batch, prompt, new_tokens, eager, streamer=Clock())
-    step = (stamps[-1] - stamps[1 + SETTLE]) / (new_tokens - 1 - SETTLE)   # stamps[1]: the first token
+    stop = [StopAfter(1 + SETTLE + steps)] if steps and steps < new_tokens - 1 - SETTLE else []
+    bench_generate(model, plan, batch, prompt, new_tokens, eager, streamer=Clock(), stopping_criteria=stop)
+    step = (stamps[-1] - stamps[1 + SETTLE]) / (len(stamps) - 2 - SETTLE)   # stamps[0]: the prompt, [1]: 1st token
     return first, stamps[1] - t0, batch / step, 1e3 * step, torch.cuda.max_memory_allocated() / 2**30
 
 
-def largest_batch(model, plan, batch, measured, prompt, new_tokens, eager=False):
-    """The largest batch that fits, to within 5%, and its bound, the KV room: the sequences whose cache fits in what
-    the weights and a 1 GiB runtime reserve leave of the GPU. The first try is that room less the rest of the peak at
-    `batch` (activations, graph pools: they do not grow with the batch, prefill chunks shrinking as it grows); then
-    up by 5% while it fits, below the room, and down by 5% after an out-of-memory. measured: time_generate's result
-    at `batch`. Returns (batch, result, room).
-    An out-of-memory inside a CUDA graph's recording leaves torch's graph trees broken: they are reset with the
-    compile caches (the next try compiles again)."""
-    weights = torch.cuda.memory_allocated() / 2**30
-    free = torch.cuda.get_device_properties(model.device).total_memory / 2**30 - 1.0 - weights
-    per_sequence = kv_bytes(model, plan, 1, prompt + new_tokens) / 2**30
-    room = int(free / per_sequence)
-    rest = max(0.0, measured[-1] - weights - batch * per_sequence)
-    fit, tried = (batch, measured), set()
-    b = min(room, max(batch + 1, int((free - rest) / per_sequence)))
-    while b > fit[0] and b not in tried:
-        tried.add(b)
-        print(f"  batch {b}: trying (KV room {room})", flush=True)
+PROBE_PROMPT = 128   # prompt tokens of a fit probe: its cache is the real one (N = prompt + new tokens, the same)
+
+
+def largest_batch(model, plan, fits_at, reserve, prompt, new_tokens, cap=None):
+    """The largest batch that fits, found by doubling from `fits_at` (a batch that ran) until one does not, then by
+    bisection, and its bound, the KV room: the sequences whose cache fits in what the weights and a 1 GiB runtime
+    reserve leave of the GPU. A probe is cheap: beside `reserve` GiB held (the rest of a timed run's peak: the whole
+    prompts' prefill activations, the compiled step's graph pool; none of them grows with a plan's batch), an eager
+    generate of PROBE_PROMPT-token prompts with the real N, stopped after 2 decode steps, allocates the real cache.
+    cap: the largest batch tried. Returns (batch, room)."""
+    free = torch.cuda.get_device_properties(model.device).total_memory / 2**30 - 1.0 - weight_bytes(model) / 2**30
+    room = int(free / (kv_bytes(model, plan, 1, prompt + new_tokens) / 2**30))
+
+    def fits(b):
+        held = None
         try:
-            fit = (b, time_generate(model, plan, b, prompt, new_tokens, eager))
-            b = min(room, int(b * 1.05) + 1)
+            held = torch.empty(int(reserve * 2**30), dtype=torch.uint8, device=model.device)
+            bench_generate(model, plan, b, PROBE_PROMPT, prompt + new_tokens - PROBE_PROMPT, eager=True,
+                           stopping_criteria=[StopAfter(3)])
+            ok = True
         except torch.cuda.OutOfMemoryError:
-            print(f"  batch {b}: out of memory", flush=True)   # each try compiles anew
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-            b = int(b * 0.95)
-    return (*fit, room)
+            ok = False
+        held = None
+        torch.cuda.empty_cache()
+        print(f"  batch {b}: {'fits' if ok else 'out of memory'} (KV room {room})", flush=True)
+        return ok
+
+    lo, hi = fits_at, None
+    while hi is None and (cap is None or lo < cap):
+        b = 2 * lo if cap is None else min(2 * lo, cap)
+        lo, hi = (b, None) if fits(b) else (lo, b)
+    while hi is not None and hi - lo > 1:
+        b = (lo + hi) // 2
+        lo, hi = (b, hi) if fits(b) else (lo, b)
+    return lo, room
 
 
 class StopAfter(StoppingCriteria):
@@ -209,21 +218,24 @@ def step_profile(model, plan, batch, prompt, new_tokens, ms_per_step, eager=Fals
     return step, kernels
 
 
-def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 16), largest=True,
-                 profile_steps=True):
+def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 16), largest=True, cap=None,
+                 dense_steps=None, profile_batch=None):
     """For each prompt length: each of `batches` with every method side by side (methods(n): {name: (plan or None,
-    eager)}), then each method's largest batch that fits in GPU memory. One row per run: the first call's seconds
-    (compile included), time to the first token, decode tokens/s and ms per step; the step's roofline (the bytes it
-    must read at the read ceiling measured in this run, bench/kernel.py) and its share of it; the ideal dense engine's
-    tokens/s at the same batch and the row's speedup over it; peak GiB and KV-cache GiB. Then a summary of the
-    largest batches and the time to the first token against dense's, and a profile of one decode step at each
-    method's largest batch for the longest prompt. Prompts beyond the model's context are shortened."""
+    eager)}); then each method's largest batch that fits in GPU memory (largest_batch: a search, up to `cap`), and
+    every method timed at dense's largest. One row per run: the first call's seconds (compile included), time to the
+    first token, decode tokens/s and ms per step; the step's roofline (the bytes it must read at the read ceiling
+    measured in this run, bench/kernel.py) and its share of it; the ideal dense engine's tokens/s at the same batch and
+    the row's speedup over it; peak GiB and KV-cache GiB. Dense's rows time `dense_steps` decode steps (its static
+    cache reads all N slots every step, so every step costs the same), the others all. Then a summary of the largest
+    batches and the time to the first token against dense's, and a profile of one decode step at `profile_batch` for
+    the longest prompt. Prompts beyond the model's context are shortened."""
     top = getattr(model.config, "max_position_embeddings", math.inf)
     for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):   # a compile per shape
         if hasattr(torch._dynamo.config, limit):
             setattr(torch._dynamo.config, limit, 256)
     ceiling = ceilings()["read"]
-    print(f"weights read per step {weight_bytes(model) / 2**30:.2f} GiB; roof ms: the weights and the K/V a step reads"
+    weights = weight_bytes(model) / 2**30
+    print(f"weights read per step {weights:.2f} GiB; roof ms: the weights and the K/V a step reads"
           f" (at its middle step) once at {ceiling:.0f} GB/s; ideal: the ideal dense engine, dense K/V read so")
     print(f"{'prompt':>6} {'method':>11} {'batch':>5} {'1st call s':>10} {'TTFT s':>7} {'tok/s':>8} {'ms/step':>7} "
           f"{'roof ms':>7} {'%roof':>6} {'ideal tok/s':>11} {'x ideal':>7} {'peak GiB':>8} {'KV GiB':>7}")
@@ -231,36 +243,51 @@ def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 1
     for prompt in sorted({min(p, top - new_tokens) for p in prompts}):
         n = prompt + new_tokens
         runs = methods(n)
-        rows = {name: [] for name in runs}
+        rows = {name: {} for name in runs}                # name: {batch: time_generate's result}
 
         def ideal(b):   # the ideal dense engine's tokens/s at batch b
             return b / roofline_ms(model, None, b, prompt, new_tokens, ceiling) * 1e3
 
-        def show(name, b, r, room=None):
-            roof = roofline_ms(model, runs[name][0], b, prompt, new_tokens, ceiling)
-            table.append(dict(prompt=prompt, name=name, batch=b, ttft=r[1], tps=r[2], room=room))
-            print(f"{prompt:>6} {name:>11} {b:>5} {r[0]:>10.1f} {r[1]:>7.2f} {r[2]:>8.1f} {r[3]:>7.2f} {roof:>7.2f} "
-                  f"{100 * roof / r[3]:>6.1f} {ideal(b):>11.1f} {r[2] / ideal(b):>7.2f} {r[4]:>8.1f} "
-                  f"{kv_bytes(model, runs[name][0], b, n) / 2**30:>7.2f}", flush=True)
+        def run(name, batch):
+            plan, eager = runs[name]
+            try:
+                r = time_generate(model, plan, batch, prompt, new_tokens, eager, dense_steps if plan is None else None)
+            except torch.cuda.OutOfMemoryError:
+                print(f"{prompt:>6} {name:>11} {batch:>5} out of memory")
+                torch._dynamo.reset()                     # an out-of-memory in a graph's recording breaks them
+                torch.cuda.empty_cache()
+                return
+            rows[name][batch] = r
+            roof = roofline_ms(model, plan, batch, prompt, new_tokens, ceiling)
+            table.append(dict(prompt=prompt, name=name, batch=batch, ttft=r[1], tps=r[2]))
+            print(f"{prompt:>6} {name:>11} {batch:>5} {r[0]:>10.1f} {r[1]:>7.2f} {r[2]:>8.1f} {r[3]:>7.2f} "
+                  f"{roof:>7.2f} {100 * roof / r[3]:>6.1f} {ideal(batch):>11.1f} {r[2] / ideal(batch):>7.2f} "
+                  f"{r[4]:>8.1f} {kv_bytes(model, plan, batch, n) / 2**30:>7.2f}", flush=True)
+            torch.cuda.empty_cache()
 
         for batch in batches:
-            for name, (plan, eager) in runs.items():
-                try:
-                    rows[name].append((batch, time_generate(model, plan, batch, prompt, new_tokens, eager)))
-                    show(name, *rows[name][-1])
-                except torch.cuda.OutOfMemoryError:
-                    print(f"{prompt:>6} {name:>11} {batch:>5} out of memory")
-                    torch._dynamo.reset()                     # an out-of-memory in a graph's recording breaks them
-                torch.cuda.empty_cache()
+            for name in runs:
+                run(name, batch)
+        found = {}
+        torch._dynamo.reset()              # compiled steps' graph pools freed: a probe holds the rest of a peak instead
+        gc.collect()
+        torch.cuda.empty_cache()
         for name, (plan, eager) in runs.items():
-            if rows[name] and largest:
-                rows[name].append(largest_batch(model, plan, *rows[name][-1], prompt, new_tokens, eager))
-                show(name, *rows[name][-1])
-                torch.cuda.empty_cache()
-            if rows[name]:
-                done.append((prompt, name, plan, eager, rows[name][-1][0], rows[name][-1][1][3]))
-        summary(table, prompt, ideal)
-    if profile_steps:
+            if largest and rows[name]:
+                b = max(rows[name])                       # the rest of its peak: what the probes hold beside
+                reserve = max(rows[name][b][4] - weights - kv_bytes(model, plan, b, n) / 2**30, 0.0)
+                found[name] = largest_batch(model, plan, b, reserve, prompt, new_tokens, cap)
+                print(f"{prompt:>6} {name:>11} largest batch {found[name][0]} of a KV room of {found[name][1]} "
+                      f"({100 * found[name][0] / found[name][1]:.0f}%; probes beside {reserve:.1f} GiB)", flush=True)
+        if "dense" in found and found["dense"][0] not in batches:
+            for name in runs:
+                run(name, found["dense"][0])
+        summary(table, prompt, ideal, found.get("dense", (None,))[0])
+        for name, (plan, eager) in runs.items():
+            b = profile_batch if profile_batch in rows[name] else max(rows[name], default=None)
+            if b is not None:
+                done.append((prompt, name, plan, eager, b, rows[name][b][3]))
+    if profile_batch is not None:
         heads = [*KINDS, "other", "idle in graph", "host"]
         print(f"\none decode step, ms (torch.profiler, its last {PROFILE_STEPS} steps; idle in graph: gaps under "
               f"{HOST_GAP_US} us between kernels; host: the rest of the row's ms/step):\n"
@@ -275,18 +302,15 @@ def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 1
             torch.cuda.empty_cache()
 
 
-def summary(table, prompt, ideal):
-    """One prompt's largest batches against their KV room, their tokens/s against the ideal dense engine's at dense's
-    largest batch, and every row's time to the first token against dense's at the same batch."""
+def summary(table, prompt, ideal, dense_largest):
+    """One prompt's tokens/s against the ideal dense engine's at dense's largest batch, and every row's time to the
+    first token against dense's at the same batch."""
     rows = [r for r in table if r["prompt"] == prompt]
     dense = {r["batch"]: r for r in rows if r["name"] == "dense"}
-    top = next((r for r in rows if r["name"] == "dense" and r["room"] is not None), None)
     for r in rows:
-        if r["room"] is not None:
-            versus = (f", {r['tps'] / ideal(top['batch']):.2f}x the ideal dense engine's {ideal(top['batch']):.0f} "
-                      f"tok/s at dense's largest batch" if top else "")
-            print(f"{prompt:>6} {r['name']:>11} largest batch {r['batch']} of a KV room of {r['room']} "
-                  f"({100 * r['batch'] / r['room']:.0f}%){versus}")
+        if r["batch"] == dense_largest:
+            print(f"{prompt:>6} {r['name']:>11} at dense's largest batch {dense_largest}: {r['tps']:.0f} tok/s, "
+                  f"{r['tps'] / ideal(dense_largest):.2f}x the ideal dense engine's {ideal(dense_largest):.0f}")
         if r["name"] != "dense" and r["batch"] in dense:
             print(f"{prompt:>6} {r['name']:>11} batch {r['batch']}: time to the first token "
                   f"{r['ttft'] / dense[r['batch']]['ttft']:.2f}x dense's")
@@ -300,9 +324,12 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="batch sizes run for every method")
     p.add_argument("--no-largest", action="store_true", help="skip the search for each method's largest batch")
+    p.add_argument("--max-batch", type=int, help="the largest batch the search tries (default: no cap)")
+    p.add_argument("--dense-steps", type=int, default=64,
+                   help="decode steps timed in dense's rows (default 64; 0: all); the plans' rows time all")
     p.add_argument("--methods", nargs="*",
                    help="run only these (dense, dense-eager, moa50, moa25, or plan file stems; default: all)")
-    p.add_argument("--no-profile", action="store_true", help="skip the per-step profile")
+    p.add_argument("--no-profile", action="store_true", help="skip the per-step profile (at the first --batch)")
     a = p.parse_args(argv)
     need_gpu("bench/decode.py")
     with cli_errors():
@@ -313,7 +340,8 @@ def main(argv=None):
             plans = files or {f"moa{int(100 * d)}": synthetic_plan(model.config, d, n) for d in (0.5, 0.25)}
             every = {"dense": (None, False), "dense-eager": (None, True), **{k: (v, False) for k, v in plans.items()}}
             return {k: v for k, v in every.items() if not a.methods or k in a.methods}
-        decode_bench(model, methods, a.prompts, a.new_tokens, a.batch, not a.no_largest, not a.no_profile)
+        decode_bench(model, methods, a.prompts, a.new_tokens, a.batch, not a.no_largest, a.max_batch,
+                     a.dense_steps or None, None if a.no_profile else a.batch[0])
 
 
 if __name__ == "__main__":
