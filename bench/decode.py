@@ -7,7 +7,6 @@ dense engine; then a profile of one decode step.
 Run:  python bench/decode.py [--model llama3-8b|M] [--plans P.json ...] [--prompts 8192 16384] [--batch 8 16]
 """
 import argparse
-import gc
 import math
 import time
 import sys
@@ -126,15 +125,21 @@ def time_generate(model, plan, batch, prompt, new_tokens, eager=False, steps=Non
 PROBE_PROMPT = 128   # prompt tokens of a fit probe: its cache is the real one (N = prompt + new tokens, the same)
 
 
-def largest_batch(model, plan, fits_at, reserve, prompt, new_tokens, cap=None):
-    """The largest batch that fits, found by doubling from `fits_at` (a batch that ran) until one does not, then by
-    bisection, and its bound, the KV room: the sequences whose cache fits in what the weights and a 1 GiB runtime
-    reserve leave of the GPU. A probe is cheap: beside `reserve` GiB held (the rest of a timed run's peak: the whole
-    prompts' prefill activations, the compiled step's graph pool; none of them grows with a plan's batch), an eager
-    generate of PROBE_PROMPT-token prompts with the real N, stopped after 2 decode steps, allocates the real cache.
-    cap: the largest batch tried. Returns (batch, room)."""
+def largest_batch(model, plan, prompt, new_tokens, cap=None):
+    """The largest batch that fits, found by doubling from 1 until one does not, then by bisection, and its bound,
+    the KV room: the sequences whose cache fits in what the weights and a 1 GiB runtime reserve leave of the GPU.
+    First one sequence's real prompt is prefilled (eager, 2 decode steps): the rest of its peak past the weights and
+    its cache is the prefill's activations, which do not grow with the batch (a plan prefills by rows, dense in
+    chunks of PREFILL_TOKENS). Then each probe is cheap: beside that reserve, held, an eager generate of
+    PROBE_PROMPT-token prompts with the real N, stopped after 2 decode steps, allocates the real cache.
+    cap: the largest batch tried. Returns (batch, room, reserve GiB)."""
     free = torch.cuda.get_device_properties(model.device).total_memory / 2**30 - 1.0 - weight_bytes(model) / 2**30
     room = int(free / (kv_bytes(model, plan, 1, prompt + new_tokens) / 2**30))
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    bench_generate(model, plan, 1, prompt, new_tokens, eager=True, stopping_criteria=[StopAfter(3)])
+    reserve = max(0, torch.cuda.max_memory_allocated() - before - kv_bytes(model, plan, 1, prompt + new_tokens)) / 2**30
+    torch.cuda.empty_cache()
 
     def fits(b):
         held = None
@@ -150,14 +155,14 @@ def largest_batch(model, plan, fits_at, reserve, prompt, new_tokens, cap=None):
         print(f"  batch {b}: {'fits' if ok else 'out of memory'} (KV room {room})", flush=True)
         return ok
 
-    lo, hi = fits_at, None
+    lo, hi = 1, None
     while hi is None and (cap is None or lo < cap):
         b = 2 * lo if cap is None else min(2 * lo, cap)
         lo, hi = (b, None) if fits(b) else (lo, b)
     while hi is not None and hi - lo > 1:
         b = (lo + hi) // 2
         lo, hi = (b, hi) if fits(b) else (lo, b)
-    return lo, room
+    return lo, room, reserve
 
 
 class StopAfter(StoppingCriteria):
@@ -220,9 +225,9 @@ def step_profile(model, plan, batch, prompt, new_tokens, ms_per_step, eager=Fals
 
 def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 16), largest=True, cap=None,
                  dense_steps=None, profile_batch=None):
-    """For each prompt length: each of `batches` with every method side by side (methods(n): {name: (plan or None,
-    eager)}); then each method's largest batch that fits in GPU memory (largest_batch: a search, up to `cap`), and
-    every method timed at dense's largest. One row per run: the first call's seconds (compile included), time to the
+    """For each prompt length: each method's largest batch that fits in GPU memory (largest_batch: a search, eager,
+    up to `cap`), first, on a GPU nothing was compiled on yet; then every method side by side (methods(n): {name:
+    (plan or None, eager)}) at dense's largest batch and at each of `batches`. One row per run: the first call's seconds (compile included), time to the
     first token, decode tokens/s and ms per step; the step's roofline (the bytes it must read at the read ceiling
     measured in this run, bench/kernel.py) and its share of it; the ideal dense engine's tokens/s at the same batch and
     the row's speedup over it; peak GiB and KV-cache GiB. Dense's rows time `dense_steps` decode steps (its static
@@ -265,23 +270,17 @@ def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 1
                   f"{r[4]:>8.1f} {kv_bytes(model, plan, batch, n) / 2**30:>7.2f}", flush=True)
             torch.cuda.empty_cache()
 
-        for batch in batches:
+        found = {}
+        for name, (plan, eager) in runs.items():
+            if largest:
+                found[name] = largest_batch(model, plan, prompt, new_tokens, cap)
+                print(f"{prompt:>6} {name:>11} largest batch {found[name][0]} of a KV room of {found[name][1]} "
+                      f"({100 * found[name][0] / found[name][1]:.0f}%; probes beside {found[name][2]:.1f} GiB of "
+                      f"prefill activations)", flush=True)
+        first = [found["dense"][0]] if "dense" in found else []   # on a GPU whose memory no compiled step holds yet
+        for batch in first + [b for b in batches if b not in first]:
             for name in runs:
                 run(name, batch)
-        found = {}
-        torch._dynamo.reset()              # compiled steps' graph pools freed: a probe holds the rest of a peak instead
-        gc.collect()
-        torch.cuda.empty_cache()
-        for name, (plan, eager) in runs.items():
-            if largest and rows[name]:
-                b = max(rows[name])                       # the rest of its peak: what the probes hold beside
-                reserve = max(rows[name][b][4] - weights - kv_bytes(model, plan, b, n) / 2**30, 0.0)
-                found[name] = largest_batch(model, plan, b, reserve, prompt, new_tokens, cap)
-                print(f"{prompt:>6} {name:>11} largest batch {found[name][0]} of a KV room of {found[name][1]} "
-                      f"({100 * found[name][0] / found[name][1]:.0f}%; probes beside {reserve:.1f} GiB)", flush=True)
-        if "dense" in found and found["dense"][0] not in batches:
-            for name in runs:
-                run(name, found["dense"][0])
         summary(table, prompt, ideal, found.get("dense", (None,))[0])
         for name, (plan, eager) in runs.items():
             b = profile_batch if profile_batch in rows[name] else max(rows[name], default=None)
