@@ -19,7 +19,8 @@ import torch
 from transformers import StoppingCriteria
 
 from bench.kernel import ceilings, need_gpu, spread_capacities
-from moa import PREFILL_TOKENS, SINK, cache_size, cli_errors, following, kv_heads, kv_rules, load_model, load_plan, make_plan
+from moa import (PREFILL_TOKENS, SINK, cache_size, cli_errors, following, kv_heads, kv_rules, load_model, load_plan,
+                 make_plan)
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=32768,
@@ -93,11 +94,16 @@ def bench_generate(model, plan, batch, prompt, tokens, eager=False, **extra):
 SETTLE = 4   # decode steps left out of the rate: a new cache's CUDA graph is warmed up and recorded in the first ones
 
 
+PROBE_PROMPT = 128   # prompt tokens of a fit probe or a plan's first call; its N (prompt + new tokens) is the real one
+
+
 def time_generate(model, plan, batch, prompt, new_tokens, eager=False, steps=None):
     """A first generate that compiles for this shape, stopped once its decode step runs in a CUDA graph (2 + SETTLE
     tokens: its wall time is reported, compile and prefill included), then one timed token by token, whole or
-    stopped after SETTLE + `steps` decode steps. Both ask for `new_tokens`: a static cache's length is prompt + new
-    tokens, and another length recompiles.
+    stopped after SETTLE + `steps` decode steps. Both have the same N = prompt + new tokens (another N recompiles);
+    dense's first call has the real prompts (transformers compiles its prefill chunks, whose shape changes with the
+    batch); a plan's is two: one group of its prefill's rows of real prompts (the shape every group has), then
+    PROBE_PROMPT-token prompts for the whole batch (the decode step's shapes), so a large batch is prefilled once.
     Returns (first call s, time to the first token s, decode tokens/s, ms per step over the steps after SETTLE,
     peak GiB)."""
     stamps = []
@@ -111,7 +117,12 @@ def time_generate(model, plan, batch, prompt, new_tokens, eager=False, steps=Non
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    bench_generate(model, plan, batch, prompt, new_tokens, eager, stopping_criteria=[StopAfter(2 + SETTLE)])
+    short = prompt if plan is None else PROBE_PROMPT
+    if plan is not None:
+        rows = min(batch, max(1, PREFILL_TOKENS // prompt))
+        bench_generate(model, plan, rows, prompt, new_tokens, eager, stopping_criteria=[StopAfter(1)])
+    bench_generate(model, plan, batch, short, prompt + new_tokens - short, eager,
+                   stopping_criteria=[StopAfter(2 + SETTLE)])
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
@@ -120,9 +131,6 @@ def time_generate(model, plan, batch, prompt, new_tokens, eager=False, steps=Non
     bench_generate(model, plan, batch, prompt, new_tokens, eager, streamer=Clock(), stopping_criteria=stop)
     step = (stamps[-1] - stamps[1 + SETTLE]) / (len(stamps) - 2 - SETTLE)   # stamps[0]: the prompt, [1]: 1st token
     return first, stamps[1] - t0, batch / step, 1e3 * step, torch.cuda.max_memory_allocated() / 2**30
-
-
-PROBE_PROMPT = 128   # prompt tokens of a fit probe: its cache is the real one (N = prompt + new tokens, the same)
 
 
 def largest_batch(model, plan, prompt, new_tokens, cap=None):
@@ -227,13 +235,14 @@ def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 1
                  dense_steps=None, profile_batch=None):
     """For each prompt length: each method's largest batch that fits in GPU memory (largest_batch: a search, eager,
     up to `cap`), first, on a GPU nothing was compiled on yet; then every method side by side (methods(n): {name:
-    (plan or None, eager)}) at dense's largest batch and at each of `batches`. One row per run: the first call's seconds (compile included), time to the
-    first token, decode tokens/s and ms per step; the step's roofline (the bytes it must read at the read ceiling
-    measured in this run, bench/kernel.py) and its share of it; the ideal dense engine's tokens/s at the same batch and
-    the row's speedup over it; peak GiB and KV-cache GiB. Dense's rows time `dense_steps` decode steps (its static
-    cache reads all N slots every step, so every step costs the same), the others all. Then a summary of the largest
-    batches and the time to the first token against dense's, and a profile of one decode step at `profile_batch` for
-    the longest prompt. Prompts beyond the model's context are shortened."""
+    (plan or None, eager)}) at dense's largest batch and at each of `batches`, and each plan at its own largest. One
+    row per run: the first call's seconds (compile included), time to the first token, decode tokens/s and ms per
+    step; the step's roofline (the bytes it must read at the read ceiling measured in this run, bench/kernel.py) and
+    its share of it; the ideal dense engine's tokens/s at the same batch and the row's speedup over it; peak GiB and
+    KV-cache GiB. Dense's rows time `dense_steps` decode steps (its static cache reads all N slots every step, so
+    every step costs the same), the others all. Then a summary: each method's tokens/s at its largest batch against
+    the ideal dense engine's at dense's largest, and the time to the first token against dense's; and a profile of
+    one decode step at `profile_batch` for the longest prompt. Prompts beyond the model's context are shortened."""
     top = getattr(model.config, "max_position_embeddings", math.inf)
     for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):   # a compile per shape
         if hasattr(torch._dynamo.config, limit):
@@ -281,7 +290,10 @@ def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 1
         for batch in first + [b for b in batches if b not in first]:
             for name in runs:
                 run(name, batch)
-        summary(table, prompt, ideal, found.get("dense", (None,))[0])
+        for name, (b, _, _) in found.items():                     # each plan at its own largest batch
+            if b not in rows[name]:
+                run(name, b)
+        summary(table, prompt, ideal, found)
         for name, (plan, eager) in runs.items():
             b = profile_batch if profile_batch in rows[name] else max(rows[name], default=None)
             if b is not None:
@@ -301,15 +313,17 @@ def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 1
             torch.cuda.empty_cache()
 
 
-def summary(table, prompt, ideal, dense_largest):
-    """One prompt's tokens/s against the ideal dense engine's at dense's largest batch, and every row's time to the
-    first token against dense's at the same batch."""
+def summary(table, prompt, ideal, found):
+    """One prompt's tokens/s of each method at its largest batch (found: {name: (batch, room, reserve)}) against the
+    ideal dense engine's at dense's largest batch, and every row's time to the first token against dense's at the
+    same batch."""
     rows = [r for r in table if r["prompt"] == prompt]
     dense = {r["batch"]: r for r in rows if r["name"] == "dense"}
+    top = found.get("dense", (None,))[0]
     for r in rows:
-        if r["batch"] == dense_largest:
-            print(f"{prompt:>6} {r['name']:>11} at dense's largest batch {dense_largest}: {r['tps']:.0f} tok/s, "
-                  f"{r['tps'] / ideal(dense_largest):.2f}x the ideal dense engine's {ideal(dense_largest):.0f}")
+        if top and r["batch"] == found.get(r["name"], (None,))[0]:
+            print(f"{prompt:>6} {r['name']:>11} at its largest batch {r['batch']}: {r['tps']:.0f} tok/s, "
+                  f"{r['tps'] / ideal(top):.2f}x the ideal dense engine's {ideal(top):.0f} at dense's largest, {top}")
         if r["name"] != "dense" and r["batch"] in dense:
             print(f"{prompt:>6} {r['name']:>11} batch {r['batch']}: time to the first token "
                   f"{r['ttft'] / dense[r['batch']]['ttft']:.2f}x dense's")
