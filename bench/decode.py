@@ -335,7 +335,8 @@ def main(argv=None):
     p.add_argument("--plans", nargs="*", default=[], help="plan files (default: synthetic plans at 50%% and 25%%)")
     p.add_argument("--prompts", type=int, nargs="+", default=[16384])
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="batch sizes run for every method")
+    p.add_argument("--batch", type=int, nargs="*", default=[8, 16],
+                   help="batch sizes run for every method (none: only the largest batches)")
     p.add_argument("--no-largest", action="store_true", help="skip the search for each method's largest batch")
     p.add_argument("--max-batch", type=int, help="the largest batch the search tries (default: no cap)")
     p.add_argument("--dense-steps", type=int, default=64,
@@ -354,7 +355,7 @@ def main(argv=None):
             every = {"dense": (None, False), "dense-eager": (None, True), **{k: (v, False) for k, v in plans.items()}}
             return {k: v for k, v in every.items() if not a.methods or k in a.methods}
         decode_bench(model, methods, a.prompts, a.new_tokens, a.batch, not a.no_largest, a.max_batch,
-                     a.dense_steps or None, None if a.no_profile else a.batch[0])
+                     a.dense_steps or None, None if a.no_profile or not a.batch else a.batch[0])
 
 
 if __name__ == "__main__":
