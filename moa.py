@@ -920,27 +920,23 @@ class PlanCache(Cache):
         zeroed before each group). Returns prefill's results, one per group."""
         for layer, m in zip(self.layers, self.modules):
             layer.allocate(batch, m.head_dim, dtype, device)
-        done, parts = [], []
+        done, padded, part = [], False, copy.copy(self)
         for start in range(0, batch, rows):
+            part.layers = [layer.rows(start, start + rows) for layer in self.layers]
             for layer in self.layers:
-                layer.ring.length.zero_()                # the group's prompt starts an empty cache
-            parts.append(copy.copy(self))
-            parts[-1].layers = [layer.rows(start, min(start + rows, batch)) for layer in self.layers]
-            done.append(prefill(start, min(start + rows, batch), parts[-1]))
-        for i, layer in enumerate(self.layers):     # every group stored the same prompt length
-            own = [part.layers[i] for part in parts]
-            layer.stored, layer.ring.prefilled, layer.ring.padded = own[0].stored, True, any(p.ring.padded for p in own)
+                layer.ring.length.zero_()                # the group's prompt starts an empty cache (one length a layer)
+            done.append(prefill(start, start + rows, part))
+            padded |= part.layers[0].ring.padded
+        for layer, own in zip(self.layers, part.layers):    # every group stored the same prompt length
+            layer.stored, layer.ring.prefilled, layer.ring.padded = own.stored, True, padded
         return done
 
 
 class DeferredPlanStop(generation_utils.DeferredStopCheck):
-    """generate's stop check for a PlanCache: transformers' DeferredStopCheck (on by default on mps only), whose answer
-    to "have all sequences stopped?" is read one step late, so the host queues step t + 1 while the GPU runs step t
-    instead of waiting for every step's `unfinished.max()`. Tokens are streamed a step late; a step run past an early
-    stop (eos, a stopping criterion) is undone by generate, its token dropped. That step stores at most token
-    max_length - 2 (the stop at max_length itself is not deferred), which a PlanCache of N = max_length holds; it may
-    overwrite a ring slot, so a cache that generate returns (given by the caller, or return_dict_in_generate) keeps the
-    plain check. Installed by a plan's generate for that call only (_generate_with_plans)."""
+    """transformers' DeferredStopCheck (its default on mps only) for a PlanCache: "have all sequences stopped?" is read
+    a step late, so the host queues step t + 1 while the GPU runs step t. The step run past an early stop is undone
+    (its token dropped); it stores token max_length - 2 at most, which a PlanCache of N = max_length holds, but may
+    overwrite a ring slot: a cache that generate returns keeps the plain check. Installed by a plan's generate."""
 
     @staticmethod
     def is_supported(device, cache, cache_is_returned, is_assistant):
@@ -949,16 +945,14 @@ class DeferredPlanStop(generation_utils.DeferredStopCheck):
     def __init__(self, input_ids, max_length, cache, cache_is_returned, streamer=None):
         if input_ids.device.type != "cpu":
             return super().__init__(input_ids, max_length, None, False, streamer)
-        # the CPU has no events, and none are needed: its ops have finished when they return
-        generation_utils.StopCheck.__init__(self, streamer)
+        generation_utils.StopCheck.__init__(self, streamer)      # the CPU has no events: its ops are done on return
         self.max_length, self.cache, self.is_first_step, self.stop_reported = max_length, None, True, False
-        done = type("Done", (), {"record": lambda self: None, "synchronize": lambda self: None})
-        self.slots = collections.deque((torch.zeros((), dtype=torch.bool), torch.zeros(len(input_ids), dtype=torch.long),
-                                        done()) for _ in range(2))
+        done = type("Done", (), {"record": lambda self: None, "synchronize": lambda self: None})()
+        self.slots = collections.deque((torch.zeros((), dtype=bool), torch.zeros(len(input_ids), dtype=torch.long),
+                                        done) for _ in range(2))
 
 
-PREFILL_TOKENS = 16384   # prompt tokens of a plan's prefill per forward pass: a larger batch goes a few sequences at a
-                         # time into its cache, so its prefill's activations do not grow with the batch
+PREFILL_TOKENS = 16384   # prompt tokens per forward pass of a plan's prefill: a larger batch goes in by rows
 
 
 def _generate_with_plans(model):

@@ -605,7 +605,7 @@ def test_generate_defers_its_stop_check_with_a_plan(monkeypatch):
     original = generation_utils.DeferredStopCheck
     model = tiny_model("llama", layers=3, heads=4, kv=2, seed=2, init=0.2).to(DEVICE)
     ids, mask = ragged_prompts(3, 16, [0, 4, 9])
-    settings = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=1)
+    settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=1)
     plain = model.generate(ids, eos_token_id=None, **settings)[:, 16:]
     undone = []
     finish = moa.DeferredPlanStop.finish
@@ -621,7 +621,7 @@ def test_generate_defers_its_stop_check_with_a_plan(monkeypatch):
 
         def end(self):
             pass
-    for steps in ((1, 4, 8), (2,)):          # the last stop at step 8 of 10: one step run past it (token N - 2)
+    for steps in ((1, 2, 4), (2,)):          # the last stop at step 4 of 6: one step run past it (token N - 2)
         eos = [int(plain[b, s]) for b, s in enumerate(steps)]
         want = moa.apply_plan(model, None).generate(ids, eos_token_id=eos, **settings)
         streamed = Tokens()
@@ -630,7 +630,7 @@ def test_generate_defers_its_stop_check_with_a_plan(monkeypatch):
         assert generation_utils.DeferredStopCheck is original           # for the call only
     assert undone == [1, 0] and len(set((want[:, 16:] == 1).sum(1).tolist())) > 1   # stopped at different steps
     moa.apply_plan(model, wrapping_plan(monkeypatch))
-    eos = [int(plain[0, 3]), int(plain[2, 6])]
+    eos = [int(plain[0, 2]), int(plain[2, 3])]
     got = model.generate(ids, eos_token_id=eos, **settings)
     kept = model.generate(ids, eos_token_id=eos, return_dict_in_generate=True, **settings)
     assert got.tolist() == kept.sequences.tolist() and undone == [1, 0, 0]   # one more deferred call, none returned

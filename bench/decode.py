@@ -7,7 +7,6 @@ dense engine; then a profile of one decode step.
 Run:  python bench/decode.py [--model llama3-8b|M] [--plans P.json ...] [--prompts 8192 16384] [--batch 8 16]
 """
 import argparse
-import gc
 import math
 import time
 import sys
@@ -20,7 +19,8 @@ import torch
 from transformers import StoppingCriteria
 
 from bench.kernel import ceilings, need_gpu, spread_capacities
-from moa import PREFILL_TOKENS, SINK, cache_size, cli_errors, following, kv_heads, kv_rules, load_model, load_plan, make_plan
+from moa import (PREFILL_TOKENS, SINK, cache_size, cli_errors, following, kv_heads, kv_rules, load_model, load_plan,
+                 make_plan)
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=32768,
@@ -94,11 +94,16 @@ def bench_generate(model, plan, batch, prompt, tokens, eager=False, **extra):
 SETTLE = 4   # decode steps left out of the rate: a new cache's CUDA graph is warmed up and recorded in the first ones
 
 
+PROBE_PROMPT = 128   # prompt tokens of a fit probe or a plan's first call; its N (prompt + new tokens) is the real one
+
+
 def time_generate(model, plan, batch, prompt, new_tokens, eager=False, steps=None):
     """A first generate that compiles for this shape, stopped once its decode step runs in a CUDA graph (2 + SETTLE
     tokens: its wall time is reported, compile and prefill included), then one timed token by token, whole or
-    stopped after SETTLE + `steps` decode steps. Both ask for `new_tokens`: a static cache's length is prompt + new
-    tokens, and another length recompiles.
+    stopped after SETTLE + `steps` decode steps. Both have the same N = prompt + new tokens (another N recompiles);
+    dense's first call has the real prompts (transformers compiles its prefill chunks, whose shape changes with the
+    batch); a plan's is two: one group of its prefill's rows of real prompts (the shape every group has), then
+    PROBE_PROMPT-token prompts for the whole batch (the decode step's shapes), so a large batch is prefilled once.
     Returns (first call s, time to the first token s, decode tokens/s, ms per step over the steps after SETTLE,
     peak GiB)."""
     stamps = []
@@ -112,7 +117,12 @@ def time_generate(model, plan, batch, prompt, new_tokens, eager=False, steps=Non
 
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    bench_generate(model, plan, batch, prompt, new_tokens, eager, stopping_criteria=[StopAfter(2 + SETTLE)])
+    short = prompt if plan is None else PROBE_PROMPT
+    if plan is not None:
+        rows = min(batch, max(1, PREFILL_TOKENS // prompt))
+        bench_generate(model, plan, rows, prompt, new_tokens, eager, stopping_criteria=[StopAfter(1)])
+    bench_generate(model, plan, batch, short, prompt + new_tokens - short, eager,
+                   stopping_criteria=[StopAfter(2 + SETTLE)])
     torch.cuda.synchronize()
     first = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
@@ -123,18 +133,21 @@ def time_generate(model, plan, batch, prompt, new_tokens, eager=False, steps=Non
     return first, stamps[1] - t0, batch / step, 1e3 * step, torch.cuda.max_memory_allocated() / 2**30
 
 
-PROBE_PROMPT = 128   # prompt tokens of a fit probe: its cache is the real one (N = prompt + new tokens, the same)
-
-
-def largest_batch(model, plan, fits_at, reserve, prompt, new_tokens, cap=None):
-    """The largest batch that fits, found by doubling from `fits_at` (a batch that ran) until one does not, then by
-    bisection, and its bound, the KV room: the sequences whose cache fits in what the weights and a 1 GiB runtime
-    reserve leave of the GPU. A probe is cheap: beside `reserve` GiB held (the rest of a timed run's peak: the whole
-    prompts' prefill activations, the compiled step's graph pool; none of them grows with a plan's batch), an eager
-    generate of PROBE_PROMPT-token prompts with the real N, stopped after 2 decode steps, allocates the real cache.
-    cap: the largest batch tried. Returns (batch, room)."""
+def largest_batch(model, plan, prompt, new_tokens, cap=None):
+    """The largest batch that fits, found by doubling from 1 until one does not, then by bisection, and its bound,
+    the KV room: the sequences whose cache fits in what the weights and a 1 GiB runtime reserve leave of the GPU.
+    First one sequence's real prompt is prefilled (eager, 2 decode steps): the rest of its peak past the weights and
+    its cache is the prefill's activations, which do not grow with the batch (a plan prefills by rows, dense in
+    chunks of PREFILL_TOKENS). Then each probe is cheap: beside that reserve, held, an eager generate of
+    PROBE_PROMPT-token prompts with the real N, stopped after 2 decode steps, allocates the real cache.
+    cap: the largest batch tried. Returns (batch, room, reserve GiB)."""
     free = torch.cuda.get_device_properties(model.device).total_memory / 2**30 - 1.0 - weight_bytes(model) / 2**30
     room = int(free / (kv_bytes(model, plan, 1, prompt + new_tokens) / 2**30))
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    bench_generate(model, plan, 1, prompt, new_tokens, eager=True, stopping_criteria=[StopAfter(3)])
+    reserve = max(0, torch.cuda.max_memory_allocated() - before - kv_bytes(model, plan, 1, prompt + new_tokens)) / 2**30
+    torch.cuda.empty_cache()
 
     def fits(b):
         held = None
@@ -150,14 +163,14 @@ def largest_batch(model, plan, fits_at, reserve, prompt, new_tokens, cap=None):
         print(f"  batch {b}: {'fits' if ok else 'out of memory'} (KV room {room})", flush=True)
         return ok
 
-    lo, hi = fits_at, None
+    lo, hi = 1, None
     while hi is None and (cap is None or lo < cap):
         b = 2 * lo if cap is None else min(2 * lo, cap)
         lo, hi = (b, None) if fits(b) else (lo, b)
     while hi is not None and hi - lo > 1:
         b = (lo + hi) // 2
         lo, hi = (b, hi) if fits(b) else (lo, b)
-    return lo, room
+    return lo, room, reserve
 
 
 class StopAfter(StoppingCriteria):
@@ -220,15 +233,16 @@ def step_profile(model, plan, batch, prompt, new_tokens, ms_per_step, eager=Fals
 
 def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 16), largest=True, cap=None,
                  dense_steps=None, profile_batch=None):
-    """For each prompt length: each of `batches` with every method side by side (methods(n): {name: (plan or None,
-    eager)}); then each method's largest batch that fits in GPU memory (largest_batch: a search, up to `cap`), and
-    every method timed at dense's largest. One row per run: the first call's seconds (compile included), time to the
-    first token, decode tokens/s and ms per step; the step's roofline (the bytes it must read at the read ceiling
-    measured in this run, bench/kernel.py) and its share of it; the ideal dense engine's tokens/s at the same batch and
-    the row's speedup over it; peak GiB and KV-cache GiB. Dense's rows time `dense_steps` decode steps (its static
-    cache reads all N slots every step, so every step costs the same), the others all. Then a summary of the largest
-    batches and the time to the first token against dense's, and a profile of one decode step at `profile_batch` for
-    the longest prompt. Prompts beyond the model's context are shortened."""
+    """For each prompt length: each method's largest batch that fits in GPU memory (largest_batch: a search, eager,
+    up to `cap`), first, on a GPU nothing was compiled on yet; then every method side by side (methods(n): {name:
+    (plan or None, eager)}) at dense's largest batch and at each of `batches`, and each plan at its own largest. One
+    row per run: the first call's seconds (compile included), time to the first token, decode tokens/s and ms per
+    step; the step's roofline (the bytes it must read at the read ceiling measured in this run, bench/kernel.py) and
+    its share of it; the ideal dense engine's tokens/s at the same batch and the row's speedup over it; peak GiB and
+    KV-cache GiB. Dense's rows time `dense_steps` decode steps (its static cache reads all N slots every step, so
+    every step costs the same), the others all. Then a summary: each method's tokens/s at its largest batch against
+    the ideal dense engine's at dense's largest, and the time to the first token against dense's; and a profile of
+    one decode step at `profile_batch` for the longest prompt. Prompts beyond the model's context are shortened."""
     top = getattr(model.config, "max_position_embeddings", math.inf)
     for limit in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):   # a compile per shape
         if hasattr(torch._dynamo.config, limit):
@@ -265,24 +279,21 @@ def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 1
                   f"{r[4]:>8.1f} {kv_bytes(model, plan, batch, n) / 2**30:>7.2f}", flush=True)
             torch.cuda.empty_cache()
 
-        for batch in batches:
+        found = {}
+        for name, (plan, eager) in runs.items():
+            if largest:
+                found[name] = largest_batch(model, plan, prompt, new_tokens, cap)
+                print(f"{prompt:>6} {name:>11} largest batch {found[name][0]} of a KV room of {found[name][1]} "
+                      f"({100 * found[name][0] / found[name][1]:.0f}%; probes beside {found[name][2]:.1f} GiB of "
+                      f"prefill activations)", flush=True)
+        first = [found["dense"][0]] if "dense" in found else []   # on a GPU whose memory no compiled step holds yet
+        for batch in first + [b for b in batches if b not in first]:
             for name in runs:
                 run(name, batch)
-        found = {}
-        torch._dynamo.reset()              # compiled steps' graph pools freed: a probe holds the rest of a peak instead
-        gc.collect()
-        torch.cuda.empty_cache()
-        for name, (plan, eager) in runs.items():
-            if largest and rows[name]:
-                b = max(rows[name])                       # the rest of its peak: what the probes hold beside
-                reserve = max(rows[name][b][4] - weights - kv_bytes(model, plan, b, n) / 2**30, 0.0)
-                found[name] = largest_batch(model, plan, b, reserve, prompt, new_tokens, cap)
-                print(f"{prompt:>6} {name:>11} largest batch {found[name][0]} of a KV room of {found[name][1]} "
-                      f"({100 * found[name][0] / found[name][1]:.0f}%; probes beside {reserve:.1f} GiB)", flush=True)
-        if "dense" in found and found["dense"][0] not in batches:
-            for name in runs:
-                run(name, found["dense"][0])
-        summary(table, prompt, ideal, found.get("dense", (None,))[0])
+        for name, (b, _, _) in found.items():                     # each plan at its own largest batch
+            if b not in rows[name]:
+                run(name, b)
+        summary(table, prompt, ideal, found)
         for name, (plan, eager) in runs.items():
             b = profile_batch if profile_batch in rows[name] else max(rows[name], default=None)
             if b is not None:
@@ -302,15 +313,17 @@ def decode_bench(model, methods, prompts=(16384,), new_tokens=256, batches=(8, 1
             torch.cuda.empty_cache()
 
 
-def summary(table, prompt, ideal, dense_largest):
-    """One prompt's tokens/s against the ideal dense engine's at dense's largest batch, and every row's time to the
-    first token against dense's at the same batch."""
+def summary(table, prompt, ideal, found):
+    """One prompt's tokens/s of each method at its largest batch (found: {name: (batch, room, reserve)}) against the
+    ideal dense engine's at dense's largest batch, and every row's time to the first token against dense's at the
+    same batch."""
     rows = [r for r in table if r["prompt"] == prompt]
     dense = {r["batch"]: r for r in rows if r["name"] == "dense"}
+    top = found.get("dense", (None,))[0]
     for r in rows:
-        if r["batch"] == dense_largest:
-            print(f"{prompt:>6} {r['name']:>11} at dense's largest batch {dense_largest}: {r['tps']:.0f} tok/s, "
-                  f"{r['tps'] / ideal(dense_largest):.2f}x the ideal dense engine's {ideal(dense_largest):.0f}")
+        if top and r["batch"] == found.get(r["name"], (None,))[0]:
+            print(f"{prompt:>6} {r['name']:>11} at its largest batch {r['batch']}: {r['tps']:.0f} tok/s, "
+                  f"{r['tps'] / ideal(top):.2f}x the ideal dense engine's {ideal(top):.0f} at dense's largest, {top}")
         if r["name"] != "dense" and r["batch"] in dense:
             print(f"{prompt:>6} {r['name']:>11} batch {r['batch']}: time to the first token "
                   f"{r['ttft'] / dense[r['batch']]['ttft']:.2f}x dense's")
@@ -322,7 +335,8 @@ def main(argv=None):
     p.add_argument("--plans", nargs="*", default=[], help="plan files (default: synthetic plans at 50%% and 25%%)")
     p.add_argument("--prompts", type=int, nargs="+", default=[16384])
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--batch", type=int, nargs="+", default=[8, 16], help="batch sizes run for every method")
+    p.add_argument("--batch", type=int, nargs="*", default=[8, 16],
+                   help="batch sizes run for every method (none: only the largest batches)")
     p.add_argument("--no-largest", action="store_true", help="skip the search for each method's largest batch")
     p.add_argument("--max-batch", type=int, help="the largest batch the search tries (default: no cap)")
     p.add_argument("--dense-steps", type=int, default=64,
@@ -341,7 +355,7 @@ def main(argv=None):
             every = {"dense": (None, False), "dense-eager": (None, True), **{k: (v, False) for k, v in plans.items()}}
             return {k: v for k, v in every.items() if not a.methods or k in a.methods}
         decode_bench(model, methods, a.prompts, a.new_tokens, a.batch, not a.no_largest, a.max_batch,
-                     a.dense_steps or None, None if a.no_profile else a.batch[0])
+                     a.dense_steps or None, None if a.no_profile or not a.batch else a.batch[0])
 
 
 if __name__ == "__main__":
