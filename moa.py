@@ -60,10 +60,12 @@ def cache_size(alpha, beta, n, sink=SINK):
     return np.minimum(n, sink + window(alpha, beta, n))
 
 
-def rules(lengths):
-    """The 54 elastic rules (SPEC §3): 6 alphas evenly from -N_min to N_max, times 9 betas 0, 1/8, ..., 1.
+def rules(lengths, grid="spec"):
+    """The 54 elastic rules (SPEC §3): 6 alphas, -N_min, 0 and N_max/4 ... N_max ("spec": every length gets windows
+    from 64 to N in eighths) or evenly from -N_min to N_max ("paper"), times 9 betas 0, 1/8, ..., 1.
     Returns alphas [54], betas [54] (float64)."""
-    alphas = np.linspace(-min(lengths), max(lengths), 6)
+    lo, hi = min(lengths), max(lengths)
+    alphas = np.linspace(-lo, hi, 6) if grid == "paper" else np.array([-lo, 0, hi / 4, hi / 2, 3 * hi / 4, hi])
     betas = np.linspace(0.0, 1.0, 9)
     a, b = np.meshgrid(alphas, betas, indexing="ij")
     return a.ravel(), b.ravel()
@@ -124,6 +126,7 @@ class Config:
     rounds: int = 2                       # refinement: profiles at the chosen plan, each followed by solves near it
     refine: int = 16                      # refinement: rule swaps between heads tried on the validation samples
     sink: int = SINK
+    grid: str = "spec"                    # the alphas of the rules (SPEC §3): "spec", or "paper" (evenly spaced)
 
     def resolved(self, device, config):
         """A copy with every None default filled in for `device` and the model's `config`."""
@@ -136,7 +139,7 @@ class Config:
             samples=SAMPLES[kind] if self.samples is None else self.samples)
 
 
-PAPER = dict(instructions=("summary",), candidates=1, rounds=0, refine=0)   # the paper's: summaries, no selection,
+PAPER = dict(instructions=("summary",), candidates=1, rounds=0, refine=0, grid="paper")   # the paper's: summaries, no selection,
                                                                               # validation without refinement
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")   # model_type values tested end to end
@@ -1139,7 +1142,7 @@ def check_config(cfg, config):
     if not 0 < cfg.local_window < 1:
         raise MoAError(f"--local-window is a share of the length, in (0, 1), not {cfg.local_window}")
     lengths = budget_lengths(cfg)
-    check_budget(rule_densities(*rules(cfg.lengths), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
+    check_budget(rule_densities(*rules(cfg.lengths, cfg.grid), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
     if cfg.validate_length == cfg.lengths[-1]:       # e.g. a 4k context: 2 x 4096 is capped to the profiled 4096
         print(f"note: the validation length {cfg.validate_length} is also the largest profiling length, so plans are "
               "chosen on unseen samples but at no unseen length: give --lengths below it for one")
@@ -1172,7 +1175,7 @@ def compress(model, tokenizer, out=None, **settings):
 
     calib = {n: samples("calib", calib_docs, n) for n in tqdm(lengths, desc="calibration samples")}
     valid = {n: samples("valid", valid_docs, n) for n in valid_lengths}
-    alphas, betas = rules(lengths)
+    alphas, betas = rules(lengths, cfg.grid)
     to_plan = lambda c: make_plan(alphas[c].reshape(L, G), betas[c].reshape(L, G), cfg.sink)
     windows = lambda c, n: window(alphas[c], betas[c], n)                              # [L*G] of a choice c
     hists = [stages(f"profile_{n}", fingerprint(data_key, n), lambda: profile(model, calib[n], cfg.sink))

@@ -66,11 +66,21 @@ def random_samples(n, length, answer, seed=0):
 # Windows, rules and densities (SPEC §2, §3)
 
 
-def test_rules_are_the_spec_grid():
-    a, b = moa.rules([1024, 2048, 4096])
-    assert len(set(zip(a, b))) == 54
-    assert sorted(set(a)) == [-1024, 0, 1024, 2048, 3072, 4096]
-    assert sorted(set(b)) == [i / 8 for i in range(9)]
+@pytest.mark.parametrize("lengths", [(1024, 2048, 4096), (1024, 2048, 4096, 8192), (384, 512), (2048, 4096, 8192)])
+def test_rules_are_the_spec_grid(lengths):
+    """SPEC §3: alpha in {-N_min, 0, N_max/4, N_max/2, 3N_max/4, N_max}, so every profiling length, the shortest
+    included, is offered every window from 64 to N in eighths; the paper's grid spaces alpha evenly."""
+    a, b = moa.rules(lengths)
+    lo, hi = lengths[0], lengths[-1]
+    assert len(set(zip(a, b))) == 54 and sorted(set(b)) == [i / 8 for i in range(9)]
+    assert sorted(set(a)) == [-lo, 0, hi / 4, hi / 2, 3 * hi / 4, hi]
+    for n in lengths:
+        assert {max(64, n * i // 8) for i in range(9)} <= set(moa.window(a, b, n).tolist()), n
+    paper = moa.rules(lengths, "paper")[0]
+    np.testing.assert_allclose(sorted(set(paper)), [-lo + i * (hi + lo) / 5 for i in range(6)])
+    if hi == 4 * lo:                                             # the paper's 2k-8k: both grids agree
+        np.testing.assert_allclose(sorted(set(paper)), sorted(set(a)))
+    assert sorted(set(moa.rules((1024, 2048, 4096))[0])) == [-1024, 0, 1024, 2048, 3072, 4096]   # SPEC's example
 
 
 # (alpha, beta, N, W, C) worked by hand from SPEC §2: W = min(N, max(64, floor(alpha + beta N))), C = min(N, 64 + W)
