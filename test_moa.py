@@ -839,17 +839,24 @@ TINY = dict(lengths=(384, 512), validate_length=768, samples=2, answer_tokens=8,
 
 
 def check_plan(plan, config):
-    """A plan from compress: per KV head, within its budget at every length; each refinement step's score no worse
-    than the step before; its losses those of the last step."""
+    """A plan from compress: per KV head, within its budget at every length; validated at every profiling length and
+    the validation length; refined only from MIN_REFINE_SAMPLES samples on (else the record says why not), each
+    refinement step ranked no worse than the step before (worse than uniform somewhere first, then the score); its
+    losses those of the last step; a validation table per group and on plain text; the model named without a path."""
     assert plan["heads"] == "kv" and len(plan["alphas"]) == config.num_hidden_layers
     for n, d in plan["density"].items():
         assert d <= plan["density_budget"] + 1e-9, (n, d)
     v = plan["validation_loss"]
-    assert v["lengths"] == sorted({plan["lengths"][0], plan["validate_length"]})
-    score = [moa.validation_score(x, v["dense"], v["uniform"]) for x in v["steps"].values()]
-    assert list(v["steps"]) == ["front", "at_plan", "refined"] and score == sorted(score, reverse=True)
-    assert v["plan"] == v["steps"]["refined"] and v["score"] == score[-1]
+    assert v["lengths"] == sorted({*plan["lengths"], plan["validate_length"]})
+    refined = plan["samples"] >= moa.MIN_REFINE_SAMPLES
+    assert list(v["steps"]) == (["front", "at_plan", "refined"] if refined else ["front"])
+    assert bool(v["refined"]) != refined and (refined or "not refined" in v["refined"])
+    rank = [(v["steps_worse"][k], moa.validation_score(x, v["dense"], v["uniform"])) for k, x in v["steps"].items()]
+    assert rank == sorted(rank, reverse=True) and v["worse_than_uniform"] == rank[-1][0]
+    assert v["plan"] == v["steps"][list(v["steps"])[-1]] and v["score"] == rank[-1][1]
     assert np.isfinite([v["dense"], v["uniform"]]).all()
+    assert {len(x) for t in (*v["groups"].values(), v["plain"]) for x in t.values()} == {len(v["lengths"])}
+    assert "/" not in plan["model"] and plan["calibration"]["documents"]
 
 
 def plain_answer_loss(model, ids, start, window=None, sink=moa.SINK):
