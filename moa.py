@@ -341,8 +341,8 @@ def load_documents(calib=None):
         docs = [p.strip() for p in text.split("\n\n")]
     docs = [d for d in docs if d.strip()]
     if len(set(docs)) < 2:
-        raise MoAError(f"{path} holds {len(set(docs))} distinct document(s); calibration and validation need at least 2: separate "
-                       "documents by blank lines (.txt) or give one per line (.jsonl)")
+        raise MoAError(f"{path} holds {len(set(docs))} document(s) of distinct text; calibration and validation need "
+                       "at least 2: separate documents by blank lines (.txt) or give one per line (.jsonl)")
     return docs
 
 
@@ -395,9 +395,9 @@ def group_names(cfg):
 
 def sample_groups(n, cfg):
     """The group (index into group_names) of each of n samples: a share cfg.synthetic of them, evenly spread, are
-    synthetic retrieval; each kind takes the frames in turn. int [n]."""
+    synthetic retrieval; each kind takes the frames in turn, synthetic retrieval from the second. int [n]."""
     synthetic = np.floor(np.arange(1, n + 1) * cfg.synthetic) > np.floor(np.arange(n) * cfg.synthetic)
-    turn = np.where(synthetic, np.cumsum(synthetic) - 1, np.cumsum(~synthetic) - 1) % len(cfg.frames)
+    turn = (np.where(synthetic, np.cumsum(synthetic) - 1, np.cumsum(~synthetic) - 1) + synthetic) % len(cfg.frames)
     return synthetic * len(cfg.frames) + turn
 
 
