@@ -13,6 +13,7 @@ Run it:  python moa.py --model M --out DIR
 from __future__ import annotations
 
 import argparse
+import builtins
 import contextlib
 import copy
 import dataclasses
@@ -132,26 +133,36 @@ LENGTHS = {"cuda": (1024, 2048, 4096, 8192), "cpu": (1024, 2048)}
 SAMPLES = {"cuda": 32, "cpu": 1}
 
 
+def setting(default, help, type=None, many=False):
+    """A Config field and its command-line flag: the help, and the type where the default does not give it."""
+    return dataclasses.field(default=default, metadata=dict(help=help, type=type or builtins.type(default),
+                                                            nargs="+" if many else None))
+
+
 @dataclasses.dataclass
 class Config:
-    lengths: tuple | None = None          # profiling lengths N (prompt + answer); None: LENGTHS within the context
-    validate_length: int | None = None    # None: 2 x the largest profiling length, at most the model's context
-    density: float = 0.5                  # KV density budget d_N at every length (SPEC §6)
-    samples: int | None = None            # samples per length; None: SAMPLES
-    calib: str | None = None              # .txt or .jsonl ("text") corpus; None: Python's bundled pydoc topics
-    seed: int = 0
-    max_rules_per_layer: int | None = None
-    answer_tokens: int = 128              # greedy answer length cap (SPEC §4)
-    instructions: tuple = tuple(INSTRUCTIONS)   # the mix: names in INSTRUCTIONS, or texts (a "{cue}" is filled in)
-    candidates: int = 3                   # candidates made per sample kept (SPEC §4 selection); 1: no selection
-    local_window: float = 0.25            # selection: the loss rise when heads see only the sink + this share of N
-    rounds: int = 2                       # refinement: profiles at the chosen plan, each followed by solves near it
-    refine: int = 16                      # refinement: rule swaps between heads tried on the validation samples
+    lengths: tuple | None = setting(None, "profiling lengths N (prompt + answer), increasing (default: "
+                                    f"{LENGTHS['cuda']} on a GPU, {LENGTHS['cpu']} on a CPU, within the context)", int, 1)
+    validate_length: int | None = setting(None, "default: 2 x the largest profiling length, at most the context", int)
+    density: float = setting(0.5, "KV density budget d_N at every length (SPEC §6)")
+    samples: int | None = setting(None, f"samples per length (default: {SAMPLES})", int)
+    calib: str | None = setting(None, ".txt or .jsonl (\"text\") corpus (default: Python's bundled pydoc topics)", str)
+    seed: int = setting(0, "the documents' split and the samples")
+    max_rules_per_layer: int | None = setting(None, "at most this many distinct rules in a layer", int)
+    answer_tokens: int = setting(128, "longest calibration answer, greedy (SPEC §4)")
+    instructions: tuple = setting(tuple(INSTRUCTIONS), f"the calibration mix: {', '.join(INSTRUCTIONS)}, or texts (a "
+                                  "{cue} is filled in with words from a random depth of the document)", str, 1)
+    frames: tuple = setting(FRAMES, f"the samples' frames, taken in turn by each kind: {', '.join(FRAMES)}", str, 1)
+    synthetic: float = setting(0.25, "the share of synthetic retrieval samples (SPEC §4)")
+    candidates: int = setting(3, "candidates made per sample kept, the most long-range (SPEC §4); 1: no selection")
+    local_window: float = setting(0.25, "selection: a candidate's loss rise when every head sees only the sink and "
+                                  "this share of the length")
+    rho: float | None = setting(1.0, "group bound (SPEC §6): every group's F_N,g at most rho x its uniform "
+                                "baseline's, or the smallest feasible rho", float)
+    rounds: int = setting(2, "refinement: profiles at the chosen plan, each followed by solves near it; 0: none")
+    refine: int = setting(16, "refinement: swaps of two heads' rules tried on the validation samples; 0: none")
+    grid: str = dataclasses.field(default="spec")   # the alphas of the rules: "spec" or "paper" (SPEC §3; --paper)
     sink: int = SINK
-    grid: str = "spec"                    # the alphas of the rules (SPEC §3): "spec", or "paper" (evenly spaced)
-    frames: tuple = FRAMES                # the frames of the samples, taken in turn by each kind (SPEC §4)
-    synthetic: float = 0.25               # the share of synthetic retrieval samples (SPEC §4)
-    rho: float | None = 1.0               # group bound: F_N,g <= rho x its uniform loss (SPEC §6); None: no bound
 
     def resolved(self, device, config):
         """A copy with every None default filled in for `device` and the model's `config`."""
@@ -468,7 +479,9 @@ def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
                 stream = encode(tokenizer, " " + str(rng.choice(SYNTHETIC["fillers"]))) * length
             body = stream[:length - len(before) - len(after) - sum(map(len, facts))]
             for at, fact in zip(sorted(rng.integers(cfg.answer_tokens, len(body) + 1, len(facts)), reverse=True),
-                                facts):
+                                facts):                                    # after a sentence's end, if one is near
+                at = next((p for p in range(at, min(at + 4 * CUE_TOKENS, len(body))) if tokenizer.decode(
+                    body[p - 1:p]).rstrip(" ").endswith((".", "\n"))), at)
                 body[at:at] = fact
             stream, kind = body, -1
         candidates.append((before, stream[:length - len(before) - len(after)], after, group, kind))
@@ -1285,7 +1298,7 @@ def budget_lengths(cfg):
     return sorted({*cfg.lengths, cfg.validate_length})
 
 
-MIN_REFINE_SAMPLES = 8   # refinement chooses among near-tied plans: below this many validation samples, noise would
+MIN_REFINE_SAMPLES = 8   # refinement chooses among near-tied plans: with fewer validation samples, noise would choose
 
 
 def calibrate(model, tokenizer, cfg, stages, key):
@@ -1295,8 +1308,8 @@ def calibrate(model, tokenizer, cfg, stages, key):
     calib_docs, valid_docs, _ = (tokenize_documents(tokenizer, d) for d in split_documents(docs, cfg.seed))
     sample_room(tokenizer, calib_docs, cfg.lengths[-1], cfg, "calibration")      # errors now, before any output
     sample_room(tokenizer, valid_docs, cfg.validate_length, cfg, "validation")
-    key = fingerprint(key, docs, cfg.seed, cfg.samples, cfg.answer_tokens, cfg.instructions, cfg.frames, cfg.synthetic,
-                      cfg.candidates, cfg.local_window, cfg.sink)
+    key = fingerprint(key, docs, *(getattr(cfg, k) for k in ("seed", "samples", "answer_tokens", "instructions",
+                                                             "frames", "synthetic", "candidates", "local_window", "sink")))
     made = lambda role, ids, n: stages(f"samples_{role}{n}", fingerprint(key, role, n), lambda: make_samples(
         model, tokenizer, ids, cfg.samples, n, cfg, seed=[cfg.seed, n, role == "valid"]))
     calib = {n: made("calib", calib_docs, n) for n in tqdm(cfg.lengths, desc="calibration samples")}
@@ -1307,17 +1320,27 @@ def calibrate(model, tokenizer, cfg, stages, key):
 
 def group_profiles(model, calib, cfg, stages, key):
     """SPEC §5, §6: the dense profile of each group's samples at each profiling length: [groups, L, H, N] each."""
-    by_group = lambda s: [{k: v[s["group"] == g] for k, v in s.items()} for g in s["group"].unique()]
+    groups = lambda s: [{k: v[s["group"] == g] for k, v in s.items()} for g in s["group"].unique()]
     return [stages(f"profile_{n}", fingerprint(key, n), lambda: torch.stack([profile(model, x, cfg.sink)
-                                                                           for x in by_group(s)]))
+                                                                           for x in groups(s)]))
             for n, s in tqdm(calib.items(), desc="profiling")]
+
+
+def optimize(loss, ratio, cfg, space):
+    """SPEC §6: the ε-constraint front of the totals F_N (loss: [K, R, P]), every plan within the group bound
+    (ratio: [groups, K, R, P] each group's F_N,g over its F_N,g(uniform)). Returns (the front, the rho it holds)."""
+    alphas, betas, to_plan, density, budget, layers, workers = space
+    at, caps = budget_lengths(cfg), ratio.transpose(1, 2, 0, 3).reshape(*loss.shape[:2], -1)
+    rho = cfg.rho and group_bound(caps, loss, density, budget, layers, cfg.max_rules_per_layer, at, cfg.rho)
+    return pareto_front(loss, density, budget, layers, cfg.max_rules_per_layer, at, workers,
+                        rho and (caps, np.full(caps.shape[2], rho))), rho
 
 
 def validate(model, cfg, valid, plain, plan_at, name, stages, key):
     """SPEC §7: the mean loss of the plan plan_at(n) (None: dense) at each validation length n over all validation
     samples ("loss"), per group ("groups": {name: [lengths]}) and on plain held-out text ("plain"). Plans whose
     windows coincide at a length run once."""
-    table, names = {"loss": [], "groups": {}, "plain": []}, group_names(cfg)
+    table = {"loss": [], "groups": {}, "plain": []}
     for n, s in valid.items():
         plan = plan_at(n)
         w = None if plan is None else window(*kv_rules(plan, model.config), n).tolist()
@@ -1326,7 +1349,7 @@ def validate(model, cfg, valid, plain, plan_at, name, stages, key):
         table["loss"].append(float(answers.mean()))
         table["plain"].append(float(text.mean()))
         for g in s["group"].unique().tolist():
-            table["groups"].setdefault(names[g], []).append(float(answers[s["group"] == g].mean()))
+            table["groups"].setdefault(group_names(cfg)[g], []).append(float(answers[s["group"] == g].mean()))
     return table
 
 
@@ -1344,46 +1367,33 @@ def refine(model, cfg, calib, stages, key, space, loss, weights, step, scored):
     dense profile's; weights: [P]; step: (choice, (rank, table)); scored(choice, name) -> (rank, table). Returns
     the steps {"at_plan": step, "refined": step}."""
     alphas, betas, to_plan, density, budget, layers, workers = space
-    choice, best = step
-    K, groups = len(choice), kv_heads(model.config)[0] // kv_heads(model.config)[1]
-    relative = loss - loss[np.arange(K), choice][:, None]                              # ΔL from the choice, at dense
+    (choice, best), g = step, kv_heads(model.config)[0] // kv_heads(model.config)[1]
+    relative = loss - loss[np.arange(len(choice)), choice][:, None]                   # ΔL from the choice, at dense
     for r in range(cfg.rounds):
         plan, windows = to_plan(choice), lambda n: window(alphas[choice], betas[choice], n)
         at_plan = np.stack([rule_losses(stages(
             f"profile_{n}_at_{fingerprint(windows(n).tolist())}", fingerprint(key, n, "at"),
-            lambda: profile(model, calib[n], cfg.sink, plan)), groups, alphas, betas, windows(n))
+            lambda: profile(model, calib[n], cfg.sink, plan)), g, alphas, betas, windows(n))
             for n in tqdm(cfg.lengths, desc=f"profiling at the plan, round {r + 1}")], -1)
         # Blended with the dense profile (SPEC §5.1 leaves it to evidence): a rule that cuts a head below the plan is
         # rated by the dense profile's |ΔL|, one that widens it by the plan's restore estimate. The signed drop
         # estimates of a row's kept keys sum to 0 (Σ_j A_ij (D_i - G_ij) = 0), so they rate large cuts as nearly free
         # (bench/README.md#quality: such plans measured worse than uniform).
         cut = np.stack([window(alphas, betas, n)[None] < windows(n)[:, None] for n in cfg.lengths], -1)
-        relative = np.where(cut, loss - loss[np.arange(K), choice][:, None], at_plan)
+        relative = np.where(cut, loss - loss[np.arange(len(choice)), choice][:, None], at_plan)
         near = near_plans(relative, weights, choice, density, budget, layers, cfg.max_rules_per_layer,
                           budget_lengths(cfg), workers)
-        tried = [scored(c, f"round {r + 1}, near plan {i + 1}/{len(near)}") for i, c in enumerate(near)]
-        i = min(range(len(tried)), key=lambda i: tried[i][0])
-        if tried[i][0] >= best[0]:
+        tried = [(scored(c, f"round {r + 1}, near plan {i + 1}/{len(near)}"), c) for i, c in enumerate(near)]
+        if min(x[0][0] for x in tried) >= best[0]:
             break
-        choice, best = near[i], tried[i]
+        best, choice = min(tried, key=lambda x: x[0][0])
     steps = {"at_plan": (choice, best)}
     for a, b in tqdm(swaps(relative, weights, choice, cfg.refine, layers, cfg.max_rules_per_layer), desc="refining"):
         c = choice.copy()
         c[[a, b]] = c[[b, a]]
-        x = scored(c, f"swap {a} {b}")
-        if x[0] < best[0]:
+        if (x := scored(c, f"swap {a} {b}"))[0] < best[0]:
             choice, best = c, x
     return {**steps, "refined": (choice, best)}
-
-
-def optimize(loss, ratio, cfg, space):
-    """SPEC §6: the ε-constraint front of the totals F_N (loss: [K, R, P]), every plan within the group bound
-    (ratio: [groups, K, R, P] each group's F_N,g over its F_N,g(uniform)). Returns (the front, the rho it holds)."""
-    alphas, betas, to_plan, density, budget, layers, workers = space
-    at, caps = budget_lengths(cfg), ratio.transpose(1, 2, 0, 3).reshape(*loss.shape[:2], -1)
-    rho = cfg.rho and group_bound(caps, loss, density, budget, layers, cfg.max_rules_per_layer, at, cfg.rho)
-    return pareto_front(loss, density, budget, layers, cfg.max_rules_per_layer, at, workers,
-                        rho and (caps, np.full(caps.shape[2], rho))), rho
 
 
 def compress(model, tokenizer, out=None, **settings):
@@ -1399,8 +1409,7 @@ def compress(model, tokenizer, out=None, **settings):
     uniform = np.array([[rule_losses(h, H // G, *np.array([uniform_rule(cfg.density, n, cfg.sink)]).T).sum()
                          for h in x] for x, n in zip(hists, cfg.lengths)]).T                  # [groups, P]
     share = np.bincount(sample_groups(cfg.samples, cfg)) / cfg.samples
-    share = share[share > 0]                                                       # of the groups present, in order
-    total = np.einsum("g,gkrp->krp", share, loss)                                  # F_N: the mean over all samples
+    total = np.einsum("g,gkrp->krp", share[share > 0], loss)                       # F_N: the mean over all samples
     at, layers = budget_lengths(cfg), np.repeat(np.arange(L), G)
     density, budget = rule_densities(alphas, betas, at, cfg.sink), np.full(len(at), cfg.density)   # [54, len(at)]
     to_plan = lambda c: make_plan(alphas[c].reshape(L, G), betas[c].reshape(L, G), cfg.sink)
@@ -1413,36 +1422,34 @@ def compress(model, tokenizer, out=None, **settings):
     base = tables(lambda n: uniform_plan(model.config, cfg.density, n, cfg.sink), "uniform")    # uniform at each n
     scored = lambda c, name: (judged(t := tables(lambda n: to_plan(c), name), dense, base), t)   # (rank, table)
     pareto = [scored(c, f"plan {i + 1}/{len(front)}") for i, c in enumerate(tqdm(front, desc="validating"))]
-    best = min(range(len(front)), key=lambda i: pareto[i][0])
-    steps = {"front": (front[best], pareto[best])}
+    steps = {"front": min(zip(front, pareto), key=lambda x: x[1][0])}
     if cfg.samples >= MIN_REFINE_SAMPLES:
-        steps.update(refine(model, cfg, calib, stages, key, space, total, 1 / (share @ uniform), steps["front"],
-                            scored))
+        steps.update(refine(model, cfg, calib, stages, key, space, total, 1 / (share[share > 0] @ uniform),
+                            steps["front"], scored))
     meta = dict(model=Path(model.name_or_path).name, lengths=list(cfg.lengths), validate_length=cfg.validate_length,
                 density_budget=cfg.density, seed=cfg.seed, samples=cfg.samples)
     with_meta = lambda c: {**to_plan(c), **meta, "density": {n: plan_density(to_plan(c), model.config, n) for n in at}}
     choice, ((worse, score), table) = steps[list(steps)[-1]]
-    names = group_names(cfg)
     plan = {**with_meta(choice), "validation_loss": {
         "lengths": at, "dense": dense["loss"], "uniform": base["loss"], "plan": table["loss"], "score": score,
         "worse_than_uniform": worse, "pareto": [t["loss"] for _, t in pareto],
         "steps": {k: t["loss"] for k, (_, (_, t)) in steps.items()},
-        "steps_worse": {k: worse for k, (_, ((worse, _), _)) in steps.items()},
+        "steps_worse": {k: bad for k, (_, ((bad, _), _)) in steps.items()},
         "groups": {g: {"dense": dense["groups"][g], "uniform": base["groups"][g], "plan": x}
                    for g, x in table["groups"].items()},
         "plain": {"dense": dense["plain"], "uniform": base["plain"], "plan": table["plain"]},
         "refined": "" if cfg.samples >= MIN_REFINE_SAMPLES else f"not refined: {cfg.samples} validation samples per "
                    f"length, fewer than the {MIN_REFINE_SAMPLES} (moa.MIN_REFINE_SAMPLES) that refinement needs"},
-        "calibration": {"instructions": list(cfg.instructions), "frames": list(cfg.frames),
-                        "chat_template": bool(tokenizer.chat_template), "synthetic": cfg.synthetic,
-                        "candidates": cfg.candidates, "local_window": cfg.local_window, "documents": documents,
-                        "groups": {n: {names[g]: int((s["group"] == g).sum()) for g in s["group"].unique().tolist()}
-                                   for n, s in calib.items()},
+        "calibration": {**{k: getattr(cfg, k) for k in ("instructions", "frames", "synthetic", "candidates",
+                                                         "local_window")}, "documents": documents,
+                        "chat_template": bool(tokenizer.chat_template),
+                        "groups": {n: {group_names(cfg)[g]: int((s["group"] == g).sum()) for g in
+                                       s["group"].unique().tolist()} for n, s in calib.items()},
                         "kept": {n: np.bincount(s["instruction"][s["instruction"] >= 0],
                                                 minlength=len(cfg.instructions)).tolist() for n, s in calib.items()}},
-        "optimizer": {"grid": sorted(set(alphas.tolist())), "rho": rho, "group_bound": None if rho is None else
-                      "minimise F_N within F_N,g <= rho F_N,g(uniform) for every group g and length N (rho: the "
-                      "asked one, or the smallest feasible)"}}
+        "optimizer": {"grid": sorted(set(alphas.tolist())), "rho": rho, "group_bound": rho and "minimise F_N within "
+                      "F_N,g <= rho F_N,g(uniform) for every group g and length N (rho: the asked, or the smallest "
+                      "feasible)"}}
     if out:
         for step, (c, _) in steps.items():                   # what each step chose, beside the plan (diagnostics)
             save_plan(with_meta(c), Path(out) / f"plan_{step}.json")
@@ -1453,10 +1460,9 @@ def compress(model, tokenizer, out=None, **settings):
 
 def summary(plan, seconds):
     """The closing table: density per length, the calibration groups, validation losses per length (all samples,
-    each group, plain text) of dense, uniform and each step, stage times."""
+    each group, plain text) of dense, uniform and the plan, each step's score, stage times."""
     print(f"\n{'length':>8} {'plan KV density':>16}  (budget {plan['density_budget']})")
-    for n, d in plan["density"].items():
-        print(f"{n:>8} {d:>16.3f}")
+    print("\n".join(f"{n:>8} {d:>16.3f}" for n, d in plan["density"].items()))
     c, v = plan["calibration"], plan["validation_loss"]
     print(f"\ncalibration samples kept ({c['candidates']} candidates each): " + "; ".join(
         f"@{n} " + ", ".join(f"{g} {k}" for g, k in groups.items()) for n, groups in c["groups"].items()))
@@ -1465,14 +1471,14 @@ def summary(plan, seconds):
           f">= {MIN_SPREAD:.0%} more than dense){'; ' + v['refined'] if v['refined'] else ''}:")
     rows = {"all": (v["dense"], v["uniform"], v["plan"]), **{g: tuple(x.values()) for g, x in v["groups"].items()},
             "plain text": tuple(v["plain"].values())}
-    print(f"{'samples':>20}{'length':>8}" + "".join(f"{k:>10}" for k in ("dense", "uniform", "plan")))
-    for name, columns in rows.items():
-        for i, n in enumerate(v["lengths"]):
-            print(f"{name:>20}{n:>8}" + "".join(f"{x[i]:>10.4f}" for x in columns))
+    print(f"{'samples':>20}{'length':>8}{'dense':>10}{'uniform':>10}{'plan':>10}")
+    print("\n".join(f"{k:>20}{n:>8}" + "".join(f"{x[i]:>10.4f}" for x in xs) for k, xs in rows.items()
+                    for i, n in enumerate(v["lengths"])))
     steps = ", ".join(f"{k} {validation_score(x, v['dense'], v['uniform']):.4f}" for k, x in v["steps"].items())
     print(f"score {v['score']:.4f} ({steps})" + ("; worse than uniform on some group or plain text at some length"
                                                  if v["worse_than_uniform"] else ""))
     print("\nstage seconds: " + (", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) or "all resumed from disk"))
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1506,35 +1512,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Compress a causal LM's attention with MoA: writes OUT/plan.json.")
     model_flags(p)
     p.add_argument("--out", required=True, help="folder for plan.json and the resumable stages")
-    p.add_argument("--lengths", type=int, nargs="+",
-                   help=f"profiling lengths, increasing (default: {' '.join(map(str, LENGTHS['cuda']))} on a GPU, "
-                        f"{' '.join(map(str, LENGTHS['cpu']))} on a CPU, within the model's context)")
-    p.add_argument("--validate-length", type=int,
-                   help="default: 2 x the largest profiling length, at most the model's context")
-    p.add_argument("--density", type=float, help=f"KV density budget at every length (default: {Config.density})")
-    p.add_argument("--samples", type=int,
-                   help=f"samples per length (default: {SAMPLES['cuda']} on a GPU, {SAMPLES['cpu']} on a CPU)")
-    p.add_argument("--calib", help=".txt or .jsonl calibration corpus (default: Python's pydoc topics)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-rules-per-layer", type=int, help="at most this many distinct rules in a layer")
-    p.add_argument("--answer-tokens", type=int, help=f"longest calibration answer (default: {Config.answer_tokens})")
-    p.add_argument("--instructions", nargs="+",
-                   help=f"the calibration mix: {', '.join(INSTRUCTIONS)} (default: all), or instruction texts (a "
-                        "{cue} is filled in with words from a random depth of the document)")
-    p.add_argument("--candidates", type=int,
-                   help="candidate samples made per sample kept; the most long-range are kept (1: no selection; "
-                        f"default: {Config.candidates})")
-    p.add_argument("--local-window", type=float,
-                   help="selection: a candidate's loss rise when every head sees only the sink and this share of the "
-                        f"length (default: {Config.local_window})")
-    p.add_argument("--rounds", type=int, help="refinement: profiles at the chosen plan, each followed by solves near "
-                   f"it (default: {Config.rounds}; 0: none)")
-    p.add_argument("--refine", type=int, help="refinement: swaps of two heads' rules tried on the validation samples "
-                   f"(default: {Config.refine}; 0: none)")
-    p.add_argument("--frames", nargs="+", help=f"the samples' frames, in turn: {', '.join(FRAMES)} (default: all)")
-    p.add_argument("--synthetic", type=float, help=f"share of synthetic retrieval samples (default: {Config.synthetic})")
-    p.add_argument("--rho", type=float, help="group bound: every group's estimated loss at most rho x its uniform "
-                   f"baseline's, or the smallest feasible (default: {Config.rho})")
+    for f in dataclasses.fields(Config):
+        if f.metadata:
+            d = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            d = f" (default: {d})" if d is not None and "default:" not in f.metadata["help"] else ""
+            p.add_argument("--" + f.name.replace("_", "-"), **{**f.metadata, "help": f.metadata["help"] + d})
     p.add_argument("--paper", action="store_true", help="the paper's protocol: summaries in the chat frame, its alpha "
                    "grid, no selection, no group bound, no refinement")
     a = p.parse_args(argv)
