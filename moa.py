@@ -963,7 +963,7 @@ def save_plan(plan, path):
 PLAN_FIX = "fix the file, or make a new plan with python moa.py"
 PLAN_KEYS = ("alphas", "betas", "sink", "min_window", "heads",                                  # the rules (SPEC §8)
              "model", "lengths", "validate_length", "density_budget", "density", "validation_loss", "calibration",
-             "seed", "samples")
+             "optimizer", "seed", "samples")
 
 
 def load_plan(path):
@@ -1326,14 +1326,20 @@ def group_profiles(model, calib, cfg, stages, key):
             for n, s in tqdm(calib.items(), desc="profiling")]
 
 
-def optimize(loss, ratio, cfg, space):
-    """SPEC §6: the ε-constraint front of the totals F_N (loss: [K, R, P]), every plan within the group bound
-    (ratio: [groups, K, R, P] each group's F_N,g over its F_N,g(uniform)). Returns (the front, the rho it holds)."""
+FRONT_PLANS = 32   # validation's cost grows with the front: at most this many plans, those the profile rates best
+
+
+def optimize(loss, ratio, uniform, cfg, space):
+    """SPEC §6: the ε-constraint front of the totals F_N (loss: [K, R, P]; uniform: [P] F_N(uniform)), every plan
+    within the group bound (ratio: [groups, K, R, P] each group's F_N,g over its F_N,g(uniform)); of a larger front,
+    the FRONT_PLANS plans of least mean F_N / F_N(uniform). Returns (the plans, the rho they hold)."""
     alphas, betas, to_plan, density, budget, layers, workers = space
     at, caps = budget_lengths(cfg), ratio.transpose(1, 2, 0, 3).reshape(*loss.shape[:2], -1)
     rho = cfg.rho and group_bound(caps, loss, density, budget, layers, cfg.max_rules_per_layer, at, cfg.rho)
-    return pareto_front(loss, density, budget, layers, cfg.max_rules_per_layer, at, workers,
-                        rho and (caps, np.full(caps.shape[2], rho))), rho
+    front = pareto_front(loss, density, budget, layers, cfg.max_rules_per_layer, at, workers,
+                         rho and (caps, np.full(caps.shape[2], rho)))
+    rated = [(loss[np.arange(len(c)), c].sum(0) / uniform).mean() for c in front]
+    return [front[i] for i in sorted(np.argsort(rated, kind="stable")[:FRONT_PLANS])], rho
 
 
 def validate(model, cfg, valid, plain, plan_at, name, stages, key):
@@ -1409,14 +1415,15 @@ def compress(model, tokenizer, out=None, **settings):
     uniform = np.array([[rule_losses(h, H // G, *np.array([uniform_rule(cfg.density, n, cfg.sink)]).T).sum()
                          for h in x] for x, n in zip(hists, cfg.lengths)]).T                  # [groups, P]
     share = np.bincount(sample_groups(cfg.samples, cfg)) / cfg.samples
-    total = np.einsum("g,gkrp->krp", share[share > 0], loss)                       # F_N: the mean over all samples
+    share = share[share > 0]                                                       # of the groups present, in order
+    total = np.einsum("g,gkrp->krp", share, loss)                                  # F_N: the mean over all samples
     at, layers = budget_lengths(cfg), np.repeat(np.arange(L), G)
     density, budget = rule_densities(alphas, betas, at, cfg.sink), np.full(len(at), cfg.density)   # [54, len(at)]
     to_plan = lambda c: make_plan(alphas[c].reshape(L, G), betas[c].reshape(L, G), cfg.sink)
     space = (alphas, betas, to_plan, density, budget, layers, min(8, os.cpu_count() or 1))
     front, rho = stages("optimize", fingerprint(loss.tolist(), uniform.tolist(), at, cfg.density,
                                                 cfg.max_rules_per_layer, cfg.rho, cfg.grid),
-                        lambda: optimize(total, loss / uniform[:, None, None], cfg, space))
+                        lambda: optimize(total, loss / uniform[:, None, None], share @ uniform, cfg, space))
     tables = lambda plan_at, name: validate(model, cfg, valid, plain, plan_at, name, stages, key)
     dense = tables(lambda n: None, "dense")
     base = tables(lambda n: uniform_plan(model.config, cfg.density, n, cfg.sink), "uniform")    # uniform at each n
@@ -1424,7 +1431,7 @@ def compress(model, tokenizer, out=None, **settings):
     pareto = [scored(c, f"plan {i + 1}/{len(front)}") for i, c in enumerate(tqdm(front, desc="validating"))]
     steps = {"front": min(zip(front, pareto), key=lambda x: x[1][0])}
     if cfg.samples >= MIN_REFINE_SAMPLES:
-        steps.update(refine(model, cfg, calib, stages, key, space, total, 1 / (share[share > 0] @ uniform),
+        steps.update(refine(model, cfg, calib, stages, key, space, total, 1 / (share @ uniform),
                             steps["front"], scored))
     meta = dict(model=Path(model.name_or_path).name, lengths=list(cfg.lengths), validate_length=cfg.validate_length,
                 density_budget=cfg.density, seed=cfg.seed, samples=cfg.samples)
