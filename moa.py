@@ -141,8 +141,8 @@ def setting(default, help, type=None, many=False):
 
 @dataclasses.dataclass
 class Config:
-    lengths: tuple | None = setting(None, "profiling lengths N (prompt + answer), increasing (default: "
-                                    f"{LENGTHS['cuda']} on a GPU, {LENGTHS['cpu']} on a CPU, within the context)", int, 1)
+    lengths: tuple | None = setting(None, f"profiling lengths N (prompt + answer), increasing (default: "
+                                    f"{LENGTHS['cuda']} on a GPU, {LENGTHS['cpu']} on a CPU, in context)", int, True)
     validate_length: int | None = setting(None, "default: 2 x the largest profiling length, at most the context", int)
     density: float = setting(0.5, "KV density budget d_N at every length (SPEC §6)")
     samples: int | None = setting(None, f"samples per length (default: {SAMPLES})", int)
@@ -151,8 +151,8 @@ class Config:
     max_rules_per_layer: int | None = setting(None, "at most this many distinct rules in a layer", int)
     answer_tokens: int = setting(128, "longest calibration answer, greedy (SPEC §4)")
     instructions: tuple = setting(tuple(INSTRUCTIONS), f"the calibration mix: {', '.join(INSTRUCTIONS)}, or texts (a "
-                                  "{cue} is filled in with words from a random depth of the document)", str, 1)
-    frames: tuple = setting(FRAMES, f"the samples' frames, taken in turn by each kind: {', '.join(FRAMES)}", str, 1)
+                                  "{cue} is filled in with words from a random depth of the document)", str, many=True)
+    frames: tuple = setting(FRAMES, f"the samples' frames, taken in turn by each kind: {', '.join(FRAMES)}", str, True)
     synthetic: float = setting(0.25, "the share of synthetic retrieval samples (SPEC §4)")
     candidates: int = setting(3, "candidates made per sample kept, the most long-range (SPEC §4); 1: no selection")
     local_window: float = setting(0.25, "selection: a candidate's loss rise when every head sees only the sink and "
@@ -426,18 +426,17 @@ def synthetic_question(rng):
 
 
 def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
-    """Tokens of document a sample of `length` has room for beside the longest frame of the mix (a cue counted at
-    3 x CUE_TOKENS, a synthetic question at its longest label) and the answer; a clear error if that is too little
-    (a synthetic sample needs room for its facts too), or more than the documents hold."""
-    cue, label = " ".join(["cue"] * 3 * CUE_TOKENS), max(sum((v for k, v in SYNTHETIC.items() if "label" in k), ()),
-                                                         key=len)
-    texts = [t.replace("{cue}", cue) for t in instruction_texts(cfg)]
-    texts += [q.format(label=label) for q in SYNTHETIC["questions"]] if cfg.synthetic else []
-    frames = [len(sum(chat_frame(tokenizer, text, frame), [])) for text in texts for frame in cfg.frames]
-    facts = 4 * max(len(encode(tokenizer, f.format(label=label, value=max(SYNTHETIC["names"], key=len))))
-                    for f in SYNTHETIC["facts"]) if cfg.synthetic else 0
-    room, need = length - max(frames), length - min(frames)
-    if room < cfg.answer_tokens + 2 * CUE_TOKENS + facts:
+    """Tokens of document a sample of `length` has room for beside the longest frame of the instructions (a cue
+    counted at 3 x CUE_TOKENS) and the answer; a clear error if that is too little (or, for synthetic retrieval, too
+    little for four facts of the longest wording beside its longest question), or more than the documents hold."""
+    label = max((x for k, v in SYNTHETIC.items() if k.endswith("labels") for x in v), key=len)
+    cue = [t.replace("{cue}", " ".join(["cue"] * 3 * CUE_TOKENS)) for t in instruction_texts(cfg)]
+    asks = [q.format(label=label) for q in SYNTHETIC["questions"]] if cfg.synthetic else []
+    frames = lambda texts: [len(sum(chat_frame(tokenizer, t, frame), [])) for t in texts for frame in cfg.frames]
+    facts = max([len(encode(tokenizer, f.format(label=label, value=max(SYNTHETIC["names"], key=len))))
+                 for f in SYNTHETIC["facts"]]) * 4
+    room, need = length - max(frames(cue)), length - min(frames(cue + asks))
+    if room < cfg.answer_tokens + 2 * CUE_TOKENS or asks and length - max(frames(asks)) < cfg.answer_tokens + facts:
         raise MoAError(f"length {length} leaves no room for a document beside the prompt's frame and "
                        f"{cfg.answer_tokens} answer tokens: use longer lengths or fewer --answer-tokens")
     total = sum(map(len, doc_ids))
@@ -503,8 +502,8 @@ def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
             rows.append(before + t[len(answer):] + after + answer)
             starts.append(length - len(answer))
     samples = {"input_ids": torch.tensor(rows), "answer_start": torch.tensor(starts),
-               "group": torch.tensor([c[3] for c in candidates]), "instruction": torch.tensor([c[4] for c in candidates]),
-               "rise": torch.zeros(len(rows))}
+               "group": torch.tensor([c[3] for c in candidates]),
+               "instruction": torch.tensor([c[4] for c in candidates]), "rise": torch.zeros(len(rows))}
     if cfg.candidates == 1:
         return samples
     local = every_head(model.config, max(MIN_WINDOW, int(cfg.local_window * length)), 0.0, cfg.sink)
@@ -515,14 +514,12 @@ def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
 
 
 def plain_text(doc_ids, n, length, seed):
-    """Plain held-out text (SPEC §7): n rows of `length` tokens of the documents in a random order, scored on their
+    """Plain held-out text (SPEC §7): n rows of `length` tokens of the documents in random orders, scored on their
     last PLAIN_TOKENS tokens (its perplexity where the context is longest), as samples for answer_losses."""
-    rng, rows = np.random.default_rng(seed), []
-    for _ in range(n):
-        rows.append([])
-        while len(rows[-1]) < length:
-            rows[-1] += [t for i in rng.permutation(len(doc_ids)) for t in doc_ids[i]]
-    return {"input_ids": torch.tensor([r[:length] for r in rows]),
+    rng = np.random.default_rng(seed)
+    stream = lambda: itertools.chain.from_iterable(doc_ids[i] for _ in range(length)
+                                                   for i in rng.permutation(len(doc_ids)))
+    return {"input_ids": torch.tensor([list(itertools.islice(stream(), length)) for _ in range(n)]),
             "answer_start": torch.full((n,), length - min(PLAIN_TOKENS, length // 2))}
 
 
@@ -842,7 +839,8 @@ def group_bound(ratio, total, density, budget, layers=None, max_rules_per_layer=
                                names) is not None
     if feasible(rho):
         return rho
-    lo, hi = rho, ratio[np.arange(K), solve(total, density, budget, 0, None, layers, max_rules_per_layer, names)].sum(0).max()
+    least = solve(total, density, budget, 0, None, layers, max_rules_per_layer, names)
+    lo, hi = rho, ratio[np.arange(K), least].sum(0).max()
     for _ in range(RHO_STEPS):
         lo, hi = (lo, (lo + hi) / 2) if feasible((lo + hi) / 2) else ((lo + hi) / 2, hi)
     return float(hi)
@@ -1286,7 +1284,8 @@ def check_config(cfg, config):
     if not 0 < cfg.local_window < 1:
         raise MoAError(f"--local-window is a share of the length, in (0, 1), not {cfg.local_window}")
     lengths = budget_lengths(cfg)
-    check_budget(rule_densities(*rules(cfg.lengths, cfg.grid), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
+    check_budget(rule_densities(*rules(cfg.lengths, cfg.grid), lengths, cfg.sink), np.full(len(lengths), cfg.density),
+                 lengths)
     if cfg.validate_length == cfg.lengths[-1]:       # e.g. a 4k context: 2 x 4096 is capped to the profiled 4096
         print(f"note: the validation length {cfg.validate_length} is also the largest profiling length, so plans are "
               "chosen on unseen samples but at no unseen length: give --lengths below it for one")
@@ -1309,7 +1308,8 @@ def calibrate(model, tokenizer, cfg, stages, key):
     sample_room(tokenizer, calib_docs, cfg.lengths[-1], cfg, "calibration")      # errors now, before any output
     sample_room(tokenizer, valid_docs, cfg.validate_length, cfg, "validation")
     key = fingerprint(key, docs, *(getattr(cfg, k) for k in ("seed", "samples", "answer_tokens", "instructions",
-                                                             "frames", "synthetic", "candidates", "local_window", "sink")))
+                                                             "frames", "synthetic", "candidates", "local_window",
+                                                             "sink")))
     made = lambda role, ids, n: stages(f"samples_{role}{n}", fingerprint(key, role, n), lambda: make_samples(
         model, tokenizer, ids, cfg.samples, n, cfg, seed=[cfg.seed, n, role == "valid"]))
     calib = {n: made("calib", calib_docs, n) for n in tqdm(cfg.lengths, desc="calibration samples")}

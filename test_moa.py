@@ -881,7 +881,8 @@ def test_selection_keeps_the_most_long_range_candidates(tokenizer):
     mix is used in turn, and a cue is words of the document itself."""
     model = tiny_model(layers=2, heads=4, kv=2, seed=3, init=0.2)
     docs = moa.tokenize_documents(tokenizer, moa.load_documents()[:40])
-    cfg = moa.Config(samples=2, answer_tokens=8, candidates=3, frames=("chat",), synthetic=0).resolved("cpu", model.config)
+    cfg = moa.Config(samples=2, answer_tokens=8, candidates=3, frames=("chat",), synthetic=0)   # one group
+    cfg = cfg.resolved("cpu", model.config)
     every = moa.make_samples(model, tokenizer, docs, 6, 384, dataclasses.replace(cfg, candidates=1), seed=[5])
     kept = moa.make_samples(model, tokenizer, docs, 2, 384, cfg, seed=[5])
     assert every["instruction"].tolist() == [0, 1, 2, 0, 1, 2] and not every["rise"].any()
