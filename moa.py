@@ -13,6 +13,7 @@ Run it:  python moa.py --model M --out DIR
 from __future__ import annotations
 
 import argparse
+import builtins
 import collections
 import contextlib
 import copy
@@ -62,10 +63,12 @@ def cache_size(alpha, beta, n, sink=SINK):
     return np.minimum(n, sink + window(alpha, beta, n))
 
 
-def rules(lengths):
-    """The 54 elastic rules (SPEC §3): 6 alphas evenly from -N_min to N_max, times 9 betas 0, 1/8, ..., 1.
+def rules(lengths, grid="spec"):
+    """The 54 elastic rules (SPEC §3): 6 alphas, -N_min, 0 and N_max/4 ... N_max ("spec": every length gets windows
+    from 64 to N in eighths) or evenly from -N_min to N_max ("paper"), times 9 betas 0, 1/8, ..., 1.
     Returns alphas [54], betas [54] (float64)."""
-    alphas = np.linspace(-min(lengths), max(lengths), 6)
+    lo, hi = min(lengths), max(lengths)
+    alphas = np.linspace(-lo, hi, 6) if grid == "paper" else np.array([-lo, 0, hi / 4, hi / 2, 3 * hi / 4, hi])
     betas = np.linspace(0.0, 1.0, 9)
     a, b = np.meshgrid(alphas, betas, indexing="ij")
     return a.ravel(), b.ravel()
@@ -102,6 +105,28 @@ INSTRUCTIONS = {
     "question": "What does the part of the document above that begins with \"{cue}\" say? Answer in a few sentences.",
 }
 CUE_TOKENS = 12
+# Samples come in frames (SPEC §4): a chat turn (plain text for a tokenizer without a chat template) and plain text
+# that the model continues; and in two kinds, the instructions above and synthetic retrieval. A kind in a frame is a
+# group (SPEC §6), bounded by the optimizer and by validation.
+FRAMES = ("chat", "plain")
+KINDS = ("instruction", "synthetic")
+# Synthetic retrieval (SPEC §4): every wording a generated sample draws from. None is the evaluation's (bench/).
+SYNTHETIC = {
+    "facts": ("By the way, the {label} is {value}.", "Note for later: {label} = {value}.",
+              "The {label} written on the card was {value}.", "Someone mentioned that the {label} is {value}."),
+    "questions": ("According to the text above, which {label} was given?",
+                  "Somewhere in the text a {label} appears. Write it down exactly.",
+                  "Look back through the text: what was the {label}?", "Quote the {label} that the text states."),
+    "number_labels": ("locker number", "invoice number", "seat number", "platform number"),
+    "code_labels": ("access code", "voucher code", "batch code", "tracking code"),
+    "name_labels": ("courier's name", "pilot's name", "gardener's name", "landlord's name"),
+    "names": ("Marta Okafor", "Kenji Alvarez", "Ingrid Novak", "Tomas Reyes", "Priya Lindqvist", "Olu Haddad"),
+    "fillers": ("The committee met on Tuesday and postponed the vote once more.",
+                "Rain kept falling over the harbour while the ferries waited.",
+                "She folded the map, put it back in the drawer and locked the door."),
+}
+PLAIN_TOKENS = 512   # plain held-out text is scored on its last tokens: full-vocabulary logits for a few rows only
+PLAIN_ROWS = 4       # one row of plain text per this many validation samples
 EVAL_SEED = 0      # the permutation that holds the evaluation's documents out of every run (split_documents)
 # Default profiling lengths (those within the model's context) and samples per length. A CPU stops at 2048, so that
 # it validates at 4096: at 8k one forward pass of the 135M default model takes ~20-40 s there, and the refinement
@@ -110,21 +135,35 @@ LENGTHS = {"cuda": (1024, 2048, 4096, 8192), "cpu": (1024, 2048)}
 SAMPLES = {"cuda": 32, "cpu": 1}
 
 
+def setting(default, help, type=None, many=False):
+    """A Config field and its command-line flag: the help, and the type where the default does not give it."""
+    return dataclasses.field(default=default, metadata=dict(help=help, type=type or builtins.type(default),
+                                                            nargs="+" if many else None))
+
+
 @dataclasses.dataclass
 class Config:
-    lengths: tuple | None = None          # profiling lengths N (prompt + answer); None: LENGTHS within the context
-    validate_length: int | None = None    # None: 2 x the largest profiling length, at most the model's context
-    density: float = 0.5                  # KV density budget d_N at every length (SPEC §6)
-    samples: int | None = None            # samples per length; None: SAMPLES
-    calib: str | None = None              # .txt or .jsonl ("text") corpus; None: Python's bundled pydoc topics
-    seed: int = 0
-    max_rules_per_layer: int | None = None
-    answer_tokens: int = 128              # greedy answer length cap (SPEC §4)
-    instructions: tuple = tuple(INSTRUCTIONS)   # the mix: names in INSTRUCTIONS, or texts (a "{cue}" is filled in)
-    candidates: int = 3                   # candidates made per sample kept (SPEC §4 selection); 1: no selection
-    local_window: float = 0.25            # selection: the loss rise when heads see only the sink + this share of N
-    rounds: int = 2                       # refinement: profiles at the chosen plan, each followed by solves near it
-    refine: int = 16                      # refinement: rule swaps between heads tried on the validation samples
+    lengths: tuple | None = setting(None, f"profiling lengths N (prompt + answer), increasing (default: "
+                                    f"{LENGTHS['cuda']} on a GPU, {LENGTHS['cpu']} on a CPU, in context)", int, True)
+    validate_length: int | None = setting(None, "default: 2 x the largest profiling length, at most the context", int)
+    density: float = setting(0.5, "KV density budget d_N at every length (SPEC §6)")
+    samples: int | None = setting(None, f"samples per length (default: {SAMPLES})", int)
+    calib: str | None = setting(None, ".txt or .jsonl (\"text\") corpus (default: Python's bundled pydoc topics)", str)
+    seed: int = setting(0, "the documents' split and the samples")
+    max_rules_per_layer: int | None = setting(None, "at most this many distinct rules in a layer", int)
+    answer_tokens: int = setting(128, "longest calibration answer, greedy (SPEC §4)")
+    instructions: tuple = setting(tuple(INSTRUCTIONS), f"the calibration mix: {', '.join(INSTRUCTIONS)}, or texts (a "
+                                  "{cue} is filled in with words from a random depth of the document)", str, many=True)
+    frames: tuple = setting(FRAMES, f"the samples' frames, taken in turn by each kind: {', '.join(FRAMES)}", str, True)
+    synthetic: float = setting(0.25, "the share of synthetic retrieval samples (SPEC §4)")
+    candidates: int = setting(3, "candidates made per sample kept, the most long-range (SPEC §4); 1: no selection")
+    local_window: float = setting(0.25, "selection: a candidate's loss rise when every head sees only the sink and "
+                                  "this share of the length")
+    rho: float | None = setting(1.0, "group bound (SPEC §6): every group's F_N,g at most rho x its uniform "
+                                "baseline's, or the smallest feasible rho", float)
+    rounds: int = setting(2, "refinement: profiles at the chosen plan, each followed by solves near it; 0: none")
+    refine: int = setting(16, "refinement: swaps of two heads' rules tried on the validation samples; 0: none")
+    grid: str = dataclasses.field(default="spec")   # the alphas of the rules: "spec" or "paper" (SPEC §3; --paper)
     sink: int = SINK
 
     def resolved(self, device, config):
@@ -133,13 +172,14 @@ class Config:
         context = getattr(config, "max_position_embeddings", None) or max(LENGTHS[kind])
         lengths = tuple(int(n) for n in self.lengths or [n for n in LENGTHS[kind] if n <= context] or [context])
         return dataclasses.replace(
-            self, lengths=lengths, instructions=tuple(self.instructions),   # 0 stays 0, for check_config to refuse
+            self, lengths=lengths, instructions=tuple(self.instructions), frames=tuple(self.frames),   # () stays ()
             validate_length=min(2 * max(lengths), context) if self.validate_length is None else self.validate_length,
             samples=SAMPLES[kind] if self.samples is None else self.samples)
 
 
-PAPER = dict(instructions=("summary",), candidates=1, rounds=0, refine=0)   # the paper's: summaries, no selection,
-                                                                              # validation without refinement
+# The paper's protocol: summaries in the chat frame, no selection, its alpha grid, no group bound, no refinement
+PAPER = dict(instructions=("summary",), frames=("chat",), synthetic=0.0, candidates=1, grid="paper", rho=None,
+             rounds=0, refine=0)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")   # model_type values tested end to end
 BATCH_TOKENS = 1 << 18     # tokens per batch in forward passes and generation
@@ -313,16 +353,18 @@ def load_documents(calib=None):
     else:
         docs = [p.strip() for p in text.split("\n\n")]
     docs = [d for d in docs if d.strip()]
-    if len(docs) < 2:
-        raise MoAError(f"{path} holds {len(docs)} document(s); calibration and validation need at least 2: separate "
-                       "documents by blank lines (.txt) or give one per line (.jsonl)")
+    if len(set(docs)) < 2:
+        raise MoAError(f"{path} holds {len(set(docs))} document(s) of distinct text; calibration and validation need "
+                       "at least 2: separate documents by blank lines (.txt) or give one per line (.jsonl)")
     return docs
 
 
 def split_documents(docs, seed):
-    """Disjoint calibration, validation and evaluation documents, lists of str (SPEC §7). The evaluation quarter is
-    drawn by a permutation with a fixed seed, so every run's plan is evaluated on the same documents (bench/); of the
-    rest, a permutation seeded with `seed` sends a third to validation and the others to calibration."""
+    """Disjoint calibration, validation and evaluation documents, lists of str (SPEC §7), of the distinct texts (a
+    corpus may hold one text twice: Python 3.11's pydoc topics under "if" and "else"). The evaluation quarter is drawn
+    by a permutation with a fixed seed, so every run's plan is evaluated on the same documents (bench/); of the rest,
+    a permutation seeded with `seed` sends a third to validation and the others to calibration."""
+    docs = list(dict.fromkeys(docs))
     held = np.random.default_rng(EVAL_SEED).permutation(len(docs))
     rest = [docs[i] for i in held[len(docs) // 4:]]
     order = np.random.default_rng(seed).permutation(len(rest))
@@ -330,24 +372,28 @@ def split_documents(docs, seed):
     return [rest[i] for i in order[cut:]], [rest[i] for i in order[:cut]], [docs[i] for i in held[:len(docs) // 4]]
 
 
-def chat_frame(tokenizer, instruction):
-    """Token ids (before, after) such that before + doc + after is the templated user turn and generation prompt."""
+def chat_frame(tokenizer, instruction, frame="chat"):
+    """Token ids (before, after) such that before + doc + after is a prompt in the frame (SPEC §4): "chat", the
+    templated user turn and generation prompt; "plain" (also a chat frame's where the tokenizer has no template),
+    text the model continues: the document, a blank line, the instruction, a blank line and "Answer:"."""
     marker = "\u2063DOC\u2063"
     content = f"{marker}\n\n{instruction}"
-    if tokenizer.chat_template:
+    if frame == "chat" and tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
     else:
         text = content + "\n\nAnswer:"
     before, after = text.split(marker)
-    encode = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]
-    return encode(before), encode(after)
+    return encode(tokenizer, before), encode(tokenizer, after)
+
+
+def encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def tokenize_documents(tokenizer, docs):
     """Each document's token ids followed by those of a blank line: a list of lists of int."""
-    sep = tokenizer("\n\n", add_special_tokens=False)["input_ids"]
-    return [tokenizer(d, add_special_tokens=False)["input_ids"] + sep for d in docs]
+    return [encode(tokenizer, d + "\n\n") for d in docs]
 
 
 def instruction_texts(cfg):
@@ -355,14 +401,45 @@ def instruction_texts(cfg):
     return [INSTRUCTIONS.get(i, i) for i in cfg.instructions]
 
 
+def group_names(cfg):
+    """The groups of samples (SPEC §6): each kind in each frame of the mix."""
+    return [f"{kind}/{frame}" for kind in KINDS for frame in cfg.frames]
+
+
+def sample_groups(n, cfg):
+    """The group (index into group_names) of each of n samples: a share cfg.synthetic of them, evenly spread, are
+    synthetic retrieval; each kind takes the frames in turn, synthetic retrieval from the second. int [n]."""
+    synthetic = np.floor(np.arange(1, n + 1) * cfg.synthetic) > np.floor(np.arange(n) * cfg.synthetic)
+    turn = (np.where(synthetic, np.cumsum(synthetic) - 1, np.cumsum(~synthetic) - 1) + synthetic) % len(cfg.frames)
+    return synthetic * len(cfg.frames) + turn
+
+
+def synthetic_question(rng):
+    """A synthetic retrieval question (SPEC §4) and the facts it plants: one to four facts (a number, a code or a
+    name, each under a label of its kind, labels distinct), worded from SYNTHETIC; the question asks for one.
+    Returns (question, [planted sentence])."""
+    S, count = SYNTHETIC, int(rng.integers(1, 5))
+    labels = [(kind, label) for kind in ("number", "code", "name") for label in S[f"{kind}_labels"]]
+    value = {"number": lambda: str(rng.integers(1000, 1000000)), "name": lambda: str(rng.choice(S["names"])),
+             "code": lambda: "".join(rng.choice(list("ABCDEFGHJKLMNPRSTUVWXYZ"), 3)) + f"-{rng.integers(100, 10000)}"}
+    facts = [labels[i] for i in rng.choice(len(labels), count, replace=False)]
+    planted = [" " + str(rng.choice(S["facts"])).format(label=label, value=value[kind]()) for kind, label in facts]
+    return str(rng.choice(S["questions"])).format(label=facts[rng.integers(count)][1]), planted
+
+
 def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
-    """Tokens of document a sample of `length` has room for beside the longest chat frame of the mix (a cue counted
-    at 3 x CUE_TOKENS) and the answer; a clear error if that is too little, or more than the documents hold."""
-    cue = " ".join(["cue"] * 3 * CUE_TOKENS)
-    frames = [len(sum(chat_frame(tokenizer, text.replace("{cue}", cue)), [])) for text in instruction_texts(cfg)]
-    room, need = length - max(frames), length - min(frames)
-    if room < cfg.answer_tokens + 2 * CUE_TOKENS:
-        raise MoAError(f"length {length} leaves no room for a document beside the chat template and "
+    """Tokens of document a sample of `length` has room for beside the longest frame of the instructions (a cue
+    counted at 3 x CUE_TOKENS) and the answer; a clear error if that is too little (or, for synthetic retrieval, too
+    little for four facts of the longest wording beside its longest question), or more than the documents hold."""
+    label = max((x for k, v in SYNTHETIC.items() if k.endswith("labels") for x in v), key=len)
+    cue = [t.replace("{cue}", " ".join(["cue"] * 3 * CUE_TOKENS)) for t in instruction_texts(cfg)]
+    asks = [q.format(label=label) for q in SYNTHETIC["questions"]] if cfg.synthetic else []
+    frames = lambda texts: [len(sum(chat_frame(tokenizer, t, frame), [])) for t in texts for frame in cfg.frames]
+    facts = max([len(encode(tokenizer, f.format(label=label, value=max(SYNTHETIC["names"], key=len))))
+                 for f in SYNTHETIC["facts"]]) * 4
+    room, need = length - max(frames(cue)), length - min(frames(cue + asks))
+    if room < cfg.answer_tokens + 2 * CUE_TOKENS or asks and length - max(frames(asks)) < cfg.answer_tokens + facts:
+        raise MoAError(f"length {length} leaves no room for a document beside the prompt's frame and "
                        f"{cfg.answer_tokens} answer tokens: use longer lengths or fewer --answer-tokens")
     total = sum(map(len, doc_ids))
     if total < need:
@@ -372,49 +449,80 @@ def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
 
 
 def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
-    """n samples of exactly `length` tokens (SPEC §4). A candidate: the documents (token ids) in a fresh random order,
-    cut to fit; an instruction of the mix, in turn, whose cue (if any) is taken from a random depth; and the dense
-    model's greedy answer. Of n * cfg.candidates candidates, the n whose answer loss rises most when every head sees
-    only the sink and the last cfg.local_window * length tokens are kept: the answers that depend most on distant
-    text. Returns {"input_ids": [n, length], "answer_start": [n], "instruction": [n] (index into cfg.instructions),
-    "rise": [n] (0 without selection)}."""
+    """n samples of exactly `length` tokens (SPEC §4), in the groups of sample_groups. A candidate: the documents
+    (token ids) in a fresh random order, cut to fit, in its frame, with either an instruction of the mix, in turn,
+    whose cue (if any) is taken from a random depth, or a synthetic retrieval question whose facts are planted at
+    random depths past what a long answer may push out, of the documents or of a filler sentence repeated; and the
+    dense model's greedy answer. Of cfg.candidates candidates per sample, those of each group whose answer loss
+    rises most when every head sees only the sink and the last cfg.local_window * length tokens are kept: the answers
+    that depend most on distant text. Returns {"input_ids": [n, length], "answer_start": [n], "group": [n] (index
+    into group_names), "instruction": [n] (index into cfg.instructions; -1: synthetic), "rise": [n] (0 without
+    selection)}."""
     room = sample_room(tokenizer, doc_ids, length, cfg)
-    rng, texts = np.random.default_rng(seed), instruction_texts(cfg)
-    candidates = []   # (before, document stream, after, instruction index)
+    rng, texts, groups = np.random.default_rng(seed), instruction_texts(cfg), sample_groups(n, cfg)
+    candidates, told = [], 0   # (before, document stream, after, group, instruction index); instructions told
     for c in range(n * cfg.candidates):
         stream = [t for i in rng.permutation(len(doc_ids)) for t in doc_ids[i]]
-        text = texts[c % len(texts)]
-        if "{cue}" in text:   # a random depth past what a long answer may push out, moved to a line start if near
-            at = int(rng.integers(cfg.answer_tokens, room - 2 * CUE_TOKENS + 1))
-            at = next((p for p in range(at, at + CUE_TOKENS) if "\n" in tokenizer.decode(stream[p - 1])), at)
-            text = text.replace("{cue}", " ".join(tokenizer.decode(stream[at:at + CUE_TOKENS]).split()))
-        before, after = chat_frame(tokenizer, text)
-        candidates.append((before, stream[:length - len(before) - len(after)], after, c % len(texts)))
+        group = int(groups[c % n])
+        frame = cfg.frames[group % len(cfg.frames)]
+        if group < len(cfg.frames):                                        # an instruction of the mix
+            text, kind, told = texts[told % len(texts)], told % len(texts), told + 1
+            if "{cue}" in text:   # a random depth past what a long answer may push out, moved to a line start if near
+                at = int(rng.integers(cfg.answer_tokens, room - 2 * CUE_TOKENS + 1))
+                at = next((p for p in range(at, at + CUE_TOKENS) if "\n" in tokenizer.decode(stream[p - 1])), at)
+                text = text.replace("{cue}", " ".join(tokenizer.decode(stream[at:at + CUE_TOKENS]).split()))
+            before, after = chat_frame(tokenizer, text, frame)
+        else:                                                              # synthetic retrieval
+            text, planted = synthetic_question(rng)
+            before, after = chat_frame(tokenizer, text, frame)
+            facts = [encode(tokenizer, p) for p in planted]
+            if rng.random() < 0.5:
+                stream = encode(tokenizer, " " + str(rng.choice(SYNTHETIC["fillers"]))) * length
+            body = stream[:length - len(before) - len(after) - sum(map(len, facts))]
+            for at, fact in zip(sorted(rng.integers(cfg.answer_tokens, len(body) + 1, len(facts)), reverse=True),
+                                facts):                                    # after a sentence's end, if one is near
+                at = next((p for p in range(at, min(at + 4 * CUE_TOKENS, len(body))) if tokenizer.decode(
+                    body[p - 1:p]).rstrip(" ").endswith((".", "\n"))), at)
+                body[at:at] = fact
+            stream, kind = body, -1
+        candidates.append((before, stream[:length - len(before) - len(after)], after, group, kind))
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     rows, starts = [], []
     batch = max(1, BATCH_TOKENS // length)
     for b0 in tqdm(range(0, len(candidates), batch), desc=f"answers @{length}", leave=False):
         chunk = candidates[b0:b0 + batch]
-        prompts = torch.tensor([before + t[cfg.answer_tokens:] + after for before, t, after, _ in chunk],
+        prompts = torch.tensor([before + t[cfg.answer_tokens:] + after for before, t, after, *_ in chunk],
                                device=model.device)                                # all length - answer_tokens long
         with following(model, None):                        # the dense model's answers, whatever plan it follows
             out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
                                  max_new_tokens=cfg.answer_tokens, pad_token_id=next(iter(eos)))
-        for (before, t, after, _), gen in zip(chunk, out[:, prompts.shape[1]:].tolist()):
+        for (before, t, after, *_), gen in zip(chunk, out[:, prompts.shape[1]:].tolist()):
             answer = gen[:next((i + 1 for i, tok in enumerate(gen) if tok in eos), len(gen))]
             # A shorter answer leaves room: the document starts earlier in its stream, so that the sample is exactly
             # `length` tokens while the text right before the instruction stays what the answer was generated for.
             rows.append(before + t[len(answer):] + after + answer)
             starts.append(length - len(answer))
     samples = {"input_ids": torch.tensor(rows), "answer_start": torch.tensor(starts),
-               "instruction": torch.tensor([c[3] for c in candidates]), "rise": torch.zeros(len(rows))}
+               "group": torch.tensor([c[3] for c in candidates]),
+               "instruction": torch.tensor([c[4] for c in candidates]), "rise": torch.zeros(len(rows))}
     if cfg.candidates == 1:
         return samples
     local = every_head(model.config, max(MIN_WINDOW, int(cfg.local_window * length)), 0.0, cfg.sink)
     samples["rise"] = answer_losses(model, samples, local, "local") - answer_losses(model, samples, None, "dense")
-    keep = samples["rise"].argsort(descending=True, stable=True)[:n]
+    order = samples["rise"].argsort(descending=True, stable=True)
+    keep = torch.cat([order[samples["group"][order] == g][:int((groups == g).sum())] for g in np.unique(groups)])
     return {k: v[keep] for k, v in samples.items()}
+
+
+def plain_text(doc_ids, n, length, seed):
+    """Plain held-out text (SPEC §7): n rows of `length` tokens of the documents in random orders, scored on their
+    last PLAIN_TOKENS tokens (its perplexity where the context is longest), as samples for answer_losses."""
+    rng = np.random.default_rng(seed)
+    stream = lambda: itertools.chain.from_iterable(doc_ids[i] for _ in range(length)
+                                                   for i in rng.permutation(len(doc_ids)))
+    return {"input_ids": torch.tensor([list(itertools.islice(stream(), length)) for _ in range(n)]),
+            "answer_start": torch.full((n,), length - min(PLAIN_TOKENS, length // 2))}
 
 
 def answer_loss(model, input_ids, answer_start, inputs_embeds=None):
@@ -600,14 +708,17 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
         t = max(t, min(4 * t + 1e-3, best - z_L))
 
 
-def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, names=None, workers=1):
+def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, names=None, workers=1, caps=None):
     """The ε-constraint front (SPEC §6): minimise each F_p alone; split each objective's range [min, max over those
     P plans] into 4 intervals; minimise each F_p with the others bounded by the upper ends of every combination of
-    intervals (P + P·4^(P-1) solves, in `workers` threads). Returns the distinct, non-dominated plans (the rule
-    index per head, int [K] each), sorted by F of the first length."""
+    intervals (P + P·4^(P-1) solves, in `workers` threads). caps: (c [K, R, C], limits [C]) bounds every plan by
+    Σ_k c[k, r_k] <= limits (the group bounds). Returns the distinct, non-dominated plans (the rule index per head,
+    int [K] each), sorted by F of the first length."""
     loss = np.asarray(loss, float)
     K, R, P = loss.shape
-    run = partial(solve, loss, density, budget, layers=layers, max_rules_per_layer=max_rules_per_layer, names=names)
+    c, limits = caps if caps is not None else (np.zeros((K, R, 0)), np.zeros(0))
+    run = lambda p, b=np.full(P, np.inf): solve(np.concatenate([loss, c], 2), density, budget, p, np.r_[b, limits],
+                                                layers, max_rules_per_layer, names)
     # threads, not processes: HiGHS releases the GIL, and a forked worker's MILP hangs once the parent has run one
     # (HiGHS's thread pool does not survive fork; seen on a 16-core host)
     with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
@@ -627,7 +738,27 @@ def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, n
     return list(X[np.argsort(F[:, 0], kind="stable")])
 
 
-# ----------------------------------------------------------------------------------------------------------------
+RHO_STEPS = 8   # bisection steps for the smallest feasible group bound
+
+
+def group_bound(ratio, total, density, budget, layers=None, max_rules_per_layer=None, names=None, rho=1.0):
+    """The group bound of SPEC §6: every group g at every length N keeps F_N,g <= rho · F_N,g(uniform). ratio:
+    [K, R, C] each head's F_N,g under each rule over F_N,g(uniform), C = groups x lengths; total: [K, R, P] the
+    objectives. Where no plan within the budget meets `rho`, the smallest rho that one meets, by bisection between it
+    and the largest ratio of the plan that minimises F_first alone (to 1/2^RHO_STEPS of that gap, rounded up)."""
+    K, R, C = ratio.shape
+    feasible = lambda r: solve(np.concatenate([total, ratio], 2), density, budget, 0,
+                               np.r_[np.full(total.shape[2], np.inf), np.full(C, r)], layers, max_rules_per_layer,
+                               names) is not None
+    if feasible(rho):
+        return rho
+    least = solve(total, density, budget, 0, None, layers, max_rules_per_layer, names)
+    lo, hi = rho, ratio[np.arange(K), least].sum(0).max()
+    for _ in range(RHO_STEPS):
+        lo, hi = (lo, (lo + hi) / 2) if feasible((lo + hi) / 2) else ((lo + hi) / 2, hi)
+    return float(hi)
+
+
 # Validation: score each Pareto plan at the unseen length, keep the best (SPEC §7)
 
 MIN_SPREAD = 0.01   # a length where uniform loses under 1% more than dense cannot tell plans apart
@@ -646,14 +777,15 @@ def validation_score(loss, dense, uniform):
 TRUST = (1 / 32, 1 / 16, 1 / 8, 1 / 4)   # the most KV heads a solve at a plan may change, as shares of all of them
 
 
-def near_plans(base, relative, weights, choice, density, budget, layers=None, max_rules_per_layer=None, names=None,
+def near_plans(relative, weights, choice, density, budget, layers=None, max_rules_per_layer=None, names=None,
                workers=1):
     """Plans near the choice (a rule per KV head, int [K]) from a profile at it (SPEC §5.1): minimise the weighted sum
-    over lengths of F_N(P) + Σ_k ΔL_N(k, r_k) with at most m heads changed, one solve for each m in TRUST (a trust
-    region: the estimate is first order around the plan). base: [K, P] each head's loss at its chosen rule (F_N(P) =
-    Σ_k base); relative: [K, R, P] ΔL of each rule from the chosen one; weights: [P]. Returns the distinct plans."""
+    over lengths of Σ_k ΔL_N(k, r_k) (F_N(P) left out: a constant would make HiGHS's relative gap one of F_N(P), not
+    of the gain) with at most m heads changed, one solve for each m in TRUST (a trust region: the estimate is first
+    order around the plan). relative: [K, R, P] ΔL of each rule from the chosen one; weights: [P]. Returns the
+    distinct plans."""
     K, R, P = relative.shape
-    objective = ((base[:, None] + relative) * weights).sum(-1)                       # [K, R]
+    objective = (relative * weights).sum(-1)                                          # [K, R]
     changed = (np.arange(R) != choice[:, None]).astype(float)                         # [K, R]: 1 off the choice
     run = lambda m: solve(np.stack([objective, changed], -1), density, budget, 0, [np.inf, m], layers,
                           max_rules_per_layer, names)
@@ -662,15 +794,25 @@ def near_plans(base, relative, weights, choice, density, budget, layers=None, ma
     return list(np.unique([c for c in plans if c is not None], axis=0))
 
 
-def swaps(relative, weights, choice, count):
+def swaps(relative, weights, choice, count, layers=None, max_rules_per_layer=None):
     """The `count` exchanges of two KV heads' rules (the density stays the same at every length) that the profile
-    rates best, best first: [(a, b)]. relative: [K, R, P] ΔL of each rule from the choice (int [K]); weights: [P]."""
-    gain = (relative * weights).sum(-1)[:, choice]                                   # [a, b]: a takes b's rule
+    rates best, best first, that leave no layer (layers: [K]) with more than max_rules_per_layer rules: [(a, b)].
+    relative: [K, R, P] ΔL of each rule (from any plan: rated against the choice, int [K]); weights: [P]."""
+    cost = (relative * weights).sum(-1)
+    gain = cost[:, choice] - cost[np.arange(len(choice)), choice][:, None]           # [a, b]: a takes b's rule
     a, b = np.triu_indices(len(choice), 1)
     keep = choice[a] != choice[b]
     a, b = a[keep], b[keep]
-    order = np.argsort(gain[a, b] + gain[b, a], kind="stable")[:count]
-    return list(zip(a[order].tolist(), b[order].tolist()))
+    order = np.argsort(gain[a, b] + gain[b, a], kind="stable")
+    out = []
+    for i, j in zip(a[order].tolist(), b[order].tolist()):
+        c = choice.copy()
+        c[[i, j]] = c[[j, i]]
+        if max_rules_per_layer is None or all(len(set(c[layers == layers[k]])) <= max_rules_per_layer for k in (i, j)):
+            out.append((i, j))
+        if len(out) == count:
+            break
+    return out
 
 
 def row_batches(ids, tokens=BATCH_TOKENS):
@@ -732,7 +874,7 @@ def save_plan(plan, path):
 PLAN_FIX = "fix the file, or make a new plan with python moa.py"
 PLAN_KEYS = ("alphas", "betas", "sink", "min_window", "heads",                                  # the rules (SPEC §8)
              "model", "lengths", "validate_length", "density_budget", "density", "validation_loss", "calibration",
-             "seed", "samples")
+             "optimizer", "seed", "samples")
 
 
 def load_plan(path):
@@ -1122,112 +1264,187 @@ def check_config(cfg, config):
         raise MoAError(f"--rounds {cfg.rounds}, --refine {cfg.refine} and --seed {cfg.seed}: give 0 or more")
     if cfg.max_rules_per_layer is not None and cfg.max_rules_per_layer < 1:
         raise MoAError(f"--max-rules-per-layer {cfg.max_rules_per_layer}: give at least 1, or leave it out")
+    if not cfg.frames or set(cfg.frames) - set(FRAMES) or not 0 <= cfg.synthetic <= 1 or (cfg.rho or 1) <= 0:
+        raise MoAError(f"--frames {' '.join(cfg.frames)}, --synthetic {cfg.synthetic}, --rho {cfg.rho}: give frames "
+                       f"of {', '.join(FRAMES)}, a share in [0, 1] and a rho > 0")
     if not 0 < cfg.local_window < 1:
         raise MoAError(f"--local-window is a share of the length, in (0, 1), not {cfg.local_window}")
     lengths = budget_lengths(cfg)
-    check_budget(rule_densities(*rules(cfg.lengths), lengths, cfg.sink), np.full(len(lengths), cfg.density), lengths)
+    check_budget(rule_densities(*rules(cfg.lengths, cfg.grid), lengths, cfg.sink), np.full(len(lengths), cfg.density),
+                 lengths)
     if cfg.validate_length == cfg.lengths[-1]:       # e.g. a 4k context: 2 x 4096 is capped to the profiled 4096
         print(f"note: the validation length {cfg.validate_length} is also the largest profiling length, so plans are "
               "chosen on unseen samples but at no unseen length: give --lengths below it for one")
 
 
 def budget_lengths(cfg):
-    """The lengths at which the density budget holds (SPEC §6): the profiling lengths and the validation length."""
+    """The lengths at which the density budget holds (SPEC §6) and plans are validated (§7): the profiling lengths
+    and the validation length."""
     return sorted({*cfg.lengths, cfg.validate_length})
 
 
-def compress(model, tokenizer, out=None, **settings):
-    """Find a MoA plan for `model`: calibrate, profile, optimize, validate. Settings as in Config.
-    Stages are saved under `out` (if given) and resumed. Returns the chosen plan (dict, SPEC §8)."""
-    cfg = Config(**settings).resolved(model.device, model.config)
-    check_config(cfg, model.config)
-    H, G = kv_heads(model.config)
-    L, lengths = model.config.num_hidden_layers, cfg.lengths
-    valid_lengths = sorted({lengths[0], cfg.validate_length})                    # SPEC §7
+MIN_REFINE_SAMPLES = 8   # refinement chooses among near-tied plans: with fewer validation samples, noise would choose
+
+
+def calibrate(model, tokenizer, cfg, stages, key):
+    """SPEC §4, §7: calibration samples at each profiling length; validation samples and plain held-out text at each
+    validation length ({length: samples} each); the stages' key; the documents' fingerprint."""
     docs = load_documents(cfg.calib)
     calib_docs, valid_docs, _ = (tokenize_documents(tokenizer, d) for d in split_documents(docs, cfg.seed))
-    sample_room(tokenizer, calib_docs, lengths[-1], cfg, "calibration")      # errors now, before any output
-    sample_room(tokenizer, valid_docs, valid_lengths[-1], cfg, "validation")
-    stages = Stages(out)
-    data_key = fingerprint(model_fingerprint(model), docs, cfg.seed, cfg.samples, cfg.answer_tokens,
-                           cfg.instructions, cfg.candidates, cfg.local_window, cfg.sink)
+    sample_room(tokenizer, calib_docs, cfg.lengths[-1], cfg, "calibration")      # errors now, before any output
+    sample_room(tokenizer, valid_docs, cfg.validate_length, cfg, "validation")
+    key = fingerprint(key, docs, *(getattr(cfg, k) for k in ("seed", "samples", "answer_tokens", "instructions",
+                                                             "frames", "synthetic", "candidates", "local_window",
+                                                             "sink")))
+    made = lambda role, ids, n: stages(f"samples_{role}{n}", fingerprint(key, role, n), lambda: make_samples(
+        model, tokenizer, ids, cfg.samples, n, cfg, seed=[cfg.seed, n, role == "valid"]))
+    calib = {n: made("calib", calib_docs, n) for n in tqdm(cfg.lengths, desc="calibration samples")}
+    valid = {n: made("valid", valid_docs, n) for n in budget_lengths(cfg)}
+    plain = {n: plain_text(valid_docs, max(1, cfg.samples // PLAIN_ROWS), n, [cfg.seed, n, 3]) for n in valid}
+    return calib, valid, plain, key, fingerprint(docs)
 
-    def samples(role, docs, n):
-        return stages(f"samples_{role}{n}", fingerprint(data_key, role, n), lambda: make_samples(
-            model, tokenizer, docs, cfg.samples, n, cfg, seed=[cfg.seed, n, role == "valid"]))
 
-    calib = {n: samples("calib", calib_docs, n) for n in tqdm(lengths, desc="calibration samples")}
-    valid = {n: samples("valid", valid_docs, n) for n in valid_lengths}
-    alphas, betas = rules(lengths)
-    to_plan = lambda c: make_plan(alphas[c].reshape(L, G), betas[c].reshape(L, G), cfg.sink)
-    windows = lambda c, n: window(alphas[c], betas[c], n)                              # [L*G] of a choice c
-    hists = [stages(f"profile_{n}", fingerprint(data_key, n), lambda: profile(model, calib[n], cfg.sink))
-             for n in tqdm(lengths, desc="profiling")]
-    loss = np.stack([rule_losses(h, H // G, alphas, betas) for h in hists], -1)        # [L*G, 54, P]
-    at, layers = budget_lengths(cfg), np.repeat(np.arange(L), G)
-    density, budget = rule_densities(alphas, betas, at, cfg.sink), np.full(len(at), cfg.density)   # [54, len(at)]
-    workers = min(8, os.cpu_count() or 1)
-    front = stages("optimize", fingerprint(loss.tolist(), at, cfg.density, cfg.max_rules_per_layer),
-                   lambda: pareto_front(loss, density, budget, layers, cfg.max_rules_per_layer, at, workers))
+def group_profiles(model, calib, cfg, stages, key):
+    """SPEC §5, §6: the dense profile of each group's samples at each profiling length: [groups, L, H, N] each."""
+    groups = lambda s: [{k: v[s["group"] == g] for k, v in s.items()} for g in s["group"].unique()]
+    return [stages(f"profile_{n}", fingerprint(key, n), lambda: torch.stack([profile(model, x, cfg.sink)
+                                                                           for x in groups(s)]))
+            for n, s in tqdm(calib.items(), desc="profiling")]
 
-    def loss_at(n, plan, name):   # a plan's validation loss at n; plans whose windows coincide at n run once
+
+FRONT_PLANS = 32   # validation's cost grows with the front: at most this many plans, those the profile rates best
+
+
+def optimize(loss, ratio, uniform, cfg, space):
+    """SPEC §6: the ε-constraint front of the totals F_N (loss: [K, R, P]; uniform: [P] F_N(uniform)), every plan
+    within the group bound (ratio: [groups, K, R, P] each group's F_N,g over its F_N,g(uniform)); of a larger front,
+    the FRONT_PLANS plans of least mean F_N / F_N(uniform). Returns (the plans, the rho they hold)."""
+    alphas, betas, to_plan, density, budget, layers, workers = space
+    at, caps = budget_lengths(cfg), ratio.transpose(1, 2, 0, 3).reshape(*loss.shape[:2], -1)
+    rho = cfg.rho and group_bound(caps, loss, density, budget, layers, cfg.max_rules_per_layer, at, cfg.rho)
+    front = pareto_front(loss, density, budget, layers, cfg.max_rules_per_layer, at, workers,
+                         rho and (caps, np.full(caps.shape[2], rho)))
+    rated = [(loss[np.arange(len(c)), c].sum(0) / uniform).mean() for c in front]
+    return [front[i] for i in sorted(np.argsort(rated, kind="stable")[:FRONT_PLANS])], rho
+
+
+def validate(model, cfg, valid, plain, plan_at, name, stages, key):
+    """SPEC §7: the mean loss of the plan plan_at(n) (None: dense) at each validation length n over all validation
+    samples ("loss"), per group ("groups": {name: [lengths]}) and on plain held-out text ("plain"). Plans whose
+    windows coincide at a length run once."""
+    table = {"loss": [], "groups": {}, "plain": []}
+    for n, s in valid.items():
+        plan = plan_at(n)
         w = None if plan is None else window(*kv_rules(plan, model.config), n).tolist()
-        return stages(f"validate_{fingerprint(w, plan and plan['sink'])}_{n}", fingerprint(data_key, n),
-                      lambda: float(answer_losses(model, valid[n], plan, desc=f"{name} @{n}").mean()))
+        answers, text = stages(f"validate_{fingerprint(w, plan and plan['sink'])}_{n}", fingerprint(key, n), lambda: (
+            answer_losses(model, s, plan, desc=f"{name} @{n}"), answer_losses(model, plain[n], plan, desc="plain")))
+        table["loss"].append(float(answers.mean()))
+        table["plain"].append(float(text.mean()))
+        for g in s["group"].unique().tolist():
+            table["groups"].setdefault(group_names(cfg)[g], []).append(float(answers[s["group"] == g].mean()))
+    return table
 
-    def scored(c, name):          # (validation score, losses [valid lengths]) of the choice c: a rule per head
-        x = [loss_at(n, to_plan(c), name) for n in valid_lengths]
-        return validation_score(x, dense, uniform), x
 
-    dense = [loss_at(n, None, "dense") for n in valid_lengths]
-    uniform = [loss_at(n, uniform_plan(model.config, cfg.density, n, cfg.sink), "uniform") for n in valid_lengths]
-    pareto = [scored(c, f"plan {i + 1}/{len(front)}") for i, c in enumerate(tqdm(front, desc="validating"))]
-    best = int(np.argmin([x[0] for x in pareto]))
-    choice, (score, losses) = front[best], pareto[best]
-    steps = {"front": (choice, score, losses)}
-    # Refinement (SPEC §5.1, §7): profile at the chosen plan, solve near it, keep what validation confirms
-    weights = 1 / np.array([rule_losses(h, H // G, *np.array([uniform_rule(cfg.density, n, cfg.sink)]).T).sum()
-                            for h, n in zip(hists, lengths)])           # each length's F in units of uniform's
-    relative = loss - loss[np.arange(L * G), choice][:, None]                          # ΔL from the choice, at dense
+def judged(table, dense, uniform):
+    """A validation table's rank, lower is better (SPEC §7): (whether it loses more than uniform on a group or on plain
+    text at some length: such a plan is not chosen while another is not; validation_score of its mean losses)."""
+    worse = np.greater(table["plain"], uniform["plain"]).any() or any(
+        np.greater(x, uniform["groups"][g]).any() for g, x in table["groups"].items())
+    return bool(worse), validation_score(table["loss"], dense["loss"], uniform["loss"])
+
+
+def refine(model, cfg, calib, stages, key, space, loss, weights, step, scored):
+    """SPEC §5.1, §7: profile at the chosen plan and solve near it (cfg.rounds times, while it improves), then try
+    cfg.refine swaps of two heads' rules; keep a change only where validation ranks it better. loss: [K, R, P] the
+    dense profile's; weights: [P]; step: (choice, (rank, table)); scored(choice, name) -> (rank, table). Returns
+    the steps {"at_plan": step, "refined": step}."""
+    alphas, betas, to_plan, density, budget, layers, workers = space
+    (choice, best), g = step, kv_heads(model.config)[0] // kv_heads(model.config)[1]
+    relative = loss - loss[np.arange(len(choice)), choice][:, None]                   # ΔL from the choice, at dense
     for r in range(cfg.rounds):
-        plan = to_plan(choice)
+        plan, windows = to_plan(choice), lambda n: window(alphas[choice], betas[choice], n)
         at_plan = np.stack([rule_losses(stages(
-            f"profile_{n}_at_{fingerprint(windows(choice, n).tolist())}", fingerprint(data_key, n, "at"),
-            lambda: profile(model, calib[n], cfg.sink, plan)), H // G, alphas, betas, windows(choice, n))
-            for n in tqdm(lengths, desc=f"profiling at the plan, round {r + 1}")], -1)
+            f"profile_{n}_at_{fingerprint(windows(n).tolist())}", fingerprint(key, n, "at"),
+            lambda: profile(model, calib[n], cfg.sink, plan)), g, alphas, betas, windows(n))
+            for n in tqdm(cfg.lengths, desc=f"profiling at the plan, round {r + 1}")], -1)
         # Blended with the dense profile (SPEC §5.1 leaves it to evidence): a rule that cuts a head below the plan is
         # rated by the dense profile's |ΔL|, one that widens it by the plan's restore estimate. The signed drop
         # estimates of a row's kept keys sum to 0 (Σ_j A_ij (D_i - G_ij) = 0), so they rate large cuts as nearly free
         # (bench/README.md#quality: such plans measured worse than uniform).
-        cut = np.stack([window(alphas, betas, n)[None] < windows(choice, n)[:, None] for n in lengths], -1)
-        relative = np.where(cut, loss - loss[np.arange(L * G), choice][:, None], at_plan)
-        near = near_plans(loss[np.arange(L * G), choice], relative, weights, choice, density, budget, layers,
-                          cfg.max_rules_per_layer, at, workers)
-        tried = [scored(c, f"round {r + 1}, near plan {i + 1}/{len(near)}") for i, c in enumerate(near)]
-        i = int(np.argmin([x[0] for x in tried]))
-        if tried[i][0] >= score:
+        cut = np.stack([window(alphas, betas, n)[None] < windows(n)[:, None] for n in cfg.lengths], -1)
+        relative = np.where(cut, loss - loss[np.arange(len(choice)), choice][:, None], at_plan)
+        near = near_plans(relative, weights, choice, density, budget, layers, cfg.max_rules_per_layer,
+                          budget_lengths(cfg), workers)
+        tried = [(scored(c, f"round {r + 1}, near plan {i + 1}/{len(near)}"), c) for i, c in enumerate(near)]
+        if min(x[0][0] for x in tried) >= best[0]:
             break
-        choice, (score, losses) = near[i], tried[i]
-    steps["at_plan"] = (choice, score, losses)
-    for a, b in tqdm(swaps(relative, weights, choice, cfg.refine), desc="refining"):
+        best, choice = min(tried, key=lambda x: x[0][0])
+    steps = {"at_plan": (choice, best)}
+    for a, b in tqdm(swaps(relative, weights, choice, cfg.refine, layers, cfg.max_rules_per_layer), desc="refining"):
         c = choice.copy()
         c[[a, b]] = c[[b, a]]
-        x = scored(c, f"swap {a} {b}")
-        if x[0] < score:
-            choice, (score, losses) = c, x
-    steps["refined"] = (choice, score, losses)
-    kept = {n: np.bincount(s["instruction"], minlength=len(cfg.instructions)).tolist() for n, s in calib.items()}
-    meta = dict(model=str(model.name_or_path), lengths=list(lengths), validate_length=cfg.validate_length,
+        if (x := scored(c, f"swap {a} {b}"))[0] < best[0]:
+            choice, best = c, x
+    return {**steps, "refined": (choice, best)}
+
+
+def compress(model, tokenizer, out=None, **settings):
+    """Find a MoA plan for `model`: calibrate, profile, optimize, validate, refine. Settings as in Config.
+    Stages are saved under `out` (if given) and resumed. Returns the chosen plan (dict, SPEC §8)."""
+    cfg = Config(**settings).resolved(model.device, model.config)
+    check_config(cfg, model.config)
+    (H, G), L, stages = kv_heads(model.config), model.config.num_hidden_layers, Stages(out)
+    calib, valid, plain, key, documents = calibrate(model, tokenizer, cfg, stages, model_fingerprint(model))
+    hists = group_profiles(model, calib, cfg, stages, key)                            # [groups, L, H, N] per length
+    alphas, betas = rules(cfg.lengths, cfg.grid)
+    loss = np.stack([[rule_losses(h, H // G, alphas, betas) for h in x] for x in hists], -1)   # [groups, L*G, 54, P]
+    uniform = np.array([[rule_losses(h, H // G, *np.array([uniform_rule(cfg.density, n, cfg.sink)]).T).sum()
+                         for h in x] for x, n in zip(hists, cfg.lengths)]).T                  # [groups, P]
+    share = np.bincount(sample_groups(cfg.samples, cfg)) / cfg.samples
+    share = share[share > 0]                                                       # of the groups present, in order
+    total = np.einsum("g,gkrp->krp", share, loss)                                  # F_N: the mean over all samples
+    at, layers = budget_lengths(cfg), np.repeat(np.arange(L), G)
+    density, budget = rule_densities(alphas, betas, at, cfg.sink), np.full(len(at), cfg.density)   # [54, len(at)]
+    to_plan = lambda c: make_plan(alphas[c].reshape(L, G), betas[c].reshape(L, G), cfg.sink)
+    space = (alphas, betas, to_plan, density, budget, layers, min(8, os.cpu_count() or 1))
+    front, rho = stages("optimize", fingerprint(loss.tolist(), uniform.tolist(), at, cfg.density,
+                                                cfg.max_rules_per_layer, cfg.rho, cfg.grid),
+                        lambda: optimize(total, loss / uniform[:, None, None], share @ uniform, cfg, space))
+    tables = lambda plan_at, name: validate(model, cfg, valid, plain, plan_at, name, stages, key)
+    dense = tables(lambda n: None, "dense")
+    base = tables(lambda n: uniform_plan(model.config, cfg.density, n, cfg.sink), "uniform")    # uniform at each n
+    scored = lambda c, name: (judged(t := tables(lambda n: to_plan(c), name), dense, base), t)   # (rank, table)
+    pareto = [scored(c, f"plan {i + 1}/{len(front)}") for i, c in enumerate(tqdm(front, desc="validating"))]
+    steps = {"front": min(zip(front, pareto), key=lambda x: x[1][0])}
+    if cfg.samples >= MIN_REFINE_SAMPLES:
+        steps.update(refine(model, cfg, calib, stages, key, space, total, 1 / (share @ uniform),
+                            steps["front"], scored))
+    meta = dict(model=Path(model.name_or_path).name, lengths=list(cfg.lengths), validate_length=cfg.validate_length,
                 density_budget=cfg.density, seed=cfg.seed, samples=cfg.samples)
     with_meta = lambda c: {**to_plan(c), **meta, "density": {n: plan_density(to_plan(c), model.config, n) for n in at}}
-    plan = with_meta(choice)
-    plan.update(validation_loss={"lengths": valid_lengths, "dense": dense, "uniform": uniform, "plan": losses,
-                                 "score": score, "pareto": [x[1] for x in pareto],
-                                 "steps": {k: v[2] for k, v in steps.items()}},
-                calibration={"instructions": list(cfg.instructions), "candidates": cfg.candidates,
-                             "local_window": cfg.local_window, "kept": kept, "documents": fingerprint(docs)})
+    choice, ((worse, score), table) = steps[list(steps)[-1]]
+    plan = {**with_meta(choice), "validation_loss": {
+        "lengths": at, "dense": dense["loss"], "uniform": base["loss"], "plan": table["loss"], "score": score,
+        "worse_than_uniform": worse, "pareto": [t["loss"] for _, t in pareto],
+        "steps": {k: t["loss"] for k, (_, (_, t)) in steps.items()},
+        "steps_worse": {k: bad for k, (_, ((bad, _), _)) in steps.items()},
+        "groups": {g: {"dense": dense["groups"][g], "uniform": base["groups"][g], "plan": x}
+                   for g, x in table["groups"].items()},
+        "plain": {"dense": dense["plain"], "uniform": base["plain"], "plan": table["plain"]},
+        "refined": "" if cfg.samples >= MIN_REFINE_SAMPLES else f"not refined: {cfg.samples} validation samples per "
+                   f"length, fewer than the {MIN_REFINE_SAMPLES} (moa.MIN_REFINE_SAMPLES) that refinement needs"},
+        "calibration": {**{k: getattr(cfg, k) for k in ("instructions", "frames", "synthetic", "candidates",
+                                                         "local_window")}, "documents": documents,
+                        "chat_template": bool(tokenizer.chat_template),
+                        "groups": {n: {group_names(cfg)[g]: int((s["group"] == g).sum()) for g in
+                                       s["group"].unique().tolist()} for n, s in calib.items()},
+                        "kept": {n: np.bincount(s["instruction"][s["instruction"] >= 0],
+                                                minlength=len(cfg.instructions)).tolist() for n, s in calib.items()}},
+        "optimizer": {"grid": sorted(set(alphas.tolist())), "rho": rho, "group_bound": rho and "minimise F_N within "
+                      "F_N,g <= rho F_N,g(uniform) for every group g and length N (rho: the asked, or the smallest "
+                      "feasible)"}}
     if out:
-        for step, (c, *_) in steps.items():                  # what each step chose, beside the plan (diagnostics)
+        for step, (c, _) in steps.items():                   # what each step chose, beside the plan (diagnostics)
             save_plan(with_meta(c), Path(out) / f"plan_{step}.json")
         save_plan(plan, Path(out) / "plan.json")
     summary(plan, stages.seconds)
@@ -1235,24 +1452,26 @@ def compress(model, tokenizer, out=None, **settings):
 
 
 def summary(plan, seconds):
-    """The closing table: density per length, the calibration mix kept, validation losses, stage times."""
+    """The closing table: density per length, the calibration groups, validation losses per length (all samples,
+    each group, plain text) of dense, uniform and the plan, each step's score, stage times."""
     print(f"\n{'length':>8} {'plan KV density':>16}  (budget {plan['density_budget']})")
-    for n, d in plan["density"].items():
-        print(f"{n:>8} {d:>16.3f}")
-    c = plan["calibration"]
+    print("\n".join(f"{n:>8} {d:>16.3f}" for n, d in plan["density"].items()))
+    c, v = plan["calibration"], plan["validation_loss"]
     print(f"\ncalibration samples kept ({c['candidates']} candidates each): " + "; ".join(
-        f"@{n} " + ", ".join(f"{k} {i}" for i, k in zip(kept, c["instructions"])) for n, kept in c["kept"].items()))
-    v = plan["validation_loss"]
+        f"@{n} " + ", ".join(f"{g} {k}" for g, k in groups.items()) for n, groups in c["groups"].items()))
     print(f"\nvalidation, {plan['samples']} samples per length, {len(v['pareto'])} Pareto plans scored "
           f"(score: excess loss over dense as a share of uniform's, averaged over the lengths where uniform loses "
-          f">= {MIN_SPREAD:.0%} more than dense):")
-    columns = {"dense": v["dense"], "uniform": v["uniform"], **v["steps"]}     # the plan: each refinement step's
-    print("".join(f"{k:>10}" for k in ("length", *columns)))
-    for i, n in enumerate(v["lengths"]):
-        print(f"{n:>10}" + "".join(f"{x[i]:>10.4f}" for x in columns.values()))
-    scores = (validation_score(x, v["dense"], v["uniform"]) for x in columns.values())
-    print(f"{'score':>10}" + "".join(f"{s:>10.4f}" for s in scores))
+          f">= {MIN_SPREAD:.0%} more than dense){'; ' + v['refined'] if v['refined'] else ''}:")
+    rows = {"all": (v["dense"], v["uniform"], v["plan"]), **{g: tuple(x.values()) for g, x in v["groups"].items()},
+            "plain text": tuple(v["plain"].values())}
+    print(f"{'samples':>20}{'length':>8}{'dense':>10}{'uniform':>10}{'plan':>10}")
+    print("\n".join(f"{k:>20}{n:>8}" + "".join(f"{x[i]:>10.4f}" for x in xs) for k, xs in rows.items()
+                    for i, n in enumerate(v["lengths"])))
+    steps = ", ".join(f"{k} {validation_score(x, v['dense'], v['uniform']):.4f}" for k, x in v["steps"].items())
+    print(f"score {v['score']:.4f} ({steps})" + ("; worse than uniform on some group or plain text at some length"
+                                                 if v["worse_than_uniform"] else ""))
     print("\nstage seconds: " + (", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) or "all resumed from disk"))
+
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1286,33 +1505,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Compress a causal LM's attention with MoA: writes OUT/plan.json.")
     model_flags(p)
     p.add_argument("--out", required=True, help="folder for plan.json and the resumable stages")
-    p.add_argument("--lengths", type=int, nargs="+",
-                   help=f"profiling lengths, increasing (default: {' '.join(map(str, LENGTHS['cuda']))} on a GPU, "
-                        f"{' '.join(map(str, LENGTHS['cpu']))} on a CPU, within the model's context)")
-    p.add_argument("--validate-length", type=int,
-                   help="default: 2 x the largest profiling length, at most the model's context")
-    p.add_argument("--density", type=float, help=f"KV density budget at every length (default: {Config.density})")
-    p.add_argument("--samples", type=int,
-                   help=f"samples per length (default: {SAMPLES['cuda']} on a GPU, {SAMPLES['cpu']} on a CPU)")
-    p.add_argument("--calib", help=".txt or .jsonl calibration corpus (default: Python's pydoc topics)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--max-rules-per-layer", type=int, help="at most this many distinct rules in a layer")
-    p.add_argument("--answer-tokens", type=int, help=f"longest calibration answer (default: {Config.answer_tokens})")
-    p.add_argument("--instructions", nargs="+",
-                   help=f"the calibration mix: {', '.join(INSTRUCTIONS)} (default: all), or instruction texts (a "
-                        "{cue} is filled in with words from a random depth of the document)")
-    p.add_argument("--candidates", type=int,
-                   help="candidate samples made per sample kept; the most long-range are kept (1: no selection; "
-                        f"default: {Config.candidates})")
-    p.add_argument("--local-window", type=float,
-                   help="selection: a candidate's loss rise when every head sees only the sink and this share of the "
-                        f"length (default: {Config.local_window})")
-    p.add_argument("--rounds", type=int, help="refinement: profiles at the chosen plan, each followed by solves near "
-                   f"it (default: {Config.rounds}; 0: none)")
-    p.add_argument("--refine", type=int, help="refinement: swaps of two heads' rules tried on the validation samples "
-                   f"(default: {Config.refine}; 0: none)")
-    p.add_argument("--paper", action="store_true", help="the paper's protocol: summaries only, no selection, no "
-                   "refinement (sets --instructions, --candidates, --rounds and --refine)")
+    for f in dataclasses.fields(Config):
+        if f.metadata:
+            d = " ".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            d = f" (default: {d})" if d is not None and "default:" not in f.metadata["help"] else ""
+            p.add_argument("--" + f.name.replace("_", "-"), **{**f.metadata, "help": f.metadata["help"] + d})
+    p.add_argument("--paper", action="store_true", help="the paper's protocol: summaries in the chat frame, its alpha "
+                   "grid, no selection, no group bound, no refinement")
     a = p.parse_args(argv)
     settings = {k: v for k, v in vars(a).items() if k in Config.__dataclass_fields__ and v is not None}
     settings.update(PAPER if a.paper else {})

@@ -67,11 +67,21 @@ def random_samples(n, length, answer, seed=0):
 # Windows, rules and densities (SPEC §2, §3)
 
 
-def test_rules_are_the_spec_grid():
-    a, b = moa.rules([1024, 2048, 4096])
-    assert len(set(zip(a, b))) == 54
-    assert sorted(set(a)) == [-1024, 0, 1024, 2048, 3072, 4096]
-    assert sorted(set(b)) == [i / 8 for i in range(9)]
+@pytest.mark.parametrize("lengths", [(1024, 2048, 4096), (1024, 2048, 4096, 8192), (384, 512), (2048, 4096, 8192)])
+def test_rules_are_the_spec_grid(lengths):
+    """SPEC §3: alpha in {-N_min, 0, N_max/4, N_max/2, 3N_max/4, N_max}, so every profiling length, the shortest
+    included, is offered every window from 64 to N in eighths; the paper's grid spaces alpha evenly."""
+    a, b = moa.rules(lengths)
+    lo, hi = lengths[0], lengths[-1]
+    assert len(set(zip(a, b))) == 54 and sorted(set(b)) == [i / 8 for i in range(9)]
+    assert sorted(set(a)) == [-lo, 0, hi / 4, hi / 2, 3 * hi / 4, hi]
+    for n in lengths:
+        assert {max(64, n * i // 8) for i in range(9)} <= set(moa.window(a, b, n).tolist()), n
+    paper = moa.rules(lengths, "paper")[0]
+    np.testing.assert_allclose(sorted(set(paper)), [-lo + i * (hi + lo) / 5 for i in range(6)])
+    if hi == 4 * lo:                                             # the paper's 2k-8k: both grids agree
+        np.testing.assert_allclose(sorted(set(paper)), sorted(set(a)))
+    assert sorted(set(moa.rules((1024, 2048, 4096))[0])) == [-1024, 0, 1024, 2048, 3072, 4096]   # SPEC's example
 
 
 # (alpha, beta, N, W, C) worked by hand from SPEC §2: W = min(N, max(64, floor(alpha + beta N))), C = min(N, 64 + W)
@@ -952,21 +962,28 @@ def test_split_documents_is_seeded_and_three_way():
 # ----------------------------------------------------------------------------------------------------------------
 # The whole pipeline: families, bad input, interruption, the CLI, evaluation and the embedded model
 
-TINY = dict(lengths=(384, 512), validate_length=768, samples=2, answer_tokens=8, density=0.6)
+TINY = dict(lengths=(384, 512), validate_length=768, samples=2, answer_tokens=8, density=0.6, synthetic=0.5)
 
 
 def check_plan(plan, config):
-    """A plan from compress: per KV head, within its budget at every length; each refinement step's score no worse
-    than the step before; its losses those of the last step."""
+    """A plan from compress: per KV head, within its budget at every length; validated at every profiling length and
+    the validation length; refined only from MIN_REFINE_SAMPLES samples on (else the record says why not), each
+    refinement step ranked no worse than the step before (worse than uniform somewhere first, then the score); its
+    losses those of the last step; a validation table per group and on plain text; the model named without a path."""
     assert plan["heads"] == "kv" and len(plan["alphas"]) == config.num_hidden_layers
     for n, d in plan["density"].items():
         assert d <= plan["density_budget"] + 1e-9, (n, d)
     v = plan["validation_loss"]
-    assert v["lengths"] == sorted({plan["lengths"][0], plan["validate_length"]})
-    score = [moa.validation_score(x, v["dense"], v["uniform"]) for x in v["steps"].values()]
-    assert list(v["steps"]) == ["front", "at_plan", "refined"] and score == sorted(score, reverse=True)
-    assert v["plan"] == v["steps"]["refined"] and v["score"] == score[-1]
+    assert v["lengths"] == sorted({*plan["lengths"], plan["validate_length"]})
+    refined = plan["samples"] >= moa.MIN_REFINE_SAMPLES
+    assert list(v["steps"]) == (["front", "at_plan", "refined"] if refined else ["front"])
+    assert bool(v["refined"]) != refined and (refined or "not refined" in v["refined"])
+    rank = [(v["steps_worse"][k], moa.validation_score(x, v["dense"], v["uniform"])) for k, x in v["steps"].items()]
+    assert rank == sorted(rank, reverse=True) and v["worse_than_uniform"] == rank[-1][0]
+    assert v["plan"] == v["steps"][list(v["steps"])[-1]] and v["score"] == rank[-1][1]
     assert np.isfinite([v["dense"], v["uniform"]]).all()
+    assert {len(x) for t in (*v["groups"].values(), v["plain"]) for x in t.values()} == {len(v["lengths"])}
+    assert "/" not in plan["model"] and plan["calibration"]["documents"]
 
 
 def plain_answer_loss(model, ids, start, window=None, sink=moa.SINK):
@@ -991,7 +1008,8 @@ def test_selection_keeps_the_most_long_range_candidates(tokenizer):
     mix is used in turn, and a cue is words of the document itself."""
     model = tiny_model(layers=2, heads=4, kv=2, seed=3, init=0.2)
     docs = moa.tokenize_documents(tokenizer, moa.load_documents()[:40])
-    cfg = moa.Config(samples=2, answer_tokens=8, candidates=3).resolved("cpu", model.config)
+    cfg = moa.Config(samples=2, answer_tokens=8, candidates=3, frames=("chat",), synthetic=0)   # one group
+    cfg = cfg.resolved("cpu", model.config)
     every = moa.make_samples(model, tokenizer, docs, 6, 384, dataclasses.replace(cfg, candidates=1), seed=[5])
     kept = moa.make_samples(model, tokenizer, docs, 2, 384, cfg, seed=[5])
     assert every["instruction"].tolist() == [0, 1, 2, 0, 1, 2] and not every["rise"].any()
@@ -1020,12 +1038,13 @@ def test_validation_and_refinement(tmp_path, tokenizer):
     model = tiny_model(layers=2, heads=4, kv=2, seed=4, init=0.2)
     seen, near_plans = [], moa.near_plans
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(moa, "near_plans", lambda base, relative, weights, choice, *a: seen.append((relative, choice)) or
-                  near_plans(base, relative, weights, choice, *a))
+        m.setattr(moa, "near_plans", lambda relative, weights, choice, *a: seen.append((relative, choice)) or
+                  near_plans(relative, weights, choice, *a))
+        m.setattr(moa, "MIN_REFINE_SAMPLES", TINY["samples"])          # refinement on two samples, to test it
         plan = moa.compress(model, tokenizer, out=tmp_path, **TINY)
-    check_plan(plan, model.config)
+        check_plan(plan, model.config)
     v = plan["validation_loss"]
-    assert v["lengths"] == [384, 768] and len(v["pareto"]) > 1
+    assert v["lengths"] == [384, 512, 768] and len(v["pareto"]) > 1
     valid = {n: moa.Stages.read(tmp_path / f"samples_valid{n}.pt")["value"] for n in v["lengths"]}
     dense, uniform = [], []
     for n, s in valid.items():
@@ -1037,7 +1056,7 @@ def test_validation_and_refinement(tmp_path, tokenizer):
     np.testing.assert_allclose(v["uniform"], uniform, rtol=1e-4)
     alphas, betas = moa.rules(TINY["lengths"])
     front = [moa.make_plan(alphas[c].reshape(2, 2), betas[c].reshape(2, 2))
-             for c in moa.Stages.read(tmp_path / "optimize.pt")["value"]]
+             for c in moa.Stages.read(tmp_path / "optimize.pt")["value"][0]]
     steps = {step: moa.load_plan(tmp_path / f"plan_{step}.json") for step in v["steps"]}
     with pytest.MonkeyPatch.context() as m:
         m.setattr(kernel, "prefill", kernel.masked_reference)
@@ -1046,7 +1065,7 @@ def test_validation_and_refinement(tmp_path, tokenizer):
         for step, p in steps.items():
             np.testing.assert_allclose(v["steps"][step], losses(p), rtol=1e-4)
     scores = [moa.validation_score(x, dense, uniform) for x in v["pareto"]]
-    assert steps["front"]["alphas"] == front[int(np.argmin(scores))]["alphas"]
+    assert v["steps_worse"]["front"] or steps["front"]["alphas"] == front[int(np.argmin(scores))]["alphas"]
     assert steps["refined"]["alphas"] == plan["alphas"] and steps["refined"]["betas"] == plan["betas"]
     for p in steps.values():                           # within the budget at every profiling and validation length
         for n in (*TINY["lengths"], TINY["validate_length"]):
@@ -1061,7 +1080,8 @@ def test_validation_and_refinement(tmp_path, tokenizer):
     relative, choice = seen[0]
     for p, n in enumerate(TINY["lengths"]):
         w = moa.window(alphas, betas, n)
-        dense = moa.rule_losses(moa.Stages.read(tmp_path / f"profile_{n}.pt")["value"], 2, alphas, betas)
+        groups = moa.Stages.read(tmp_path / f"profile_{n}.pt")["value"]        # [groups, L, H, N]: one each here
+        dense = moa.rule_losses(groups.mean(0), 2, alphas, betas)
         name = f"profile_{n}_at_{moa.fingerprint(w[choice].tolist())}.pt"
         at = moa.rule_losses(moa.Stages.read(tmp_path / name)["value"], 2, alphas, betas, w[choice])
         for k, r in itertools.product(range(4), range(54)):
@@ -1083,11 +1103,19 @@ def test_near_plans_and_swaps_stay_within_budget():
     choice = moa.solve(loss, density, budget, 0)
     relative = rng.normal(size=(K, 54, 4))
     relative[np.arange(K), choice] = 0
-    near = moa.near_plans(loss[np.arange(K), choice], relative, np.ones(4), choice, density, budget)
+    objectives, solve = [], moa.solve
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(moa, "solve", lambda loss, *a: objectives.append(loss[..., 0]) or solve(loss, *a))
+        near = moa.near_plans(relative, np.ones(4), choice, density, budget)
+    for x in objectives:              # ΔL only: 0 at the choice, so HiGHS's relative gap is one of the gain
+        np.testing.assert_array_equal(x[np.arange(K), choice], 0)
+        np.testing.assert_allclose(x, relative.sum(-1))
     assert len(near) > 1
     for c in near:
         assert (c != choice).sum() <= round(max(moa.TRUST) * K)
         assert all(sum(density[c[k], m] for k in range(K)) <= 0.5 * K + 1e-9 for m in range(4))
+    assert moa.swaps(relative + rng.normal(size=(K, 1, 4)), np.ones(4), choice, 10) == moa.swaps(
+        relative, np.ones(4), choice, 10)                 # rated against the choice, whatever plan ΔL starts from
     pairs = moa.swaps(relative, np.ones(4), choice, 10)
     assert len(pairs) == 10 and all(choice[a] != choice[b] for a, b in pairs)
     gain = {(a, b): relative[a, choice[b]].sum() + relative[b, choice[a]].sum()          # every swap, by loops
@@ -1097,6 +1125,103 @@ def test_near_plans_and_swaps_stay_within_budget():
         c = choice.copy()
         c[[a, b]] = c[[b, a]]
         np.testing.assert_allclose(density[c].sum(0), density[choice].sum(0))
+
+
+def test_swaps_keep_the_rules_per_layer_limit():
+    """A swap between layers moves a rule into a layer: with --max-rules-per-layer, no swap may push a layer past it
+    (counted by hand); without, some swap of the same instance does."""
+    rng = np.random.default_rng(1)
+    layers, choice = np.repeat(np.arange(4), 3), np.array([0, 0, 1, 2, 2, 3, 4, 5, 5, 6, 6, 6])
+    relative = rng.normal(size=(12, 7, 2))
+    free = moa.swaps(relative, np.ones(2), choice, 40)
+    kept = moa.swaps(relative, np.ones(2), choice, 40, layers, 2)
+    def rules_per_layer(a, b):
+        c = choice.copy()
+        c[[a, b]] = c[[b, a]]
+        return max(len(set(c[layers == l])) for l in range(4))
+    assert max(rules_per_layer(a, b) for a, b in free) == 3
+    every = moa.swaps(relative, np.ones(2), choice, 1000)                     # the ranking without the limit
+    assert len(kept) > 10 and kept == [p for p in every if rules_per_layer(*p) <= 2][:40]
+
+
+def test_group_bound_worked_numbers():
+    """SPEC §6 group bound on a problem worked by hand: two KV heads, a cut rule (density 0.25) and the whole one
+    (density 1), room for one whole head. Cutting head 0 costs group a 8, cutting head 1 costs group b 6 (else 0),
+    so the least total (groups weighted 1/2 each) keeps head 0 whole: total 3, group b at 6. With uniform losses
+    a 10, b 5, that plan has b at 1.2 x uniform: rho = 1 refuses it, and the plan kept is the other (total 4, a at 0.8).
+    With a's uniform loss 5 instead, no plan meets rho = 1 (1.6 and 1.2): the smallest feasible rho is 1.2."""
+    groups = np.zeros((2, 2, 2, 1))                                   # [group, head, rule, length]
+    groups[0, 0, 0], groups[1, 1, 0] = 8, 6
+    total = groups.mean(0)
+    density, budget = np.array([[0.25], [1.0]]), np.array([0.625])
+    for uniform, rho, plan in (([10, 5], 1.0, [0, 1]), ([5, 5], 1.2, [1, 0])):
+        ratio = groups / np.array(uniform, float)[:, None, None, None]
+        caps = ratio.transpose(1, 2, 0, 3).reshape(2, 2, 2)
+        got = moa.group_bound(caps, total, density, budget)
+        assert got == pytest.approx(rho, abs=1e-9)
+        front = moa.pareto_front(total, density, budget, caps=(caps, np.full(2, got)))
+        assert [c.tolist() for c in front] == [plan]
+        assert (caps[np.arange(2), front[0]].sum(0) <= got + 1e-9).all()     # every group within its bound
+    assert [c.tolist() for c in moa.pareto_front(total, density, budget)] == [[1, 0]]  # unbounded: the least total
+
+
+def test_validation_refuses_a_plan_worse_than_uniform_on_a_group():
+    """SPEC §7: of two plans, one with the better score that loses more than uniform on one group at one length (or
+    on plain text) is ranked below one that never does; where every plan does, the score decides."""
+    dense = {"loss": [1.0, 1.0], "plain": [2.0, 2.0], "groups": {"a": [1.0, 1.0], "b": [1.0, 1.0]}}
+    uniform = {"loss": [1.5, 1.2], "plain": [2.2, 2.2], "groups": {"a": [1.5, 1.2], "b": [1.5, 1.2]}}
+    table = lambda loss, a, b, plain: {"loss": loss, "plain": plain, "groups": {"a": a, "b": b}}
+    sharp = table([1.1, 1.05], [1.0, 1.0], [1.2, 1.21], [2.1, 2.1])          # b at 1.21 > uniform's 1.2 at length 2
+    safe = table([1.3, 1.1], [1.3, 1.1], [1.3, 1.1], [2.1, 2.1])
+    flat = table([1.1, 1.05], [1.0, 1.0], [1.2, 1.1], [2.1, 2.3])            # plain text worse than uniform's
+    assert moa.judged(sharp, dense, uniform) == (True, pytest.approx((0.2 + 0.25) / 2))
+    assert moa.judged(safe, dense, uniform) == (False, pytest.approx((0.6 + 0.5) / 2))
+    assert moa.judged(flat, dense, uniform)[0]
+    ranks = [moa.judged(t, dense, uniform) for t in (sharp, safe, flat)]
+    assert min(range(3), key=ranks.__getitem__) == 1 and min(ranks[::2]) == ranks[0]
+
+
+def test_split_documents_never_shares_a_text():
+    """Documents of the same text (Python 3.11's pydoc topics hold some twice) never land in two of the splits."""
+    docs = [f"document {i % 30}" for i in range(45)]
+    for seed in range(3):
+        parts = [set(x) for x in moa.split_documents(docs, seed)]
+        assert sum(map(len, parts)) == 30 and set.union(*parts) == set(docs)
+        assert all(not (x & y) for x, y in itertools.combinations(parts, 2))
+
+
+@pytest.mark.parametrize("family", moa.FAMILIES)
+def test_frames_and_synthetic_retrieval(family, tokenizer):
+    """SPEC §4: the samples' groups (each kind in each frame), on a tokenizer with a chat template and one without.
+    The chat frame is the templated turn, the plain frame (and a chat one without a template) text that ends in the
+    instruction and "Answer:"; a synthetic sample plants one to four facts, in SYNTHETIC's wordings, past what the
+    answer may push out, and asks for one of them in one of its questions. Every sample is `length` tokens."""
+    import copy
+    model = tiny_model(family, layers=1, heads=2, kv=1, seed=2, init=0.2)
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    docs = moa.tokenize_documents(tokenizer, moa.load_documents()[:40])
+    cfg = moa.Config(samples=8, answer_tokens=4, candidates=1, synthetic=0.5).resolved("cpu", model.config)
+    assert moa.group_names(cfg) == ["instruction/chat", "instruction/plain", "synthetic/chat", "synthetic/plain"]
+    assert moa.sample_groups(8, cfg).tolist() == [0, 3, 1, 2, 0, 3, 1, 2]
+    labels = {lab for k, v in moa.SYNTHETIC.items() if k.endswith("labels") for lab in v}
+    for tok in (tokenizer, plain):
+        s = moa.make_samples(model, tok, docs, 8, 384, cfg, seed=[1])
+        assert s["input_ids"].shape == (8, 384) and s["group"].tolist() == [0, 3, 1, 2, 0, 3, 1, 2]
+        for row, start, group in zip(s["input_ids"], s["answer_start"], s["group"].tolist()):
+            prompt = tok.decode(row[:start])
+            chat = group % 2 == 0 and tok.chat_template is not None
+            assert ("<|im_start|>" in prompt) == chat and prompt.endswith("assistant\n" if chat else "\n\nAnswer:")
+            if group < 2:
+                continue
+            question = [q for q in moa.SYNTHETIC["questions"] if q.split("{label}")[0] in prompt]
+            assert len(question) == 1
+            head, tail = question[0].split("{label}")
+            asked = prompt[prompt.rindex(head) + len(head):prompt.rindex(tail)]
+            facts = [f.split("{label}")[0] + lab for f in moa.SYNTHETIC["facts"] for lab in labels
+                     if f.split("{label}")[0] + lab in prompt[:prompt.rindex(head)]]
+            assert asked in labels and 1 <= len(facts) <= 4 and any(asked in f for f in facts), prompt[-300:]
+            assert all(f in tok.decode(row[cfg.answer_tokens:start]) for f in facts)
 
 
 def test_paper_protocol_from_the_command_line(tmp_path, tiny_folder):

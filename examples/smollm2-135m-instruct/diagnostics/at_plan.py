@@ -60,7 +60,7 @@ print(f"front's choice: score {moa.validation_score(v['steps']['front'], v['dens
       f"{np.round(v['steps']['front'], 4).tolist()} at {v['lengths']} (dense {np.round(v['dense'], 4).tolist()}, "
       f"uniform {np.round(v['uniform'], 4).tolist()})")
 for name, relative in ratings.items():
-    for c in moa.near_plans(dense[np.arange(K), choice], relative, weights, choice, density, budget,
+    for c in moa.near_plans(relative, weights, choice, density, budget,
                             np.repeat(np.arange(L), G), None, at, 2):
         changed = np.flatnonzero(c != choice)
         s, x = score(c)
