@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -1523,6 +1524,19 @@ def test_eval_formats():
     chat = {f[3] for f in formats if f[0] == "chat"}
     assert not chat & {f[3] for f in formats if f[0] == "plain"}
     assert all(quality.FORMATS["question"][q].endswith(("?", ".")) for q in chat)
+
+
+def test_calibration_never_uses_the_evaluations_wordings():
+    """SPEC §4: no sentence, question or filler of the evaluation (bench/quality.py FORMATS) is one of the synthetic
+    retrieval generator's (moa.SYNTHETIC) or part of one, either way: each wording is cut at its {placeholders} and
+    every piece of three words or more of one side is looked for inside every piece of the other, case and closing
+    punctuation aside."""
+    def pieces(lists):
+        return {p.strip(" .,:;?!\"'").lower() for v in lists.values() for s in v for p in re.split(r"\{\w+\}", s)
+                if len(p.split()) >= 3}
+    calibration, evaluation = pieces(moa.SYNTHETIC), pieces(quality.FORMATS)
+    assert len(calibration) >= 10 and len(evaluation) >= 20
+    assert not [(a, b) for a in calibration for b in evaluation if a in b or b in a]
 
 
 def find(row, segment):
