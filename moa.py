@@ -360,10 +360,8 @@ def load_documents(calib=None):
 
 
 def split_documents(docs, seed):
-    """Disjoint calibration, validation and evaluation documents, lists of str (SPEC §7), of the distinct texts (a
-    corpus may hold one text twice: Python 3.11's pydoc topics under "if" and "else"). The evaluation quarter is drawn
-    by a permutation with a fixed seed, so every run's plan is evaluated on the same documents (bench/); of the rest,
-    a permutation seeded with `seed` sends a third to validation and the others to calibration."""
+    """Disjoint calibration, validation and evaluation documents (SPEC §7) of the distinct texts (pydoc holds some
+    twice). The evaluation quarter has a fixed seed, the same for every run (bench/); `seed` splits the rest 2:1."""
     docs = list(dict.fromkeys(docs))
     held = np.random.default_rng(EVAL_SEED).permutation(len(docs))
     rest = [docs[i] for i in held[len(docs) // 4:]]
@@ -449,15 +447,12 @@ def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
 
 
 def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
-    """n samples of exactly `length` tokens (SPEC §4), in the groups of sample_groups. A candidate: the documents
-    (token ids) in a fresh random order, cut to fit, in its frame, with either an instruction of the mix, in turn,
-    whose cue (if any) is taken from a random depth, or a synthetic retrieval question whose facts are planted at
-    random depths past what a long answer may push out, of the documents or of a filler sentence repeated; and the
-    dense model's greedy answer. Of cfg.candidates candidates per sample, those of each group whose answer loss
-    rises most when every head sees only the sink and the last cfg.local_window * length tokens are kept: the answers
-    that depend most on distant text. Returns {"input_ids": [n, length], "answer_start": [n], "group": [n] (index
-    into group_names), "instruction": [n] (index into cfg.instructions; -1: synthetic), "rise": [n] (0 without
-    selection)}."""
+    """n samples of exactly `length` tokens (SPEC §4), in the groups of sample_groups: the documents in a random
+    order in a frame, with an instruction of the mix (in turn) or a synthetic question whose facts are planted (in
+    the documents or a repeated filler), and the dense model's greedy answer. Of cfg.candidates per sample, each
+    group keeps those whose answer loss rises most under a local window (cfg.local_window): the most long-range.
+    Returns {"input_ids": [n, length], "answer_start": [n], "group": [n] (into group_names), "instruction": [n]
+    (into cfg.instructions; -1: synthetic), "rise": [n] (0 without selection)}."""
     room = sample_room(tokenizer, doc_ids, length, cfg)
     rng, texts, groups = np.random.default_rng(seed), instruction_texts(cfg), sample_groups(n, cfg)
     candidates, told = [], 0   # (before, document stream, after, group, instruction index); instructions told
@@ -624,10 +619,9 @@ NODE_LIMIT = 200     # and after this many branch-and-bound nodes (a count, unli
 
 
 def _highs(solver, *args, options, **kwargs):
-    """scipy's `solver` (milp or linprog) with HiGHS on one thread. The front runs its solves side by side in threads
-    of its own; HiGHS's pool of threads, one per process and shared by all of them, made that front many times
-    slower on a 16-core host (bench/README.md#the-optimizer). HiGHS fixes the pool's size at a process's first solve
-    and refuses (status 4, no result) a solve that asks for another size: such a solve reruns on the pool as it is."""
+    """scipy's `solver` (milp or linprog) with HiGHS on one thread: its shared pool made the front's threads many
+    times slower on 16 cores (bench/README.md#the-optimizer). HiGHS fixes the pool's size at a process's first solve
+    and refuses (status 4, no result) another size: such a solve reruns on the pool as it is."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Unrecognized options")                  # they pass to HiGHS verbatim
         res = solver(*args, options={**options, "threads": 1}, **kwargs)
@@ -647,17 +641,13 @@ def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff):
 
 def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_per_layer=None, names=None):
     """Minimum, to MIP_GAP, of F_objective = Σ_{k,r} loss[k, r, objective] x[k, r] under the density budgets and
-    the bounds F_p <= bounds[p] (p != objective). loss: [K, R, P] ΔL per KV head, rule and profiling length; density:
-    [R, M] C_r(N)/N; budget: [M] d_N; bounds: [P] or None; layers: [K] layer of each head, with at most
-    max_rules_per_layer distinct rules per layer; names: the M lengths, for errors. Returns the rule per head, int
-    [K], or None if infeasible. Stopped by NODE_LIMIT: the best plan found, with a warning; none found: MoAError.
-
-    Fast: (1) a rule s is dropped for a group of heads (a head; a layer if rules per layer are limited)
-    if a rule r is no worse for all of them in F_objective, every bounded F_p and every density (ties: the lower
-    index stays); (2) reduced-cost fixing: with the LP relaxation's duals, every plan using the pair (k, r) has
-    F >= z_L + λ[k, r] (z_L: the Lagrangian bound; λ >= 0: the reduced cost above the head's cheapest rule; valid for
-    any duals, so LP inaccuracy cannot break it). So the MILP over the pairs with λ <= t alone is the whole one's
-    once its best F <= z_L + t; t grows from 0, passes that cannot yet prove optimality only look for a good plan."""
+    F_p <= bounds[p] (p != objective). loss: [K, R, P]; density: [R, M] C_r(N)/N; budget: [M] d_N; bounds: [P] or
+    None; layers: [K] each head's layer, at most max_rules_per_layer rules each; names: the M lengths, for errors.
+    Returns the rule per head, int [K], or None if infeasible; at NODE_LIMIT the best plan found, with a warning.
+    Fast: (1) rule s is dropped for a head (a layer, if rules per layer are limited) where a rule r is no worse in
+    every used F_p and density (ties: the lower index stays); (2) reduced-cost fixing: any plan using (k, r) has
+    F >= z_L + λ[k, r] (z_L: the Lagrangian bound; valid for any duals), so the MILP over pairs with λ <= t is the
+    whole one's once its best F <= z_L + t; t grows from 0."""
     K, R, P = loss.shape
     check_budget(density, budget, names)
     layers = None if layers is None else np.asarray(layers)
@@ -709,11 +699,9 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
 
 
 def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, names=None, workers=1, caps=None):
-    """The ε-constraint front (SPEC §6): minimise each F_p alone; split each objective's range [min, max over those
-    P plans] into 4 intervals; minimise each F_p with the others bounded by the upper ends of every combination of
-    intervals (P + P·4^(P-1) solves, in `workers` threads). caps: (c [K, R, C], limits [C]) bounds every plan by
-    Σ_k c[k, r_k] <= limits (the group bounds). Returns the distinct, non-dominated plans (the rule index per head,
-    int [K] each), sorted by F of the first length."""
+    """The ε-constraint front (SPEC §6): minimise each F_p alone, then with the others bounded by the upper ends of
+    every combination of 4 intervals of their ranges (P + P·4^(P-1) solves, `workers` threads). caps: (c [K, R, C],
+    limits [C]): Σ_k c[k, r_k] <= limits (group bounds). Returns the non-dominated plans (int [K]) by F_first."""
     loss = np.asarray(loss, float)
     K, R, P = loss.shape
     c, limits = caps if caps is not None else (np.zeros((K, R, 0)), np.zeros(0))
@@ -765,10 +753,9 @@ MIN_SPREAD = 0.01   # a length where uniform loses under 1% more than dense cann
 
 
 def validation_score(loss, dense, uniform):
-    """A plan's score from its validation losses [lengths]: its excess loss over dense as a share of uniform's at each
-    length (0: dense, 1: uniform), averaged over the lengths where uniform loses at least MIN_SPREAD more than dense:
-    SPEC §7's loss / dense, each length weighted by what sparse attention costs there, so a length where every mask
-    loses little is not drowned by one where all lose much. Without such a length: the mean of loss / dense."""
+    """A plan's score from its validation losses [lengths] (SPEC §7): its excess loss over dense as a share of
+    uniform's (0: dense, 1: uniform), averaged over the lengths where uniform loses >= MIN_SPREAD more than dense, so
+    no length drowns another. Without such a length: the mean of loss / dense."""
     ratio, spread = np.divide(loss, dense), np.divide(uniform, dense) - 1
     signal = spread >= MIN_SPREAD
     return float(np.mean((ratio[signal] - 1) / spread[signal]) if signal.any() else np.mean(ratio))
@@ -779,11 +766,9 @@ TRUST = (1 / 32, 1 / 16, 1 / 8, 1 / 4)   # the most KV heads a solve at a plan m
 
 def near_plans(relative, weights, choice, density, budget, layers=None, max_rules_per_layer=None, names=None,
                workers=1):
-    """Plans near the choice (a rule per KV head, int [K]) from a profile at it (SPEC §5.1): minimise the weighted sum
-    over lengths of Σ_k ΔL_N(k, r_k) (F_N(P) left out: a constant would make HiGHS's relative gap one of F_N(P), not
-    of the gain) with at most m heads changed, one solve for each m in TRUST (a trust region: the estimate is first
-    order around the plan). relative: [K, R, P] ΔL of each rule from the chosen one; weights: [P]. Returns the
-    distinct plans."""
+    """Plans near the choice (int [K]) from a profile at it (SPEC §5.1): minimise Σ_N weights_N Σ_k ΔL_N(k, r_k)
+    (no constant F_N(P): HiGHS's relative gap must be the gain's) with at most m heads changed, for each m in TRUST
+    (a trust region: the estimate is first order). relative: [K, R, P] ΔL from the choice; weights: [P]."""
     K, R, P = relative.shape
     objective = (relative * weights).sum(-1)                                          # [K, R]
     changed = (np.arange(R) != choice[:, None]).astype(float)                         # [K, R]: 1 off the choice
@@ -948,13 +933,10 @@ def left_padding(attention_mask, n):
 
 
 def plan_attention(module, query, key, value, pad, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d]; pad: padding_mask's
-    leading padding tokens [B] of this call's tokens, or None.
-    Without a cache (a whole-sequence forward pass) N is the sequence length; with a PlanCache it is the cache's N:
-    the prompt (or its first chunk) is stored and attended with FlexAttention, a later prompt chunk attends to the
-    cache and itself (generate's prefill_chunk_size), and each new token goes through the fused decode kernel, which
-    stores it. A decode step reads no host state that changes from step to step and never syncs, so torch.compile
-    traces it once for every step."""
+    """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d]; pad: leading
+    padding [B] (padding_mask) or None. N: the sequence's length, or a PlanCache's N: the first prompt chunk is
+    stored and goes through FlexAttention, a later chunk attends to the cache, a new token goes through the decode
+    kernel. A decode step reads no changing host state and never syncs: torch.compile traces it once."""
     layer, module.moa_layer = module.moa_layer, None         # set by PlanCache.update, cleared for a cacheless call
     q = query.shape[2]
     if layer is not None and not torch.compiler.is_compiling():   # the host count of N (PlanLayer); not compiled
@@ -980,20 +962,18 @@ def plan_attention(module, query, key, value, pad, scaling=None, dropout=0.0, **
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, **kwargs):
-    """AttentionMaskInterface entry "moa", made once per forward pass for every layer's plan_attention: the leading
-    padding tokens [B] of the call's q_length tokens (left_padding: None where none is padded), and None to a decode
-    step, whose padding the cache holds (a mask growing every step would recompile generate's compiled step). Its own
-    answer is returned as is: for a compileable cache, generate makes the mask before the forward pass makes it again."""
+    """AttentionMaskInterface entry "moa", once per forward pass: the leading padding [B] of the q_length tokens
+    (left_padding), None for a decode step (the cache holds its padding; a growing mask would recompile the step).
+    Its own answer passes as is: generate makes the mask before the forward pass makes it again."""
     if attention_mask is None or attention_mask.dim() == 1:
         return attention_mask
     return None if q_length == 1 and attention_mask.shape[-1] > 1 else left_padding(attention_mask, q_length)
 
 
 class PlanLayer(CacheLayerMixin):
-    """One layer of a PlanCache: a kernel.SinkRingCache with per-KV-head `capacities` for N = n tokens, allocated at
-    the first update like the keys. The attention stores the tokens. `stored` counts on the host the tokens of eager
-    calls, to refuse more than N without a sync; a compiled decode step cannot count (a changing host int would
-    recompile it), so generate, the one caller that compiles, checks its N once (_generate_with_plans)."""
+    """One layer of a PlanCache: a kernel.SinkRingCache of per-KV-head `capacities` for N = n tokens, allocated at
+    the first update; the attention stores the tokens. `stored` counts eager calls' tokens on the host; a compiled
+    step cannot (it would recompile), so generate checks its N once (_generate_with_plans)."""
     is_compileable = True   # generate then compiles the decode step (CUDA graphs on a GPU)
 
     def __init__(self, capacities, sink, n):
@@ -1056,10 +1036,9 @@ class PlanCache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def prefill_rows(self, batch, rows, dtype, device, prefill):
-        """Start the cache of `batch` sequences `rows` at a time, so the prompt's activations are those of `rows`
-        sequences however large the batch: prefill(start, stop, part) stores sequences start .. stop - 1 through
-        `part`, a PlanCache over those rows of this one's tensors (their ring's length, shared by all sequences, is
-        zeroed before each group). Returns prefill's results, one per group."""
+        """Start the cache of `batch` sequences `rows` at a time (activations of `rows` sequences at most):
+        prefill(start, stop, part) stores those rows through `part`, a PlanCache over their slice of the tensors.
+        Returns prefill's results, one per group."""
         for layer, m in zip(self.layers, self.modules):
             layer.allocate(batch, m.head_dim, dtype, device)
         done, padded, part = [], False, copy.copy(self)
@@ -1075,10 +1054,9 @@ class PlanCache(Cache):
 
 
 class DeferredPlanStop(generation_utils.DeferredStopCheck):
-    """transformers' DeferredStopCheck (its default on mps only) for a PlanCache: "have all sequences stopped?" is read
-    a step late, so the host queues step t + 1 while the GPU runs step t. The step run past an early stop is undone
-    (its token dropped); it stores token max_length - 2 at most, which a PlanCache of N = max_length holds, but may
-    overwrite a ring slot: a cache that generate returns keeps the plain check. Installed by a plan's generate."""
+    """transformers' DeferredStopCheck (its default on mps only) for a PlanCache: the stop is read a step late, so the
+    host queues step t + 1 while the GPU runs step t. The extra step fits N = max_length but may overwrite a ring
+    slot: a cache that generate returns keeps the plain check."""
 
     @staticmethod
     def is_supported(device, cache, cache_is_returned, is_assistant):
@@ -1098,12 +1076,9 @@ PREFILL_TOKENS = 16384   # prompt tokens per forward pass of a plan's prefill: a
 
 
 def _generate_with_plans(model):
-    """Replacements, bound to `model`, for generate, which defers its stop check a step for a PlanCache (DeferredPlanStop,
-    for this call only), for its _prepare_cache_for_generation, which gives it a PlanCache for
-    N = generation_config.max_length (or checks that a given one holds that many: a compiled decode step cannot),
-    and for its _prefill, which never compiles: generate compiles the decode step for a compileable cache, and with
-    it a chunked prefill, but the prompt goes through the eager paths (shapes change per chunk; padding is checked
-    on the host)."""
+    """Replacements, bound to `model`, for _prepare_cache_for_generation (a PlanCache of N = max_length, or a check
+    that a given one holds that many), _prefill (eager, by rows: shapes change per chunk, padding is checked on the
+    host) and generate (DeferredPlanStop for the call)."""
     cls = type(model)
 
     def prepare_cache(config, model_kwargs, *args):
@@ -1354,10 +1329,10 @@ def judged(table, dense, uniform):
 
 
 def refine(model, cfg, calib, stages, key, space, loss, weights, step, scored):
-    """SPEC §5.1, §7: profile at the chosen plan and solve near it (cfg.rounds times, while it improves), then try
-    cfg.refine swaps of two heads' rules; keep a change only where validation ranks it better. loss: [K, R, P] the
-    dense profile's; weights: [P]; step: (choice, (rank, table)); scored(choice, name) -> (rank, table). Returns
-    the steps {"at_plan": step, "refined": step}."""
+    """SPEC §5.1, §7: profile at the plan and solve near it (cfg.rounds times, while it improves), then cfg.refine
+    swaps; keep what validation ranks better. loss: [K, R, P] dense; weights: [P]; step: (choice, (rank, table));
+    scored(choice, name) -> (rank, table). Returns {"at_plan": step, "refined": step}."""
+
     alphas, betas, to_plan, density, budget, layers, workers = space
     (choice, best), g = step, kv_heads(model.config)[0] // kv_heads(model.config)[1]
     relative = loss - loss[np.arange(len(choice)), choice][:, None]                   # ΔL from the choice, at dense
