@@ -64,9 +64,8 @@ def cache_size(alpha, beta, n, sink=SINK):
 
 
 def rules(lengths, grid="spec"):
-    """The 54 elastic rules (SPEC §3): 6 alphas, -N_min, 0 and N_max/4 ... N_max ("spec": every length gets windows
-    from 64 to N in eighths) or evenly from -N_min to N_max ("paper"), times 9 betas 0, 1/8, ..., 1.
-    Returns alphas [54], betas [54] (float64)."""
+    """The 54 elastic rules (SPEC §3): 6 alphas, -N_min, 0, N_max/4 ... N_max ("spec") or evenly from -N_min to N_max
+    ("paper"), times 9 betas 0, 1/8, ..., 1. Returns alphas [54], betas [54] (float64)."""
     lo, hi = min(lengths), max(lengths)
     alphas = np.linspace(-lo, hi, 6) if grid == "paper" else np.array([-lo, 0, hi / 4, hi / 2, 3 * hi / 4, hi])
     betas = np.linspace(0.0, 1.0, 9)
@@ -371,9 +370,8 @@ def split_documents(docs, seed):
 
 
 def chat_frame(tokenizer, instruction, frame="chat"):
-    """Token ids (before, after) such that before + doc + after is a prompt in the frame (SPEC §4): "chat", the
-    templated user turn and generation prompt; "plain" (also a chat frame's where the tokenizer has no template),
-    text the model continues: the document, a blank line, the instruction, a blank line and "Answer:"."""
+    """Token ids (before, after) around a document in the frame (SPEC §4): "chat", the templated user turn; "plain"
+    (or no template), the document, the instruction and "Answer:", separated by blank lines."""
     marker = "\u2063DOC\u2063"
     content = f"{marker}\n\n{instruction}"
     if frame == "chat" and tokenizer.chat_template:
@@ -413,9 +411,8 @@ def sample_groups(n, cfg):
 
 
 def synthetic_question(rng):
-    """A synthetic retrieval question (SPEC §4) and the facts it plants: one to four facts (a number, a code or a
-    name, each under a label of its kind, labels distinct), worded from SYNTHETIC; the question asks for one.
-    Returns (question, [planted sentence])."""
+    """A synthetic retrieval question (SPEC §4) about one of 1-4 planted facts (a number, code or name under distinct
+    labels), worded from SYNTHETIC. Returns (question, [planted sentence])."""
     S, count = SYNTHETIC, int(rng.integers(1, 5))
     labels = [(kind, label) for kind in ("number", "code", "name") for label in S[f"{kind}_labels"]]
     value = {"number": lambda: str(rng.integers(1000, 1000000)), "name": lambda: str(rng.choice(S["names"])),
@@ -426,9 +423,8 @@ def synthetic_question(rng):
 
 
 def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
-    """Tokens of document a sample of `length` has room for beside the longest frame of the instructions (a cue
-    counted at 3 x CUE_TOKENS) and the answer; a clear error if that is too little (or, for synthetic retrieval, too
-    little for four facts of the longest wording beside its longest question), or more than the documents hold."""
+    """Tokens of document a sample of `length` has room for beside the longest frame (a cue counted at 3 x
+    CUE_TOKENS) and the answer; an error if too few (or too few for four synthetic facts), or above the documents'."""
     label = max((x for k, v in SYNTHETIC.items() if k.endswith("labels") for x in v), key=len)
     cue = [t.replace("{cue}", " ".join(["cue"] * 3 * CUE_TOKENS)) for t in instruction_texts(cfg)]
     asks = [q.format(label=label) for q in SYNTHETIC["questions"]] if cfg.synthetic else []
@@ -566,9 +562,8 @@ def profile(model, samples, sink=SINK, plan=None):
 
 
 def rule_losses(hist, groups, alphas, betas, at=None):
-    """ΔL of every KV head under every rule at the histograms' length N, summed over its `groups` query heads: at dense
-    (SPEC §5) the histogram's suffix sum from the rule's window on; at a plan whose windows at N are `at` [L * G]
-    (§5.1), the sum between the two windows, over the keys the rule drops or restores. hist: [L, H, N] -> [L * G, R]."""
+    """ΔL of every KV head (its `groups` query heads) under every rule at length N: the histogram summed from the
+    rule's window on (SPEC §5), or between it and the plan's windows `at` [L * G] (§5.1). hist: [L, H, N] -> [L*G, R]."""
     L, H, N = hist.shape
     per_kv = hist.view(L, H // groups, groups, N).sum(2).reshape(-1, N)
     tail = F.pad(per_kv.flip(-1).cumsum(-1).flip(-1), (0, 1))   # tail[δ] = Σ_{δ' >= δ} hist[δ']; tail[N] = 0
@@ -592,9 +587,8 @@ def check_budget(density, budget, names=None):
 
 
 def _program(loss, density, budget, layers, max_rules, objective, bounds, free):
-    """The MILP min F_objective s.t. F_p <= bounds[p], densities <= budgets, over the free pairs (k, r)
-    (bool [K, R]), as (c, A_eq, b_eq, A_ub, b_ub). Columns: x[k, r] of the free pairs in row-major order, then
-    y[l, r] (layer l uses rule r) when rules per layer are limited."""
+    """The MILP min F_objective s.t. F_p <= bounds[p], densities <= budgets, over the free pairs (bool [K, R]), as
+    (c, A_eq, b_eq, A_ub, b_ub). Columns: x[k, r] of the free pairs, then y[l, r] (layer l uses rule r) if limited."""
     K, R, P = loss.shape
     k, r = np.nonzero(free)
     n, q = len(k), np.isfinite(bounds)
@@ -629,9 +623,8 @@ def _highs(solver, *args, options, **kwargs):
 
 
 def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff):
-    """scipy's milp (HiGHS) to MIP_GAP, pruning at objective `cutoff` (HiGHS's objective_bound). A run that ends with
-    neither a proof nor a plan is rerun without presolve: HiGHS's presolve fails ("Solve error", status 4) on some
-    small feasible programs (test_solve_survives_a_failed_presolve), and the plan missed may be one of the front's."""
+    """scipy's milp (HiGHS) to MIP_GAP, pruned at `cutoff`. A run with neither proof nor plan reruns without
+    presolve, which fails (status 4) on some small feasible programs (test_solve_survives_a_failed_presolve)."""
     run = lambda **o: _highs(milp, c, integrality=np.ones_like(c), bounds=(0, 1), options={
         "mip_rel_gap": MIP_GAP, "objective_bound": cutoff, "node_limit": NODE_LIMIT, **o},
         constraints=[LinearConstraint(A_eq, b_eq, b_eq), LinearConstraint(A_ub, -np.inf, b_ub)])
@@ -730,10 +723,9 @@ RHO_STEPS = 8   # bisection steps for the smallest feasible group bound
 
 
 def group_bound(ratio, total, density, budget, layers=None, max_rules_per_layer=None, names=None, rho=1.0):
-    """The group bound of SPEC §6: every group g at every length N keeps F_N,g <= rho · F_N,g(uniform). ratio:
-    [K, R, C] each head's F_N,g under each rule over F_N,g(uniform), C = groups x lengths; total: [K, R, P] the
-    objectives. Where no plan within the budget meets `rho`, the smallest rho that one meets, by bisection between it
-    and the largest ratio of the plan that minimises F_first alone (to 1/2^RHO_STEPS of that gap, rounded up)."""
+    """The group bound (SPEC §6) F_N,g <= rho · F_N,g(uniform). ratio: [K, R, C] F_N,g / F_N,g(uniform), C = groups x
+    lengths; total: [K, R, P]. Returns `rho`, or if no plan meets it, the smallest that one meets, by RHO_STEPS
+    bisections up to the largest ratio of the plan minimising F_first alone (rounded up)."""
     K, R, C = ratio.shape
     feasible = lambda r: solve(np.concatenate([total, ratio], 2), density, budget, 0,
                                np.r_[np.full(total.shape[2], np.inf), np.full(C, r)], layers, max_rules_per_layer,
@@ -780,9 +772,8 @@ def near_plans(relative, weights, choice, density, budget, layers=None, max_rule
 
 
 def swaps(relative, weights, choice, count, layers=None, max_rules_per_layer=None):
-    """The `count` exchanges of two KV heads' rules (the density stays the same at every length) that the profile
-    rates best, best first, that leave no layer (layers: [K]) with more than max_rules_per_layer rules: [(a, b)].
-    relative: [K, R, P] ΔL of each rule (from any plan: rated against the choice, int [K]); weights: [P]."""
+    """The `count` best-rated exchanges of two KV heads' rules (densities unchanged), best first, within
+    max_rules_per_layer (layers: [K]): [(a, b)]. relative: [K, R, P] ΔL per rule; choice: int [K]; weights: [P]."""
     cost = (relative * weights).sum(-1)
     gain = cost[:, choice] - cost[np.arange(len(choice)), choice][:, None]           # [a, b]: a takes b's rule
     a, b = np.triu_indices(len(choice), 1)
@@ -1019,9 +1010,8 @@ class PlanLayer(CacheLayerMixin):
 
 
 class PlanCache(Cache):
-    """The static sink + ring KV cache (SPEC §9) of a model that follows a plan, sized for N = n tokens
-    (prompt + new tokens). After apply_plan, model.generate builds one itself; build one for a manual decode loop:
-    model(ids, attention_mask=mask, past_key_values=PlanCache(model, n)), then one token per step."""
+    """The static sink + ring KV cache (SPEC §9) of a model following a plan, for N = n tokens (prompt + new).
+    generate builds its own; a manual loop: model(ids, attention_mask=mask, past_key_values=PlanCache(model, n))."""
 
     def __init__(self, model, n):
         self.modules = attention_modules(model)
@@ -1123,9 +1113,8 @@ def _generate_with_plans(model):
 
 
 def apply_plan(model, plan):
-    """Make the model follow `plan` (SPEC §2), None: dense again, through the attention it had before its first plan
-    (sdpa, eager, ...). Forward passes go through FlexAttention, generate through the static sink + ring cache and
-    the fused decode kernel (N = prompt + max_new_tokens)."""
+    """Make the model follow `plan` (SPEC §2), or None: dense again, with the attention it had before. Forward passes
+    go through FlexAttention, generate through the sink + ring cache and decode kernel (N = prompt + new tokens)."""
     if plan is None:
         for name in ("_prepare_cache_for_generation", "_prefill", "generate", "moa_plan"):
             model.__dict__.pop(name, None)
@@ -1291,9 +1280,8 @@ FRONT_PLANS = 32   # validation's cost grows with the front: at most this many p
 
 
 def optimize(loss, ratio, uniform, cfg, space):
-    """SPEC §6: the ε-constraint front of the totals F_N (loss: [K, R, P]; uniform: [P] F_N(uniform)), every plan
-    within the group bound (ratio: [groups, K, R, P] each group's F_N,g over its F_N,g(uniform)); of a larger front,
-    the FRONT_PLANS plans of least mean F_N / F_N(uniform). Returns (the plans, the rho they hold)."""
+    """SPEC §6: the front of F_N (loss: [K, R, P]; uniform: [P]) within the group bound (ratio: [groups, K, R, P]
+    F_N,g / F_N,g(uniform)), at most FRONT_PLANS of least mean F_N / F_N(uniform). Returns (plans, rho)."""
     alphas, betas, to_plan, density, budget, layers, workers = space
     at, caps = budget_lengths(cfg), ratio.transpose(1, 2, 0, 3).reshape(*loss.shape[:2], -1)
     rho = cfg.rho and group_bound(caps, loss, density, budget, layers, cfg.max_rules_per_layer, at, cfg.rho)
@@ -1304,9 +1292,8 @@ def optimize(loss, ratio, uniform, cfg, space):
 
 
 def validate(model, cfg, valid, plain, plan_at, name, stages, key):
-    """SPEC §7: the mean loss of the plan plan_at(n) (None: dense) at each validation length n over all validation
-    samples ("loss"), per group ("groups": {name: [lengths]}) and on plain held-out text ("plain"). Plans whose
-    windows coincide at a length run once."""
+    """SPEC §7: plan_at(n)'s (None: dense) mean loss at each validation length: all samples ("loss"), per group
+    ("groups": {name: [lengths]}), plain text ("plain"). Plans whose windows coincide at a length run once."""
     table = {"loss": [], "groups": {}, "plain": []}
     for n, s in valid.items():
         plan = plan_at(n)
@@ -1342,10 +1329,9 @@ def refine(model, cfg, calib, stages, key, space, loss, weights, step, scored):
             f"profile_{n}_at_{fingerprint(windows(n).tolist())}", fingerprint(key, n, "at"),
             lambda: profile(model, calib[n], cfg.sink, plan)), g, alphas, betas, windows(n))
             for n in tqdm(cfg.lengths, desc=f"profiling at the plan, round {r + 1}")], -1)
-        # Blended with the dense profile (SPEC §5.1 leaves it to evidence): a rule that cuts a head below the plan is
-        # rated by the dense profile's |ΔL|, one that widens it by the plan's restore estimate. The signed drop
-        # estimates of a row's kept keys sum to 0 (Σ_j A_ij (D_i - G_ij) = 0), so they rate large cuts as nearly free
-        # (bench/README.md#quality: such plans measured worse than uniform).
+        # A cut below the plan is rated by the dense profile, a widening by the plan's (SPEC §5.1): the signed drop
+        # estimates of a row's kept keys sum to 0, rating large cuts as nearly free (bench/README.md#quality).
+
         cut = np.stack([window(alphas, betas, n)[None] < windows(n)[:, None] for n in cfg.lengths], -1)
         relative = np.where(cut, loss - loss[np.arange(len(choice)), choice][:, None], at_plan)
         near = near_plans(relative, weights, choice, density, budget, layers, cfg.max_rules_per_layer,
