@@ -96,17 +96,16 @@ class MoAError(Exception):
     """Bad input: the message says what was wrong and what to do. The CLI prints it without a traceback."""
 
 
-# The calibration instructions (SPEC §4): the paper's summary, and two whose answer lies at a random depth of the
-# document, which the instruction names by a cue: CUE_TOKENS tokens of the document's text taken from that depth.
+# The calibration instructions (SPEC §4): the paper's summary, and two about a random depth, named by a cue: CUE_TOKENS
+# tokens of the document's text from there.
 INSTRUCTIONS = {
     "summary": "Summarize the document above in a few sentences.",
     "quote": "Quote, word for word, the text that follows \"{cue}\" in the document above.",
     "question": "What does the part of the document above that begins with \"{cue}\" say? Answer in a few sentences.",
 }
 CUE_TOKENS = 12
-# Samples come in frames (SPEC §4): a chat turn (plain text for a tokenizer without a chat template) and plain text
-# that the model continues; and in two kinds, the instructions above and synthetic retrieval. A kind in a frame is a
-# group (SPEC §6), bounded by the optimizer and by validation.
+# Samples come in frames (SPEC §4), a chat turn or plain text that the model continues, and in kinds, the instructions
+# above or synthetic retrieval. A kind in a frame is a group (SPEC §6), bounded by the optimizer and by validation.
 FRAMES = ("chat", "plain")
 KINDS = ("instruction", "synthetic")
 # Synthetic retrieval (SPEC §4): every wording a generated sample draws from. None is the evaluation's (bench/).
@@ -127,9 +126,8 @@ SYNTHETIC = {
 PLAIN_TOKENS = 512   # plain held-out text is scored on its last tokens: full-vocabulary logits for a few rows only
 PLAIN_ROWS = 4       # one row of plain text per this many validation samples
 EVAL_SEED = 0      # the permutation that holds the evaluation's documents out of every run (split_documents)
-# Default profiling lengths (those within the model's context) and samples per length. A CPU stops at 2048, so that
-# it validates at 4096: at 8k one forward pass of the 135M default model takes ~20-40 s there, and the refinement
-# validates some thirty plans.
+# Default profiling lengths (those within the context) and samples per length. A CPU stops at 2048 to validate at
+# 4096: at 8k one forward pass of the 135M model takes ~20-40 s there, and refinement validates some thirty plans.
 LENGTHS = {"cuda": (1024, 2048, 4096, 8192), "cpu": (1024, 2048)}
 SAMPLES = {"cuda": 32, "cpu": 1}
 
@@ -854,8 +852,9 @@ PLAN_KEYS = ("alphas", "betas", "sink", "min_window", "heads",                  
 
 
 def load_plan(path):
-    """Read a plan: ours ("heads": "kv") or the paper's per-query-head {"alphas", "betas"}. Keys outside PLAN_KEYS
-    are refused: a misspelt "validate_length" would silently lift the plan's length limit."""
+    """Read a plan: ours ("heads": "kv") or the paper's per-query-head one. Keys outside PLAN_KEYS are refused: a
+    misspelt "validate_length" would silently lift the plan's length limit."""
+
     try:
         plan = json.loads(Path(path).read_text())
     except (FileNotFoundError, IsADirectoryError):
