@@ -561,7 +561,7 @@ def profile(model, samples, sink=SINK, plan=None):
 
 def rule_losses(hist, groups, alphas, betas, at=None):
     """ΔL of every KV head (its `groups` query heads) under every rule at length N: the histogram summed from the
-    rule's window on (SPEC §5), or between it and the plan's windows `at` [L * G] (§5.1). hist: [L, H, N] -> [L*G, R]."""
+    rule's window on (SPEC §5), or between it and the plan's windows `at` [L*G] (§5.1). hist: [L, H, N] -> [L*G, R]."""
     L, H, N = hist.shape
     per_kv = hist.view(L, H // groups, groups, N).sum(2).reshape(-1, N)
     tail = F.pad(per_kv.flip(-1).cumsum(-1).flip(-1), (0, 1))   # tail[δ] = Σ_{δ' >= δ} hist[δ']; tail[N] = 0
@@ -1138,8 +1138,7 @@ def apply_plan(model, plan):
 
 @contextlib.contextmanager
 def following(model, plan):
-    """with following(model, plan): the model follows `plan` (None: dense) inside the block, and after it what it
-    followed before (a plan the caller applied, or dense)."""
+    """with following(model, plan): the model follows `plan` (None: dense) in the block, then what it did before."""
     before = model.__dict__.get("moa_plan")
     apply_plan(model, plan)
     try:
@@ -1166,8 +1165,9 @@ def model_fingerprint(model):
 
 
 class Stages:
-    """Each stage's result is saved (atomically) as out/NAME.pt with the key of the settings that made it; a rerun
-    with the same key loads it, a changed key or a file that cannot be read whole recomputes it."""
+    """Each stage's result saved atomically as out/NAME.pt with its settings' key: loaded again by a rerun with the
+    same key; recomputed for a changed key or a file that cannot be read whole."""
+
 
     def __init__(self, out):
         self.out = Path(out) if out else None
@@ -1241,8 +1241,7 @@ def check_config(cfg, config):
 
 
 def budget_lengths(cfg):
-    """The lengths at which the density budget holds (SPEC §6) and plans are validated (§7): the profiling lengths
-    and the validation length."""
+    """The profiling and validation lengths: where the density budget holds (SPEC §6) and plans are validated (§7)."""
     return sorted({*cfg.lengths, cfg.validate_length})
 
 
