@@ -275,14 +275,13 @@ def check_family(config):
 def model_folder(name_or_path):
     """The transformers folder of a folder, a .gguf file (converted once), or None (the embedded SmolLM2)."""
     path = Path(name_or_path or embedded_model_path())
+    give = "give a transformers folder, a .gguf file, or nothing for the embedded SmolLM2"
     if not (path.is_file() if path.suffix == ".gguf" else path.exists()):
-        raise MoAError(f"model {path} does not exist: give a transformers folder, a .gguf file, or nothing for the "
-                       "embedded SmolLM2")
+        raise MoAError(f"model {path} does not exist: {give}")
     if path.suffix == ".gguf":
         return convert_gguf(path)
     if not (path / "config.json").is_file():
-        raise MoAError(f"{path} is not a transformers model folder (no config.json): give a folder, a .gguf file, "
-                       "or nothing for the embedded SmolLM2")
+        raise MoAError(f"{path} is not a transformers model folder (no config.json): {give}")
     return path
 
 
@@ -971,8 +970,7 @@ class PlanLayer(CacheLayerMixin):
         self.capacities, self.sink, self.n, self.ring, self.stored = capacities, sink, n, None, 0
 
     def lazy_initialization(self, key_states, value_states=None):
-        B, _, _, d = key_states.shape
-        self.allocate(B, d, key_states.dtype, key_states.device)
+        self.allocate(len(key_states), key_states.shape[-1], key_states.dtype, key_states.device)   # [B, G, q, d]
 
     def allocate(self, batch, head_dim, dtype, device):
         self.ring = kernel.SinkRingCache(batch, self.capacities, head_dim, self.sink, dtype, device)
