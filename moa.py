@@ -442,8 +442,9 @@ def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
 def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
     """n samples of exactly `length` tokens (SPEC §4), in the groups of sample_groups: the documents in a random
     order in a frame, with an instruction of the mix (in turn) or a synthetic question whose facts are planted (in
-    the documents or a repeated filler), and the dense model's greedy answer. Of cfg.candidates per sample, each
-    group keeps those whose answer loss rises most under a local window (cfg.local_window): the most long-range.
+    the documents or a repeated filler) past what a long answer may push out, and the dense model's greedy answer.
+    Of cfg.candidates per sample, each group keeps those whose answer loss rises most under a local window
+    (cfg.local_window): the most long-range.
     Returns {"input_ids": [n, length], "answer_start": [n], "group": [n] (into group_names), "instruction": [n]
     (into cfg.instructions; -1: synthetic), "rise": [n] (0 without selection)}."""
     room = sample_room(tokenizer, doc_ids, length, cfg)
@@ -633,11 +634,12 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
     """Minimum, to MIP_GAP, of F_objective = Σ_{k,r} loss[k, r, objective] x[k, r] under the density budgets and
     F_p <= bounds[p] (p != objective). loss: [K, R, P]; density: [R, M] C_r(N)/N; budget: [M] d_N; bounds: [P] or
     None; layers: [K] each head's layer, at most max_rules_per_layer rules each; names: the M lengths, for errors.
-    Returns the rule per head, int [K], or None if infeasible; at NODE_LIMIT the best plan found, with a warning.
+    Returns the rule per head, int [K], or None if infeasible; at NODE_LIMIT the best plan found with a warning, or,
+    none found, MoAError.
     Fast: (1) rule s is dropped for a head (a layer, if rules per layer are limited) where a rule r is no worse in
     every used F_p and density (ties: the lower index stays); (2) reduced-cost fixing: any plan using (k, r) has
     F >= z_L + λ[k, r] (z_L: the Lagrangian bound; valid for any duals), so the MILP over pairs with λ <= t is the
-    whole one's once its best F <= z_L + t; t grows from 0."""
+    whole one's once its best F <= z_L + t; t grows from 0 (passes that cannot prove it only look for a good plan)."""
     K, R, P = loss.shape
     check_budget(density, budget, names)
     layers = None if layers is None else np.asarray(layers)
@@ -961,8 +963,8 @@ def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_
 
 class PlanLayer(CacheLayerMixin):
     """One layer of a PlanCache: a kernel.SinkRingCache of per-KV-head `capacities` for N = n tokens, allocated at
-    the first update; the attention stores the tokens. `stored` counts eager calls' tokens on the host; a compiled
-    step cannot (it would recompile), so generate checks its N once (_generate_with_plans)."""
+    the first update; the attention stores the tokens. `stored` counts eager calls' tokens on the host, to refuse
+    more than N without a sync; a compiled step cannot (it would recompile), so generate checks its N once."""
     is_compileable = True   # generate then compiles the decode step (CUDA graphs on a GPU)
 
     def __init__(self, capacities, sink, n):
