@@ -64,9 +64,8 @@ def cache_size(alpha, beta, n, sink=SINK):
 
 
 def rules(lengths, grid="spec"):
-    """The 54 elastic rules (SPEC §3): 6 alphas, -N_min, 0 and N_max/4 ... N_max ("spec": every length gets windows
-    from 64 to N in eighths) or evenly from -N_min to N_max ("paper"), times 9 betas 0, 1/8, ..., 1.
-    Returns alphas [54], betas [54] (float64)."""
+    """The 54 elastic rules (SPEC §3): 6 alphas, -N_min, 0, N_max/4 ... N_max ("spec") or evenly from -N_min to N_max
+    ("paper"), times 9 betas 0, 1/8, ..., 1. Returns alphas [54], betas [54] (float64)."""
     lo, hi = min(lengths), max(lengths)
     alphas = np.linspace(-lo, hi, 6) if grid == "paper" else np.array([-lo, 0, hi / 4, hi / 2, 3 * hi / 4, hi])
     betas = np.linspace(0.0, 1.0, 9)
@@ -97,17 +96,16 @@ class MoAError(Exception):
     """Bad input: the message says what was wrong and what to do. The CLI prints it without a traceback."""
 
 
-# The calibration instructions (SPEC §4): the paper's summary, and two whose answer lies at a random depth of the
-# document, which the instruction names by a cue: CUE_TOKENS tokens of the document's text taken from that depth.
+# The calibration instructions (SPEC §4): the paper's summary, and two about a random depth, named by a cue: CUE_TOKENS
+# tokens of the document's text from there.
 INSTRUCTIONS = {
     "summary": "Summarize the document above in a few sentences.",
     "quote": "Quote, word for word, the text that follows \"{cue}\" in the document above.",
     "question": "What does the part of the document above that begins with \"{cue}\" say? Answer in a few sentences.",
 }
 CUE_TOKENS = 12
-# Samples come in frames (SPEC §4): a chat turn (plain text for a tokenizer without a chat template) and plain text
-# that the model continues; and in two kinds, the instructions above and synthetic retrieval. A kind in a frame is a
-# group (SPEC §6), bounded by the optimizer and by validation.
+# Samples come in frames (SPEC §4), a chat turn or plain text that the model continues, and in kinds, the instructions
+# above or synthetic retrieval. A kind in a frame is a group (SPEC §6), bounded by the optimizer and by validation.
 FRAMES = ("chat", "plain")
 KINDS = ("instruction", "synthetic")
 # Synthetic retrieval (SPEC §4): every wording a generated sample draws from. None is the evaluation's (bench/).
@@ -128,9 +126,8 @@ SYNTHETIC = {
 PLAIN_TOKENS = 512   # plain held-out text is scored on its last tokens: full-vocabulary logits for a few rows only
 PLAIN_ROWS = 4       # one row of plain text per this many validation samples
 EVAL_SEED = 0      # the permutation that holds the evaluation's documents out of every run (split_documents)
-# Default profiling lengths (those within the model's context) and samples per length. A CPU stops at 2048, so that
-# it validates at 4096: at 8k one forward pass of the 135M default model takes ~20-40 s there, and the refinement
-# validates some thirty plans.
+# Default profiling lengths (those within the context) and samples per length. A CPU stops at 2048 to validate at
+# 4096: at 8k one forward pass of the 135M model takes ~20-40 s there, and refinement validates some thirty plans.
 LENGTHS = {"cuda": (1024, 2048, 4096, 8192), "cpu": (1024, 2048)}
 SAMPLES = {"cuda": 32, "cpu": 1}
 
@@ -278,14 +275,13 @@ def check_family(config):
 def model_folder(name_or_path):
     """The transformers folder of a folder, a .gguf file (converted once), or None (the embedded SmolLM2)."""
     path = Path(name_or_path or embedded_model_path())
+    give = "give a transformers folder, a .gguf file, or nothing for the embedded SmolLM2"
     if not (path.is_file() if path.suffix == ".gguf" else path.exists()):
-        raise MoAError(f"model {path} does not exist: give a transformers folder, a .gguf file, or nothing for the "
-                       "embedded SmolLM2")
+        raise MoAError(f"model {path} does not exist: {give}")
     if path.suffix == ".gguf":
         return convert_gguf(path)
     if not (path / "config.json").is_file():
-        raise MoAError(f"{path} is not a transformers model folder (no config.json): give a folder, a .gguf file, "
-                       "or nothing for the embedded SmolLM2")
+        raise MoAError(f"{path} is not a transformers model folder (no config.json): {give}")
     return path
 
 
@@ -360,10 +356,8 @@ def load_documents(calib=None):
 
 
 def split_documents(docs, seed):
-    """Disjoint calibration, validation and evaluation documents, lists of str (SPEC §7), of the distinct texts (a
-    corpus may hold one text twice: Python 3.11's pydoc topics under "if" and "else"). The evaluation quarter is drawn
-    by a permutation with a fixed seed, so every run's plan is evaluated on the same documents (bench/); of the rest,
-    a permutation seeded with `seed` sends a third to validation and the others to calibration."""
+    """Disjoint calibration, validation and evaluation documents (SPEC §7) of the distinct texts (pydoc holds some
+    twice). The evaluation quarter has a fixed seed, the same for every run (bench/); `seed` splits the rest 2:1."""
     docs = list(dict.fromkeys(docs))
     held = np.random.default_rng(EVAL_SEED).permutation(len(docs))
     rest = [docs[i] for i in held[len(docs) // 4:]]
@@ -373,9 +367,8 @@ def split_documents(docs, seed):
 
 
 def chat_frame(tokenizer, instruction, frame="chat"):
-    """Token ids (before, after) such that before + doc + after is a prompt in the frame (SPEC §4): "chat", the
-    templated user turn and generation prompt; "plain" (also a chat frame's where the tokenizer has no template),
-    text the model continues: the document, a blank line, the instruction, a blank line and "Answer:"."""
+    """Token ids (before, after) around a document in the frame (SPEC §4): "chat", the templated user turn; "plain"
+    (or no template), the document, the instruction and "Answer:", separated by blank lines."""
     marker = "\u2063DOC\u2063"
     content = f"{marker}\n\n{instruction}"
     if frame == "chat" and tokenizer.chat_template:
@@ -415,9 +408,8 @@ def sample_groups(n, cfg):
 
 
 def synthetic_question(rng):
-    """A synthetic retrieval question (SPEC §4) and the facts it plants: one to four facts (a number, a code or a
-    name, each under a label of its kind, labels distinct), worded from SYNTHETIC; the question asks for one.
-    Returns (question, [planted sentence])."""
+    """A synthetic retrieval question (SPEC §4) about one of 1-4 planted facts (a number, code or name under distinct
+    labels), worded from SYNTHETIC. Returns (question, [planted sentence])."""
     S, count = SYNTHETIC, int(rng.integers(1, 5))
     labels = [(kind, label) for kind in ("number", "code", "name") for label in S[f"{kind}_labels"]]
     value = {"number": lambda: str(rng.integers(1000, 1000000)), "name": lambda: str(rng.choice(S["names"])),
@@ -428,9 +420,8 @@ def synthetic_question(rng):
 
 
 def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
-    """Tokens of document a sample of `length` has room for beside the longest frame of the instructions (a cue
-    counted at 3 x CUE_TOKENS) and the answer; a clear error if that is too little (or, for synthetic retrieval, too
-    little for four facts of the longest wording beside its longest question), or more than the documents hold."""
+    """Tokens of document a sample of `length` has room for beside the longest frame (a cue counted at 3 x
+    CUE_TOKENS) and the answer; an error if too few (or too few for four synthetic facts), or above the documents'."""
     label = max((x for k, v in SYNTHETIC.items() if k.endswith("labels") for x in v), key=len)
     cue = [t.replace("{cue}", " ".join(["cue"] * 3 * CUE_TOKENS)) for t in instruction_texts(cfg)]
     asks = [q.format(label=label) for q in SYNTHETIC["questions"]] if cfg.synthetic else []
@@ -449,15 +440,13 @@ def sample_room(tokenizer, doc_ids, length, cfg, role="calibration"):
 
 
 def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
-    """n samples of exactly `length` tokens (SPEC §4), in the groups of sample_groups. A candidate: the documents
-    (token ids) in a fresh random order, cut to fit, in its frame, with either an instruction of the mix, in turn,
-    whose cue (if any) is taken from a random depth, or a synthetic retrieval question whose facts are planted at
-    random depths past what a long answer may push out, of the documents or of a filler sentence repeated; and the
-    dense model's greedy answer. Of cfg.candidates candidates per sample, those of each group whose answer loss
-    rises most when every head sees only the sink and the last cfg.local_window * length tokens are kept: the answers
-    that depend most on distant text. Returns {"input_ids": [n, length], "answer_start": [n], "group": [n] (index
-    into group_names), "instruction": [n] (index into cfg.instructions; -1: synthetic), "rise": [n] (0 without
-    selection)}."""
+    """n samples of exactly `length` tokens (SPEC §4), in the groups of sample_groups: the documents in a random
+    order in a frame, with an instruction of the mix (in turn) or a synthetic question whose facts are planted (in
+    the documents or a repeated filler) past what a long answer may push out, and the dense model's greedy answer.
+    Of cfg.candidates per sample, each group keeps those whose answer loss rises most under a local window
+    (cfg.local_window): the most long-range.
+    Returns {"input_ids": [n, length], "answer_start": [n], "group": [n] (into group_names), "instruction": [n]
+    (into cfg.instructions; -1: synthetic), "rise": [n] (0 without selection)}."""
     room = sample_room(tokenizer, doc_ids, length, cfg)
     rng, texts, groups = np.random.default_rng(seed), instruction_texts(cfg), sample_groups(n, cfg)
     candidates, told = [], 0   # (before, document stream, after, group, instruction index); instructions told
@@ -571,9 +560,8 @@ def profile(model, samples, sink=SINK, plan=None):
 
 
 def rule_losses(hist, groups, alphas, betas, at=None):
-    """ΔL of every KV head under every rule at the histograms' length N, summed over its `groups` query heads: at dense
-    (SPEC §5) the histogram's suffix sum from the rule's window on; at a plan whose windows at N are `at` [L * G]
-    (§5.1), the sum between the two windows, over the keys the rule drops or restores. hist: [L, H, N] -> [L * G, R]."""
+    """ΔL of every KV head (its `groups` query heads) under every rule at length N: the histogram summed from the
+    rule's window on (SPEC §5), or between it and the plan's windows `at` [L*G] (§5.1). hist: [L, H, N] -> [L*G, R]."""
     L, H, N = hist.shape
     per_kv = hist.view(L, H // groups, groups, N).sum(2).reshape(-1, N)
     tail = F.pad(per_kv.flip(-1).cumsum(-1).flip(-1), (0, 1))   # tail[δ] = Σ_{δ' >= δ} hist[δ']; tail[N] = 0
@@ -597,9 +585,8 @@ def check_budget(density, budget, names=None):
 
 
 def _program(loss, density, budget, layers, max_rules, objective, bounds, free):
-    """The MILP min F_objective s.t. F_p <= bounds[p], densities <= budgets, over the free pairs (k, r)
-    (bool [K, R]), as (c, A_eq, b_eq, A_ub, b_ub). Columns: x[k, r] of the free pairs in row-major order, then
-    y[l, r] (layer l uses rule r) when rules per layer are limited."""
+    """The MILP min F_objective s.t. F_p <= bounds[p], densities <= budgets, over the free pairs (bool [K, R]), as
+    (c, A_eq, b_eq, A_ub, b_ub). Columns: x[k, r] of the free pairs, then y[l, r] (layer l uses rule r) if limited."""
     K, R, P = loss.shape
     k, r = np.nonzero(free)
     n, q = len(k), np.isfinite(bounds)
@@ -624,10 +611,9 @@ NODE_LIMIT = 200     # and after this many branch-and-bound nodes (a count, unli
 
 
 def _highs(solver, *args, options, **kwargs):
-    """scipy's `solver` (milp or linprog) with HiGHS on one thread. The front runs its solves side by side in threads
-    of its own; HiGHS's pool of threads, one per process and shared by all of them, made that front many times
-    slower on a 16-core host (bench/README.md#the-optimizer). HiGHS fixes the pool's size at a process's first solve
-    and refuses (status 4, no result) a solve that asks for another size: such a solve reruns on the pool as it is."""
+    """scipy's `solver` (milp or linprog) with HiGHS on one thread: its shared pool made the front's threads many
+    times slower on 16 cores (bench/README.md#the-optimizer). HiGHS fixes the pool's size at a process's first solve
+    and refuses (status 4, no result) another size: such a solve reruns on the pool as it is."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Unrecognized options")                  # they pass to HiGHS verbatim
         res = solver(*args, options={**options, "threads": 1}, **kwargs)
@@ -635,9 +621,8 @@ def _highs(solver, *args, options, **kwargs):
 
 
 def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff):
-    """scipy's milp (HiGHS) to MIP_GAP, pruning at objective `cutoff` (HiGHS's objective_bound). A run that ends with
-    neither a proof nor a plan is rerun without presolve: HiGHS's presolve fails ("Solve error", status 4) on some
-    small feasible programs (test_solve_survives_a_failed_presolve), and the plan missed may be one of the front's."""
+    """scipy's milp (HiGHS) to MIP_GAP, pruned at `cutoff`. A run with neither proof nor plan reruns without
+    presolve, which fails (status 4) on some small feasible programs (test_solve_survives_a_failed_presolve)."""
     run = lambda **o: _highs(milp, c, integrality=np.ones_like(c), bounds=(0, 1), options={
         "mip_rel_gap": MIP_GAP, "objective_bound": cutoff, "node_limit": NODE_LIMIT, **o},
         constraints=[LinearConstraint(A_eq, b_eq, b_eq), LinearConstraint(A_ub, -np.inf, b_ub)])
@@ -647,17 +632,14 @@ def _milp(c, A_eq, b_eq, A_ub, b_ub, cutoff):
 
 def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_per_layer=None, names=None):
     """Minimum, to MIP_GAP, of F_objective = Σ_{k,r} loss[k, r, objective] x[k, r] under the density budgets and
-    the bounds F_p <= bounds[p] (p != objective). loss: [K, R, P] ΔL per KV head, rule and profiling length; density:
-    [R, M] C_r(N)/N; budget: [M] d_N; bounds: [P] or None; layers: [K] layer of each head, with at most
-    max_rules_per_layer distinct rules per layer; names: the M lengths, for errors. Returns the rule per head, int
-    [K], or None if infeasible. Stopped by NODE_LIMIT: the best plan found, with a warning; none found: MoAError.
-
-    Fast: (1) a rule s is dropped for a group of heads (a head; a layer if rules per layer are limited)
-    if a rule r is no worse for all of them in F_objective, every bounded F_p and every density (ties: the lower
-    index stays); (2) reduced-cost fixing: with the LP relaxation's duals, every plan using the pair (k, r) has
-    F >= z_L + λ[k, r] (z_L: the Lagrangian bound; λ >= 0: the reduced cost above the head's cheapest rule; valid for
-    any duals, so LP inaccuracy cannot break it). So the MILP over the pairs with λ <= t alone is the whole one's
-    once its best F <= z_L + t; t grows from 0, passes that cannot yet prove optimality only look for a good plan."""
+    F_p <= bounds[p] (p != objective). loss: [K, R, P]; density: [R, M] C_r(N)/N; budget: [M] d_N; bounds: [P] or
+    None; layers: [K] each head's layer, at most max_rules_per_layer rules each; names: the M lengths, for errors.
+    Returns the rule per head, int [K], or None if infeasible; at NODE_LIMIT the best plan found with a warning, or,
+    none found, MoAError.
+    Fast: (1) rule s is dropped for a head (a layer, if rules per layer are limited) where a rule r is no worse in
+    every used F_p and density (ties: the lower index stays); (2) reduced-cost fixing: any plan using (k, r) has
+    F >= z_L + λ[k, r] (z_L: the Lagrangian bound; valid for any duals), so the MILP over pairs with λ <= t is the
+    whole one's once its best F <= z_L + t; t grows from 0 (passes that cannot prove it only look for a good plan)."""
     K, R, P = loss.shape
     check_budget(density, budget, names)
     layers = None if layers is None else np.asarray(layers)
@@ -709,11 +691,9 @@ def solve(loss, density, budget, objective, bounds=None, layers=None, max_rules_
 
 
 def pareto_front(loss, density, budget, layers=None, max_rules_per_layer=None, names=None, workers=1, caps=None):
-    """The ε-constraint front (SPEC §6): minimise each F_p alone; split each objective's range [min, max over those
-    P plans] into 4 intervals; minimise each F_p with the others bounded by the upper ends of every combination of
-    intervals (P + P·4^(P-1) solves, in `workers` threads). caps: (c [K, R, C], limits [C]) bounds every plan by
-    Σ_k c[k, r_k] <= limits (the group bounds). Returns the distinct, non-dominated plans (the rule index per head,
-    int [K] each), sorted by F of the first length."""
+    """The ε-constraint front (SPEC §6): minimise each F_p alone, then with the others bounded by the upper ends of
+    every combination of 4 intervals of their ranges (P + P·4^(P-1) solves, `workers` threads). caps: (c [K, R, C],
+    limits [C]): Σ_k c[k, r_k] <= limits (group bounds). Returns the non-dominated plans (int [K]) by F_first."""
     loss = np.asarray(loss, float)
     K, R, P = loss.shape
     c, limits = caps if caps is not None else (np.zeros((K, R, 0)), np.zeros(0))
@@ -742,10 +722,9 @@ RHO_STEPS = 8   # bisection steps for the smallest feasible group bound
 
 
 def group_bound(ratio, total, density, budget, layers=None, max_rules_per_layer=None, names=None, rho=1.0):
-    """The group bound of SPEC §6: every group g at every length N keeps F_N,g <= rho · F_N,g(uniform). ratio:
-    [K, R, C] each head's F_N,g under each rule over F_N,g(uniform), C = groups x lengths; total: [K, R, P] the
-    objectives. Where no plan within the budget meets `rho`, the smallest rho that one meets, by bisection between it
-    and the largest ratio of the plan that minimises F_first alone (to 1/2^RHO_STEPS of that gap, rounded up)."""
+    """The group bound (SPEC §6) F_N,g <= rho · F_N,g(uniform). ratio: [K, R, C] F_N,g / F_N,g(uniform), C = groups x
+    lengths; total: [K, R, P]. Returns `rho`, or if no plan meets it, the smallest that one meets, by RHO_STEPS
+    bisections up to the largest ratio of the plan minimising F_first alone (rounded up)."""
     K, R, C = ratio.shape
     feasible = lambda r: solve(np.concatenate([total, ratio], 2), density, budget, 0,
                                np.r_[np.full(total.shape[2], np.inf), np.full(C, r)], layers, max_rules_per_layer,
@@ -765,10 +744,9 @@ MIN_SPREAD = 0.01   # a length where uniform loses under 1% more than dense cann
 
 
 def validation_score(loss, dense, uniform):
-    """A plan's score from its validation losses [lengths]: its excess loss over dense as a share of uniform's at each
-    length (0: dense, 1: uniform), averaged over the lengths where uniform loses at least MIN_SPREAD more than dense:
-    SPEC §7's loss / dense, each length weighted by what sparse attention costs there, so a length where every mask
-    loses little is not drowned by one where all lose much. Without such a length: the mean of loss / dense."""
+    """A plan's score from its validation losses [lengths] (SPEC §7): its excess loss over dense as a share of
+    uniform's (0: dense, 1: uniform), averaged over the lengths where uniform loses >= MIN_SPREAD more than dense, so
+    no length drowns another. Without such a length: the mean of loss / dense."""
     ratio, spread = np.divide(loss, dense), np.divide(uniform, dense) - 1
     signal = spread >= MIN_SPREAD
     return float(np.mean((ratio[signal] - 1) / spread[signal]) if signal.any() else np.mean(ratio))
@@ -779,11 +757,9 @@ TRUST = (1 / 32, 1 / 16, 1 / 8, 1 / 4)   # the most KV heads a solve at a plan m
 
 def near_plans(relative, weights, choice, density, budget, layers=None, max_rules_per_layer=None, names=None,
                workers=1):
-    """Plans near the choice (a rule per KV head, int [K]) from a profile at it (SPEC §5.1): minimise the weighted sum
-    over lengths of Σ_k ΔL_N(k, r_k) (F_N(P) left out: a constant would make HiGHS's relative gap one of F_N(P), not
-    of the gain) with at most m heads changed, one solve for each m in TRUST (a trust region: the estimate is first
-    order around the plan). relative: [K, R, P] ΔL of each rule from the chosen one; weights: [P]. Returns the
-    distinct plans."""
+    """Plans near the choice (int [K]) from a profile at it (SPEC §5.1): minimise Σ_N weights_N Σ_k ΔL_N(k, r_k)
+    (no constant F_N(P): HiGHS's relative gap must be the gain's) with at most m heads changed, for each m in TRUST
+    (a trust region: the estimate is first order). relative: [K, R, P] ΔL from the choice; weights: [P]."""
     K, R, P = relative.shape
     objective = (relative * weights).sum(-1)                                          # [K, R]
     changed = (np.arange(R) != choice[:, None]).astype(float)                         # [K, R]: 1 off the choice
@@ -795,9 +771,8 @@ def near_plans(relative, weights, choice, density, budget, layers=None, max_rule
 
 
 def swaps(relative, weights, choice, count, layers=None, max_rules_per_layer=None):
-    """The `count` exchanges of two KV heads' rules (the density stays the same at every length) that the profile
-    rates best, best first, that leave no layer (layers: [K]) with more than max_rules_per_layer rules: [(a, b)].
-    relative: [K, R, P] ΔL of each rule (from any plan: rated against the choice, int [K]); weights: [P]."""
+    """The `count` best-rated exchanges of two KV heads' rules (densities unchanged), best first, within
+    max_rules_per_layer (layers: [K]): [(a, b)]. relative: [K, R, P] ΔL per rule; choice: int [K]; weights: [P]."""
     cost = (relative * weights).sum(-1)
     gain = cost[:, choice] - cost[np.arange(len(choice)), choice][:, None]           # [a, b]: a takes b's rule
     a, b = np.triu_indices(len(choice), 1)
@@ -878,8 +853,9 @@ PLAN_KEYS = ("alphas", "betas", "sink", "min_window", "heads",                  
 
 
 def load_plan(path):
-    """Read a plan: ours ("heads": "kv") or the paper's per-query-head {"alphas", "betas"}. Keys outside PLAN_KEYS
-    are refused: a misspelt "validate_length" would silently lift the plan's length limit."""
+    """Read a plan: ours ("heads": "kv") or the paper's per-query-head one. Keys outside PLAN_KEYS are refused: a
+    misspelt "validate_length" would silently lift the plan's length limit."""
+
     try:
         plan = json.loads(Path(path).read_text())
     except (FileNotFoundError, IsADirectoryError):
@@ -948,13 +924,10 @@ def left_padding(attention_mask, n):
 
 
 def plan_attention(module, query, key, value, pad, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d]; pad: padding_mask's
-    leading padding tokens [B] of this call's tokens, or None.
-    Without a cache (a whole-sequence forward pass) N is the sequence length; with a PlanCache it is the cache's N:
-    the prompt (or its first chunk) is stored and attended with FlexAttention, a later prompt chunk attends to the
-    cache and itself (generate's prefill_chunk_size), and each new token goes through the fused decode kernel, which
-    stores it. A decode step reads no host state that changes from step to step and never syncs, so torch.compile
-    traces it once for every step."""
+    """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d]; pad: leading
+    padding [B] (padding_mask) or None. N: the sequence's length, or a PlanCache's N: the first prompt chunk is
+    stored and goes through FlexAttention, a later chunk attends to the cache, a new token goes through the decode
+    kernel. A decode step reads no changing host state and never syncs: torch.compile traces it once."""
     layer, module.moa_layer = module.moa_layer, None         # set by PlanCache.update, cleared for a cacheless call
     q = query.shape[2]
     if layer is not None and not torch.compiler.is_compiling():   # the host count of N (PlanLayer); not compiled
@@ -980,20 +953,18 @@ def plan_attention(module, query, key, value, pad, scaling=None, dropout=0.0, **
 
 def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
                  attention_mask=None, **kwargs):
-    """AttentionMaskInterface entry "moa", made once per forward pass for every layer's plan_attention: the leading
-    padding tokens [B] of the call's q_length tokens (left_padding: None where none is padded), and None to a decode
-    step, whose padding the cache holds (a mask growing every step would recompile generate's compiled step). Its own
-    answer is returned as is: for a compileable cache, generate makes the mask before the forward pass makes it again."""
+    """AttentionMaskInterface entry "moa", once per forward pass: the leading padding [B] of the q_length tokens
+    (left_padding), None for a decode step (the cache holds its padding; a growing mask would recompile the step).
+    Its own answer passes as is: generate makes the mask before the forward pass makes it again."""
     if attention_mask is None or attention_mask.dim() == 1:
         return attention_mask
     return None if q_length == 1 and attention_mask.shape[-1] > 1 else left_padding(attention_mask, q_length)
 
 
 class PlanLayer(CacheLayerMixin):
-    """One layer of a PlanCache: a kernel.SinkRingCache with per-KV-head `capacities` for N = n tokens, allocated at
-    the first update like the keys. The attention stores the tokens. `stored` counts on the host the tokens of eager
-    calls, to refuse more than N without a sync; a compiled decode step cannot count (a changing host int would
-    recompile it), so generate, the one caller that compiles, checks its N once (_generate_with_plans)."""
+    """One layer of a PlanCache: a kernel.SinkRingCache of per-KV-head `capacities` for N = n tokens, allocated at
+    the first update; the attention stores the tokens. `stored` counts eager calls' tokens on the host, to refuse
+    more than N without a sync; a compiled step cannot (it would recompile), so generate checks its N once."""
     is_compileable = True   # generate then compiles the decode step (CUDA graphs on a GPU)
 
     def __init__(self, capacities, sink, n):
@@ -1001,8 +972,7 @@ class PlanLayer(CacheLayerMixin):
         self.capacities, self.sink, self.n, self.ring, self.stored = capacities, sink, n, None, 0
 
     def lazy_initialization(self, key_states, value_states=None):
-        B, _, _, d = key_states.shape
-        self.allocate(B, d, key_states.dtype, key_states.device)
+        self.allocate(len(key_states), key_states.shape[-1], key_states.dtype, key_states.device)   # [B, G, q, d]
 
     def allocate(self, batch, head_dim, dtype, device):
         self.ring = kernel.SinkRingCache(batch, self.capacities, head_dim, self.sink, dtype, device)
@@ -1039,9 +1009,8 @@ class PlanLayer(CacheLayerMixin):
 
 
 class PlanCache(Cache):
-    """The static sink + ring KV cache (SPEC §9) of a model that follows a plan, sized for N = n tokens
-    (prompt + new tokens). After apply_plan, model.generate builds one itself; build one for a manual decode loop:
-    model(ids, attention_mask=mask, past_key_values=PlanCache(model, n)), then one token per step."""
+    """The static sink + ring KV cache (SPEC §9) of a model following a plan, for N = n tokens (prompt + new).
+    generate builds its own; a manual loop: model(ids, attention_mask=mask, past_key_values=PlanCache(model, n))."""
 
     def __init__(self, model, n):
         self.modules = attention_modules(model)
@@ -1056,10 +1025,9 @@ class PlanCache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def prefill_rows(self, batch, rows, dtype, device, prefill):
-        """Start the cache of `batch` sequences `rows` at a time, so the prompt's activations are those of `rows`
-        sequences however large the batch: prefill(start, stop, part) stores sequences start .. stop - 1 through
-        `part`, a PlanCache over those rows of this one's tensors (their ring's length, shared by all sequences, is
-        zeroed before each group). Returns prefill's results, one per group."""
+        """Start the cache of `batch` sequences `rows` at a time (activations of `rows` sequences at most):
+        prefill(start, stop, part) stores those rows through `part`, a PlanCache over their slice of the tensors.
+        Returns prefill's results, one per group."""
         for layer, m in zip(self.layers, self.modules):
             layer.allocate(batch, m.head_dim, dtype, device)
         done, padded, part = [], False, copy.copy(self)
@@ -1075,10 +1043,9 @@ class PlanCache(Cache):
 
 
 class DeferredPlanStop(generation_utils.DeferredStopCheck):
-    """transformers' DeferredStopCheck (its default on mps only) for a PlanCache: "have all sequences stopped?" is read
-    a step late, so the host queues step t + 1 while the GPU runs step t. The step run past an early stop is undone
-    (its token dropped); it stores token max_length - 2 at most, which a PlanCache of N = max_length holds, but may
-    overwrite a ring slot: a cache that generate returns keeps the plain check. Installed by a plan's generate."""
+    """transformers' DeferredStopCheck (its default on mps only) for a PlanCache: the stop is read a step late, so the
+    host queues step t + 1 while the GPU runs step t. The extra step fits N = max_length but may overwrite a ring
+    slot: a cache that generate returns keeps the plain check."""
 
     @staticmethod
     def is_supported(device, cache, cache_is_returned, is_assistant):
@@ -1098,12 +1065,9 @@ PREFILL_TOKENS = 16384   # prompt tokens per forward pass of a plan's prefill: a
 
 
 def _generate_with_plans(model):
-    """Replacements, bound to `model`, for generate, which defers its stop check a step for a PlanCache (DeferredPlanStop,
-    for this call only), for its _prepare_cache_for_generation, which gives it a PlanCache for
-    N = generation_config.max_length (or checks that a given one holds that many: a compiled decode step cannot),
-    and for its _prefill, which never compiles: generate compiles the decode step for a compileable cache, and with
-    it a chunked prefill, but the prompt goes through the eager paths (shapes change per chunk; padding is checked
-    on the host)."""
+    """Replacements, bound to `model`, for _prepare_cache_for_generation (a PlanCache of N = max_length, or a check
+    that a given one holds that many), _prefill (eager, by rows: shapes change per chunk, padding is checked on the
+    host) and generate (DeferredPlanStop for the call)."""
     cls = type(model)
 
     def prepare_cache(config, model_kwargs, *args):
@@ -1148,9 +1112,8 @@ def _generate_with_plans(model):
 
 
 def apply_plan(model, plan):
-    """Make the model follow `plan` (SPEC §2), None: dense again, through the attention it had before its first plan
-    (sdpa, eager, ...). Forward passes go through FlexAttention, generate through the static sink + ring cache and
-    the fused decode kernel (N = prompt + max_new_tokens)."""
+    """Make the model follow `plan` (SPEC §2), or None: dense again, with the attention it had before. Forward passes
+    go through FlexAttention, generate through the sink + ring cache and decode kernel (N = prompt + new tokens)."""
     if plan is None:
         for name in ("_prepare_cache_for_generation", "_prefill", "generate", "moa_plan"):
             model.__dict__.pop(name, None)
@@ -1175,8 +1138,7 @@ def apply_plan(model, plan):
 
 @contextlib.contextmanager
 def following(model, plan):
-    """with following(model, plan): the model follows `plan` (None: dense) inside the block, and after it what it
-    followed before (a plan the caller applied, or dense)."""
+    """with following(model, plan): the model follows `plan` (None: dense) in the block, then what it did before."""
     before = model.__dict__.get("moa_plan")
     apply_plan(model, plan)
     try:
@@ -1203,8 +1165,9 @@ def model_fingerprint(model):
 
 
 class Stages:
-    """Each stage's result is saved (atomically) as out/NAME.pt with the key of the settings that made it; a rerun
-    with the same key loads it, a changed key or a file that cannot be read whole recomputes it."""
+    """Each stage's result saved atomically as out/NAME.pt with its settings' key: loaded again by a rerun with the
+    same key; recomputed for a changed key or a file that cannot be read whole."""
+
 
     def __init__(self, out):
         self.out = Path(out) if out else None
@@ -1278,8 +1241,7 @@ def check_config(cfg, config):
 
 
 def budget_lengths(cfg):
-    """The lengths at which the density budget holds (SPEC §6) and plans are validated (§7): the profiling lengths
-    and the validation length."""
+    """The profiling and validation lengths: where the density budget holds (SPEC §6) and plans are validated (§7)."""
     return sorted({*cfg.lengths, cfg.validate_length})
 
 
@@ -1316,9 +1278,8 @@ FRONT_PLANS = 32   # validation's cost grows with the front: at most this many p
 
 
 def optimize(loss, ratio, uniform, cfg, space):
-    """SPEC §6: the ε-constraint front of the totals F_N (loss: [K, R, P]; uniform: [P] F_N(uniform)), every plan
-    within the group bound (ratio: [groups, K, R, P] each group's F_N,g over its F_N,g(uniform)); of a larger front,
-    the FRONT_PLANS plans of least mean F_N / F_N(uniform). Returns (the plans, the rho they hold)."""
+    """SPEC §6: the front of F_N (loss: [K, R, P]; uniform: [P]) within the group bound (ratio: [groups, K, R, P]
+    F_N,g / F_N,g(uniform)), at most FRONT_PLANS of least mean F_N / F_N(uniform). Returns (plans, rho)."""
     alphas, betas, to_plan, density, budget, layers, workers = space
     at, caps = budget_lengths(cfg), ratio.transpose(1, 2, 0, 3).reshape(*loss.shape[:2], -1)
     rho = cfg.rho and group_bound(caps, loss, density, budget, layers, cfg.max_rules_per_layer, at, cfg.rho)
@@ -1329,9 +1290,8 @@ def optimize(loss, ratio, uniform, cfg, space):
 
 
 def validate(model, cfg, valid, plain, plan_at, name, stages, key):
-    """SPEC §7: the mean loss of the plan plan_at(n) (None: dense) at each validation length n over all validation
-    samples ("loss"), per group ("groups": {name: [lengths]}) and on plain held-out text ("plain"). Plans whose
-    windows coincide at a length run once."""
+    """SPEC §7: plan_at(n)'s (None: dense) mean loss at each validation length: all samples ("loss"), per group
+    ("groups": {name: [lengths]}), plain text ("plain"). Plans whose windows coincide at a length run once."""
     table = {"loss": [], "groups": {}, "plain": []}
     for n, s in valid.items():
         plan = plan_at(n)
@@ -1354,10 +1314,10 @@ def judged(table, dense, uniform):
 
 
 def refine(model, cfg, calib, stages, key, space, loss, weights, step, scored):
-    """SPEC §5.1, §7: profile at the chosen plan and solve near it (cfg.rounds times, while it improves), then try
-    cfg.refine swaps of two heads' rules; keep a change only where validation ranks it better. loss: [K, R, P] the
-    dense profile's; weights: [P]; step: (choice, (rank, table)); scored(choice, name) -> (rank, table). Returns
-    the steps {"at_plan": step, "refined": step}."""
+    """SPEC §5.1, §7: profile at the plan and solve near it (cfg.rounds times, while it improves), then cfg.refine
+    swaps; keep what validation ranks better. loss: [K, R, P] dense; weights: [P]; step: (choice, (rank, table));
+    scored(choice, name) -> (rank, table). Returns {"at_plan": step, "refined": step}."""
+
     alphas, betas, to_plan, density, budget, layers, workers = space
     (choice, best), g = step, kv_heads(model.config)[0] // kv_heads(model.config)[1]
     relative = loss - loss[np.arange(len(choice)), choice][:, None]                   # ΔL from the choice, at dense
@@ -1367,10 +1327,9 @@ def refine(model, cfg, calib, stages, key, space, loss, weights, step, scored):
             f"profile_{n}_at_{fingerprint(windows(n).tolist())}", fingerprint(key, n, "at"),
             lambda: profile(model, calib[n], cfg.sink, plan)), g, alphas, betas, windows(n))
             for n in tqdm(cfg.lengths, desc=f"profiling at the plan, round {r + 1}")], -1)
-        # Blended with the dense profile (SPEC §5.1 leaves it to evidence): a rule that cuts a head below the plan is
-        # rated by the dense profile's |ΔL|, one that widens it by the plan's restore estimate. The signed drop
-        # estimates of a row's kept keys sum to 0 (Σ_j A_ij (D_i - G_ij) = 0), so they rate large cuts as nearly free
-        # (bench/README.md#quality: such plans measured worse than uniform).
+        # A cut below the plan is rated by the dense profile, a widening by the plan's (SPEC §5.1): the signed drop
+        # estimates of a row's kept keys sum to 0, rating large cuts as nearly free (bench/README.md#quality).
+
         cut = np.stack([window(alphas, betas, n)[None] < windows(n)[:, None] for n in cfg.lengths], -1)
         relative = np.where(cut, loss - loss[np.arange(len(choice)), choice][:, None], at_plan)
         near = near_plans(relative, weights, choice, density, budget, layers, cfg.max_rules_per_layer,
