@@ -1574,7 +1574,12 @@ def test_eval_inputs(tokenizer):
         (row,), (key,) = quality.passkey_inputs(tokenizer, doc_ids, n, form, 0.7, 1, rng, 4)
         text, question = decode(row.tolist()), quality.FORMATS["question"][question]
         assert len(row) == n - 4 and text.count(key) == quality.FORMATS["planted"][planted].count("{key}")
-        assert abs(text.index(key) / len(text) - 0.7) < 0.1, form
+        before, after = quality.framed(tokenizer, frame, question)
+        encode = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]
+        before += [] if intro is None else encode(quality.FORMATS["intro"][intro])
+        secret = encode(quality.FORMATS["planted"][planted].format(key=key))
+        room = n - 4 - len(before) - len(after) - len(secret)                  # filler tokens around the key
+        assert row.tolist()[:len(before)] == before and find(row.tolist(), secret) == [len(before) + int(0.7 * room)]
         assert text.endswith(question) if frame == "plain" else question in text[-len(question) - 80:]
         if sentence is not None:
             assert text.count(quality.FORMATS["filler"][sentence].strip()) >= 3
