@@ -1,6 +1,6 @@
 """Tests for moa.py and kernel.py on the CPU: tiny random-weight models built here, plus the embedded SmolLM2 if
 present.
-Run: python -m pytest -q test_moa.py"""
+Run: python -m pytest -q -n 2 test_moa.py"""
 import copy
 import importlib.util
 import dataclasses
