@@ -5,7 +5,8 @@ same model. (Named profiling.py, not profile.py, which would shadow Python's own
 Run:  python bench/profiling.py [--model M|llama3-8b] [--length 8192 16384] [--reference] [--plan 0.5]
                                 [--launch 64,4,2 128,8,2] [--checkpoint] [--trace]
 llama3-8b is the Llama-3-8B shape with random weights (bf16); it recomputes activations layer by layer (gradient
-checkpointing), as it must at 32k on one 80 GB GPU, and so does its plain forward and backward.
+checkpointing), as it must at 32k on one 80 GB GPU, and so does its plain forward and backward. smollm2-shape is the
+embedded SmolLM2-135M's shape with random weights (bf16; the same work, without the model's file).
 """
 import argparse
 import gc
@@ -21,6 +22,11 @@ import kernel   # before Triton: without a GPU, kernel.py turns its interpreter 
 from bench.decode import LLAMA3_8B, random_model, synthetic_plan
 from bench.kernel import need_gpu
 from moa import answer_loss, cli_errors, load_model, profile
+
+SHAPES = {"llama3-8b": LLAMA3_8B,
+          "smollm2-shape": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                                num_key_value_heads=3, head_dim=64, vocab_size=49152, max_position_embeddings=16384,
+                                rope_theta=100000.0, tie_word_embeddings=True)}
 
 
 def measure(fn):
@@ -114,8 +120,8 @@ def launch(text):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(prog="bench/profiling.py")
-    p.add_argument("--model", help="llama3-8b (random weights), or a model as in moa.py --model (default: the "
-                                   "embedded SmolLM2)")
+    p.add_argument("--model", help=f"{' or '.join(SHAPES)} (random weights), or a model as in moa.py --model "
+                                   "(default: the embedded SmolLM2)")
     p.add_argument("--length", type=int, nargs="+", default=[8192, 16384])
     p.add_argument("--reference", action="store_true", help="also time the PyTorch path (influence_reference)")
     p.add_argument("--plan", type=float, default=0.5, help="also profile at a synthetic plan of this KV density "
@@ -130,7 +136,7 @@ if __name__ == "__main__":
     a = p.parse_args()
     need_gpu("bench/profiling.py")
     with cli_errors():
-        model = random_model(LLAMA3_8B, "cuda") if a.model == "llama3-8b" else load_model(a.model, "cuda")[0]
+        model = random_model(SHAPES[a.model], "cuda") if a.model in SHAPES else load_model(a.model, "cuda")[0]
         if a.checkpoint or a.model == "llama3-8b":
             # transformers recomputes a layer only in training mode (no dropout in these models)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
