@@ -181,7 +181,7 @@ def test_profile_attention_gradients_at_a_plan(B, H, G, N, d, windows, fused, mo
     influence_reference's otherwise) equal autograd through the float64 masked reference."""
     monkeypatch.setattr(kernel, "REFERENCE_BLOCK_SCORES", B * H * N * 7)
     monkeypatch.setattr(kernel, "FUSED_PROFILE", fused)
-    dtype = torch.float32 if fused and DEVICE == "cuda" else torch.float64
+    dtype = torch.float32 if DEVICE == "cuda" else torch.float64      # FlexAttention compiles no float64 on a GPU
     q, do = (torch.randn(B, H, N, d, dtype=torch.float64) for _ in range(2))
     k, v = (torch.randn(B, G, N, d, dtype=torch.float64) for _ in range(2))
     fast = [t.to(DEVICE, dtype).requires_grad_() for t in (q, k, v)]
