@@ -415,7 +415,7 @@ def decode_reference(q, keys, values, scale=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Profiling: each head's influence histograms over the distance δ = i - j, inside the attention backward (SPEC §5, §5.1)
+# Profiling: each head's influence histograms over δ = i - j, inside the attention backward (SPEC §5, §5.1)
 #   influence_attention -> attention whose backward also adds the histograms: on a GPU FlexAttention's own forward and
 #                          backward, plus `influence` on the gradient of its output
 #   influence           -> the fused Triton kernel: the histograms from q, k, v, O, dO and the row log-sum-exp

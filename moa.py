@@ -561,7 +561,7 @@ def profile(model, samples, sink=SINK, plan=None):
 
 def rule_losses(hist, groups, alphas, betas, at=None):
     """ΔL of every KV head (its `groups` query heads) under every rule at length N: the histogram summed from the
-    rule's window on (SPEC §5), or between it and the plan's windows `at` [L*G] (§5.1). hist: [L, H, N] -> [L*G, R]."""
+    rule's window on (SPEC §5), or between it and the plan's windows `at` [L*G] (§5.1). hist [L, H, N] -> [L*G, R]."""
     L, H, N = hist.shape
     per_kv = hist.view(L, H // groups, groups, N).sum(2).reshape(-1, N)
     tail = F.pad(per_kv.flip(-1).cumsum(-1).flip(-1), (0, 1))   # tail[δ] = Σ_{δ' >= δ} hist[δ']; tail[N] = 0
