@@ -1317,10 +1317,10 @@ def refine(model, cfg, calib, stages, key, space, loss, weights, step, scored):
     """SPEC §5.1, §7: profile at the plan and solve near it (cfg.rounds times, while it improves), then cfg.refine
     swaps; keep what validation ranks better. loss: [K, R, P] dense; weights: [P]; step: (choice, (rank, table));
     scored(choice, name) -> (rank, table). Returns {"at_plan": step, "refined": step}."""
-
     alphas, betas, to_plan, density, budget, layers, workers = space
     (choice, best), g = step, kv_heads(model.config)[0] // kv_heads(model.config)[1]
-    relative = loss - loss[np.arange(len(choice)), choice][:, None]                   # ΔL from the choice, at dense
+    from_choice = lambda c: loss - loss[np.arange(len(c)), c][:, None]               # ΔL from a choice, at dense
+    relative = from_choice(choice)
     for r in range(cfg.rounds):
         plan, windows = to_plan(choice), lambda n: window(alphas[choice], betas[choice], n)
         at_plan = np.stack([rule_losses(stages(
@@ -1329,9 +1329,8 @@ def refine(model, cfg, calib, stages, key, space, loss, weights, step, scored):
             for n in tqdm(cfg.lengths, desc=f"profiling at the plan, round {r + 1}")], -1)
         # A cut below the plan is rated by the dense profile, a widening by the plan's (SPEC §5.1): the signed drop
         # estimates of a row's kept keys sum to 0, rating large cuts as nearly free (bench/README.md#quality).
-
         cut = np.stack([window(alphas, betas, n)[None] < windows(n)[:, None] for n in cfg.lengths], -1)
-        relative = np.where(cut, loss - loss[np.arange(len(choice)), choice][:, None], at_plan)
+        relative = np.where(cut, from_choice(choice), at_plan)
         near = near_plans(relative, weights, choice, density, budget, layers, cfg.max_rules_per_layer,
                           budget_lengths(cfg), workers)
         tried = [(scored(c, f"round {r + 1}, near plan {i + 1}/{len(near)}"), c) for i, c in enumerate(near)]
