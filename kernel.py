@@ -5,10 +5,13 @@ Attention for MoA plans at inference: every KV head k keeps the first `sink` tok
                       custom op to torch.compile, so a compiled decode step (CUDA graphs) captures it whole
   prefill          -> FlexAttention with a block mask, so whole dropped blocks are skipped (SPEC §10)
   masked_reference -> the same attention as plain masked PyTorch, the reference the fast paths are tested against
+  plan_attention   -> the attention of a transformers model following a plan (moa.apply_plan), over PlanCache (the
+                      cache as a transformers Cache); generate_with_plans: generate's hooks that build and fill it
 The decode benchmark is bench/kernel.py.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -31,6 +34,10 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
+from transformers import AttentionInterface  # noqa: E402
+from transformers.cache_utils import Cache, CacheLayerMixin  # noqa: E402
+from transformers.generation import utils as generation_utils  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 # Compiling FlexAttention costs 10-30 s per shape on a CPU; below this many scores the eager version is faster.
 COMPILE_MIN_SCORES = 1 << 22
@@ -412,6 +419,225 @@ def decode_reference(q, keys, values, scale=None):
         a = (qh @ k.transpose(1, 2) * (scale if scale is not None else d ** -0.5)).softmax(-1)
         outs.append(a @ v)
     return torch.cat(outs, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A transformers model following a plan (moa.apply_plan): its attention, its static cache, generate (SPEC §2, §9)
+
+
+class MoAError(Exception):
+    """Bad input: the message says what was wrong and what to do. The CLI prints it without a traceback."""
+
+
+def check_length(n, limit, fix="shorten the prompt or max_new_tokens"):
+    if n > limit:
+        raise MoAError(f"{n} tokens (prompt + new tokens) exceed the {limit} this plan allows (its validation "
+                       f"length, or the model's context): {fix}")
+
+
+def left_padding(attention_mask, n):
+    """Leading padding tokens per sequence [B] in the last n columns of a 2D mask [B, >= n], or None where the mask
+    is None or pads no sequence. One host sync, for the check and the None."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -n:].bool()
+    pad = (~mask).sum(1)
+    left = (mask == (torch.arange(n, device=mask.device)[None] >= pad[:, None])).all()
+    left, padded = torch.stack([left, pad.any()]).tolist()
+    if not left:
+        raise MoAError("moa supports left padding only: set tokenizer.padding_side = \"left\"")
+    return pad if padded else None
+
+
+def plan_attention(module, query, key, value, pad, scaling=None, dropout=0.0, **kwargs):
+    """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d]; pad: leading
+    padding [B] (padding_mask) or None. N: the sequence's length, or a PlanCache's N: the first prompt chunk is
+    stored and goes through FlexAttention, a later chunk attends to the cache, a new token goes through the decode
+    kernel. A decode step reads no changing host state and never syncs: torch.compile traces it once."""
+    layer, module.moa_layer = module.moa_layer, None         # set by PlanCache.update, cleared for a cacheless call
+    q = query.shape[2]
+    if layer is not None and not torch.compiler.is_compiling():   # the host count of N (PlanLayer); not compiled
+        layer.count(q)
+    if layer is not None and layer.ring.prefilled:           # a decode step or a later prompt chunk
+        if q == 1:
+            return decode(query[:, :, 0], key[:, :, 0], value[:, :, 0], layer.ring, scaling)[:, None], None
+        if pad is not None:
+            raise MoAError("a sequence's left padding runs past the first prefill chunk: use a larger "
+                           "prefill_chunk_size")
+        w = module.moa_windows(layer.n).tolist()
+        return chunk_attention(query, key, value, layer.ring, w, scaling).transpose(1, 2), None
+    if layer is None and q != key.shape[2]:                  # keys from another cache: transformers' DynamicCache
+        raise MoAError("a model that follows a plan decodes through its own cache: pass past_key_values="
+                       "kernel.PlanCache(model, n) (n: prompt + new tokens) to the first call, or use model.generate")
+    n = layer.n if layer is not None else key.shape[2]
+    check_length(n, module.moa_limit)
+    if layer is not None:
+        layer.ring.prefill(key, value, pad)
+    w = module.moa_windows(n).tolist()
+    return prefill(query, key, value, w, module.moa_sink, scaling, pad).transpose(1, 2), None
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, **kwargs):
+    """AttentionMaskInterface entry "moa", once per forward pass: the leading padding [B] of the q_length tokens
+    (left_padding), None for a decode step (the cache holds its padding; a growing mask would recompile the step).
+    Its own answer passes as is: generate makes the mask before the forward pass makes it again."""
+    if attention_mask is None or attention_mask.dim() == 1:
+        return attention_mask
+    return None if q_length == 1 and attention_mask.shape[-1] > 1 else left_padding(attention_mask, q_length)
+
+
+AttentionInterface.register("moa", plan_attention)          # the attention moa.apply_plan gives a model
+AttentionMaskInterface.register("moa", padding_mask)
+
+
+class PlanLayer(CacheLayerMixin):
+    """One layer of a PlanCache: a SinkRingCache of per-KV-head `capacities` for N = n tokens, allocated at
+    the first update; the attention stores the tokens. `stored` counts eager calls' tokens on the host, to refuse
+    more than N without a sync; a compiled step cannot (it would recompile), so generate checks its N once."""
+    is_compileable = True   # generate then compiles the decode step (CUDA graphs on a GPU)
+
+    def __init__(self, capacities, sink, n):
+        super().__init__()
+        self.capacities, self.sink, self.n, self.ring, self.stored = capacities, sink, n, None, 0
+
+    def lazy_initialization(self, key_states, value_states=None):
+        self.allocate(len(key_states), key_states.shape[-1], key_states.dtype, key_states.device)   # [B, G, q, d]
+
+    def allocate(self, batch, head_dim, dtype, device):
+        self.ring = SinkRingCache(batch, self.capacities, head_dim, self.sink, dtype, device)
+        self.is_initialized = True
+
+    def rows(self, start, stop):
+        part = copy.copy(self)
+        part.ring = self.ring.rows(start, stop)
+        return part
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+        return key_states, value_states
+
+    def count(self, tokens):
+        if self.stored + tokens > self.n:
+            raise MoAError(f"the plan cache was built for {self.n} tokens; got {tokens} more after {self.stored}")
+        self.stored += tokens
+
+    def get_seq_length(self):
+        """Tokens stored so far, padding included: a 0-dim tensor on the device once there is a prompt."""
+        return self.ring.length if self.ring is not None else 0
+
+    def get_max_length(self):
+        return self.n
+
+    def get_mask_sizes(self, query_length):
+        return self.get_seq_length() + query_length, 0
+
+    def reorder_cache(self, beam_idx):
+        for x in (self.ring.k, self.ring.v, self.ring.pad):      # in place: the tensors keep their addresses
+            x.copy_(x.index_select(0, beam_idx.to(x.device)))
+
+
+class PlanCache(Cache):
+    """The static sink + ring KV cache (SPEC §9) of a model following a plan, for N = n tokens (prompt + new).
+    generate builds its own; a manual loop: model(ids, attention_mask=mask, past_key_values=PlanCache(model, n))."""
+
+    def __init__(self, model, n):
+        if model.__dict__.get("moa_plan") is None:          # modules keep their rules after a plan is taken off
+            raise MoAError("the model follows no plan: call moa.apply_plan(model, plan) first")
+        self.modules = [m for m in model.modules() if hasattr(m, "moa_sink")]     # those moa.apply_plan gave rules
+        check_length(n, self.modules[0].moa_limit)
+        super().__init__(layers=[PlanLayer(m.moa_capacities(n).tolist(), m.moa_sink, n) for m in self.modules])
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        self.modules[layer_idx].moa_layer = self.layers[layer_idx]      # for plan_attention, this call only
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def prefill_rows(self, batch, rows, dtype, device, prefill):
+        """Start the cache of `batch` sequences `rows` at a time (activations of `rows` sequences at most):
+        prefill(start, stop, part) stores those rows through `part`, a PlanCache over their slice of the tensors.
+        Returns prefill's results, one per group."""
+        for layer, m in zip(self.layers, self.modules):
+            layer.allocate(batch, m.head_dim, dtype, device)
+        done, padded, part = [], False, copy.copy(self)
+        for start in range(0, batch, rows):
+            part.layers = [layer.rows(start, start + rows) for layer in self.layers]
+            for layer in self.layers:
+                layer.ring.length.zero_()                # the group's prompt starts an empty cache (one length a layer)
+            done.append(prefill(start, start + rows, part))
+            padded |= part.layers[0].ring.padded
+        for layer, own in zip(self.layers, part.layers):    # every group stored the same prompt length
+            layer.stored, layer.ring.prefilled, layer.ring.padded = own.stored, True, padded
+        return done
+
+
+class DeferredPlanStop(generation_utils.DeferredStopCheck):
+    """transformers' DeferredStopCheck (its default on mps only) for a PlanCache: the stop is read a step late, so the
+    host queues step t + 1 while the GPU runs step t. The extra step fits N = max_length but may overwrite a ring
+    slot: a cache that generate returns keeps the plain check."""
+
+    @staticmethod
+    def is_supported(device, cache, cache_is_returned, is_assistant):
+        return isinstance(cache, PlanCache) and not cache_is_returned and not is_assistant
+
+    def __init__(self, input_ids, max_length, cache, cache_is_returned, streamer=None):
+        if input_ids.device.type != "cpu":
+            return super().__init__(input_ids, max_length, None, False, streamer)
+        generation_utils.StopCheck.__init__(self, streamer)      # the CPU has no events: its ops are done on return
+        self.max_length, self.cache, self.is_first_step, self.stop_reported = max_length, None, True, False
+        done = type("Done", (), {"record": lambda self: None, "synchronize": lambda self: None})()
+        self.slots = collections.deque((torch.zeros((), dtype=bool), torch.zeros(len(input_ids), dtype=torch.long),
+                                        done) for _ in range(2))
+
+
+PREFILL_TOKENS = 16384   # prompt tokens per forward pass of a plan's prefill: a larger batch goes in by rows
+
+
+def generate_with_plans(model):
+    """Replacements, bound to `model`, for _prepare_cache_for_generation (a PlanCache of N = max_length, or a check
+    that a given one holds that many), _prefill (eager, by rows: shapes change per chunk, padding is checked on the
+    host) and generate (DeferredPlanStop for the call)."""
+    cls = type(model)
+
+    def prepare_cache(config, model_kwargs, *args):
+        cache = model_kwargs.get("past_key_values")
+        if cache is None and config.use_cache is not False:
+            own = model_kwargs["past_key_values"] = PlanCache(model, config.max_length)
+            config.cache_implementation = None         # this call's copy: the plan's cache replaces the one asked for
+            cls._prepare_cache_for_generation(model, config, model_kwargs, *args)
+            own._is_user_defined = False               # generate's own, not the caller's (which it would return)
+            return
+        if isinstance(cache, PlanCache) and cache.get_max_length() < config.max_length:
+            raise MoAError(f"the plan cache was built for {cache.get_max_length()} tokens; generate needs "
+                           f"{config.max_length} (prompt + max_new_tokens)")
+        return cls._prepare_cache_for_generation(model, config, model_kwargs, *args)
+
+    def prefill(input_ids, config, model_kwargs, *args, **kwargs):
+        eager = copy.copy(config)
+        eager.disable_compile = True
+        cache, (B, P) = model_kwargs.get("past_key_values"), input_ids.shape
+        rows = max(1, PREFILL_TOKENS // min(P, config.prefill_chunk_size or P))
+        if (rows >= B or not isinstance(cache, PlanCache) or cache.layers[0].is_initialized
+                or config.output_hidden_states or config.output_attentions):
+            return cls._prefill(model, input_ids, eager, model_kwargs, *args, **kwargs)
+
+        def rows_prefill(start, stop, part):           # batch-first inputs cut to the rows, the rest as it is
+            cut = {k: v[start:stop] if torch.is_tensor(v) and v.dim() and len(v) == B else v
+                   for k, v in model_kwargs.items()}
+            return cls._prefill(model, input_ids[start:stop], eager, {**cut, "past_key_values": part}, *args, **kwargs)
+        done = cache.prefill_rows(B, rows, model.dtype, input_ids.device, rows_prefill)
+        out = done[-1]
+        out.logits, out.past_key_values = torch.cat([o.logits for o in done]), cache
+        return out
+
+    @functools.wraps(cls.generate)
+    def generate(*args, **kwargs):
+        before, generation_utils.DeferredStopCheck = generation_utils.DeferredStopCheck, DeferredPlanStop
+        try:
+            return cls.generate(model, *args, **kwargs)
+        finally:
+            generation_utils.DeferredStopCheck = before
+    return prepare_cache, prefill, generate
 
 
 # ----------------------------------------------------------------------------------------------------------------

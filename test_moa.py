@@ -597,11 +597,11 @@ def test_generate_with_dense_plan_equals_transformers(family):
     want = model.generate(ids, **settings)
     dense = moa.make_plan(np.zeros((2, 2)), np.ones((2, 2)), sink=4)
     out = moa.apply_plan(model, dense).generate(ids, return_dict_in_generate=True, **settings)
-    assert isinstance(out.past_key_values, moa.PlanCache)
+    assert isinstance(out.past_key_values, kernel.PlanCache)
     assert out.past_key_values.layers[0].ring.capacities == [64, 64]                  # N = 40 + 24
     assert out.sequences.tolist() == want.tolist()
     static = model.generate(ids, cache_implementation="static", return_dict_in_generate=True, **settings)
-    assert isinstance(static.past_key_values, moa.PlanCache) and static.sequences.tolist() == want.tolist()
+    assert isinstance(static.past_key_values, kernel.PlanCache) and static.sequences.tolist() == want.tolist()
     beams = dict(settings, max_new_tokens=8, num_beams=2, eos_token_id=None)          # the cache reordered per step
     assert model.generate(ids, **beams).tolist() == moa.apply_plan(model, None).generate(ids, **beams).tolist()
 
@@ -619,8 +619,8 @@ def test_generate_defers_its_stop_check_with_a_plan(monkeypatch):
     settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=1)
     plain = model.generate(ids, eos_token_id=None, **settings)[:, 16:]
     undone = []
-    finish = moa.DeferredPlanStop.finish
-    monkeypatch.setattr(moa.DeferredPlanStop, "finish", lambda self: undone.append(finish(self)) or undone[-1])
+    finish = kernel.DeferredPlanStop.finish
+    monkeypatch.setattr(kernel.DeferredPlanStop, "finish", lambda self: undone.append(finish(self)) or undone[-1])
     dense = moa.make_plan(np.zeros((3, 2)), np.ones((3, 2)), sink=4)
 
     class Tokens:   # a streamer: the prompt, then each step's tokens
@@ -684,7 +684,7 @@ def test_generate_prefills_a_large_batch_by_rows(monkeypatch):
                         return_dict_in_generate=True, prefill_chunk_size=chunk)
         runs = []
         for tokens in (1 << 20, 60):                     # one shot; rows of 60 // 30 = 2 or 60 // 18 = 3
-            monkeypatch.setattr(moa, "PREFILL_TOKENS", tokens)
+            monkeypatch.setattr(kernel, "PREFILL_TOKENS", tokens)
             runs.append(model.generate(ids, **settings))
         (one, rows), cached = runs, lambda layer: (layer.ring.k, layer.ring.v, layer.ring.pad, layer.ring.length)
         assert rows.sequences.tolist() == one.sequences.tolist()
@@ -725,7 +725,7 @@ def test_generate_sampling_and_limits():
         model.generate(ids, attention_mask=mask, max_new_tokens=45)
     with pytest.raises(moa.MoAError, match="left padding"):
         model.generate(ids, attention_mask=mask.flip(1), max_new_tokens=4)
-    cache = moa.PlanCache(model, 21)
+    cache = kernel.PlanCache(model, 21)
     with pytest.raises(moa.MoAError, match="generate needs 24"):      # checked before a (compiled) decode step
         model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4)
     with torch.no_grad():
@@ -738,7 +738,7 @@ def test_generate_sampling_and_limits():
 def test_following_restores_what_was_there(tokenizer):
     """following() (and answer_losses and make_samples, which run inside it) leaves the model on the plan the caller
     had applied, or dense. With a plan, a plain decode loop (transformers' DynamicCache) gets a one-line error naming
-    moa.PlanCache, answer_loss makes no cache at all, and once the plan is taken off a PlanCache is refused."""
+    kernel.PlanCache, answer_loss makes no cache at all, and once the plan is taken off a PlanCache is refused."""
     from transformers import DynamicCache
     model = tiny_model(layers=2, heads=4, kv=2, seed=5, init=0.2).to(DEVICE)   # on a GPU the decode kernel needs it
     plan = moa.make_plan([[0, -200], [50, 0]], [[0.25, 0], [0, 1]])          # at 200 tokens: 64, 64, 64, 200
@@ -758,10 +758,10 @@ def test_following_restores_what_was_there(tokenizer):
         moa.make_samples(model, tokenizer, docs, 1, 384, cfg, seed=[0])       # dense answers, a local-window plan
         assert torch.equal(logits(), want)
         out = model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=1, return_dict_in_generate=True)
-        assert isinstance(out.past_key_values, moa.PlanCache)                 # generate still goes through the plan
+        assert isinstance(out.past_key_values, kernel.PlanCache)              # generate still goes through the plan
         out = model(ids[:, :-1])
         assert isinstance(out.past_key_values, DynamicCache)                 # transformers' own, by default
-        with pytest.raises(moa.MoAError, match=r"pass past_key_values=moa\.PlanCache\(model, n\)"):
+        with pytest.raises(moa.MoAError, match=r"pass past_key_values=kernel\.PlanCache\(model, n\)"):
             model(ids[:, -1:], past_key_values=out.past_key_values)
         with pytest.MonkeyPatch.context() as m:
             m.setattr(DynamicCache, "__init__", lambda *a, **k: pytest.fail("answer_loss made a KV cache"))
@@ -771,7 +771,7 @@ def test_following_restores_what_was_there(tokenizer):
             pass
         assert torch.equal(logits(), dense)
     with pytest.raises(moa.MoAError, match="follows no plan"):
-        moa.PlanCache(model, 200)
+        kernel.PlanCache(model, 200)
     model.set_attn_implementation("eager")                   # taking a plan off restores the dense attention it had
     moa.apply_plan(moa.apply_plan(moa.apply_plan(model, plan), other), None)
     assert model.config._attn_implementation == "eager" and moa.apply_plan(model, None) is model

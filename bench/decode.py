@@ -19,8 +19,8 @@ import torch
 from transformers import StoppingCriteria
 
 from bench.kernel import ceilings, need_gpu, spread_capacities
-from moa import (PREFILL_TOKENS, SINK, cache_size, cli_errors, following, kv_heads, kv_rules, load_model, load_plan,
-                 make_plan)
+from kernel import PREFILL_TOKENS
+from moa import SINK, cache_size, cli_errors, following, kv_heads, kv_rules, load_model, load_plan, make_plan
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=32768,
@@ -72,9 +72,9 @@ def roofline_ms(model, plan, batch, prompt, new_tokens, ceiling):
 
 
 def prefill_chunk(batch):
-    """Dense's prompt tokens per prefill chunk: moa.PREFILL_TOKENS over the batch (a multiple of 128, at least 128),
+    """Dense's prompt tokens per prefill chunk: kernel.PREFILL_TOKENS over the batch (a multiple of 128, at least 128),
     so its prefill's activations do not grow with the batch. A plan's generate needs none: it prefills a large batch a
-    few whole prompts at a time (moa.PREFILL_TOKENS tokens a forward pass)."""
+    few whole prompts at a time (kernel.PREFILL_TOKENS tokens a forward pass)."""
     return max(128, PREFILL_TOKENS // batch // 128 * 128)
 
 

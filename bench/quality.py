@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kernel import check_length
 from moa import (Config, MoAError, Stages, cli_errors, fingerprint, following, kv_rules, length_limit, load_documents,
                  load_model, load_plan, make_samples, model_fingerprint, model_flags, plan_density, row_batches,
-                 sample_room, split_documents, tokenize_documents, uniform_plan, window, answer_losses, chat_frame,
-                 check_length)
+                 sample_room, split_documents, tokenize_documents, uniform_plan, window, answer_losses, chat_frame)
 
 EVAL_LENGTHS = (1024, 2048, 4096, 8192)
 PASSKEY_LENGTHS = (1024, 2048)       # the format suite's lengths (the pass-key targets' lengths; see --passkey-lengths)
