@@ -3,15 +3,16 @@ Profiling's cost (SPEC §5, §5.1) on a GPU, several lengths in one run: time an
 (the fused kernel; with --reference also the PyTorch path it replaced) beside a plain forward and backward of the
 same model. (Named profiling.py, not profile.py, which would shadow Python's own profile module.)
 Run:  python bench/profiling.py [--model M|llama3-8b] [--length 8192 16384] [--reference] [--plan 0.5]
-                                [--launch 64,4,2 128,8,2] [--checkpoint] [--trace]
+                                [--launch 64,4,2 128,8,2] [--checkpoint] [--trace] [--repeats 3]
 llama3-8b is the Llama-3-8B shape with random weights (bf16); it recomputes activations layer by layer (gradient
 checkpointing), as it must at 32k on one 80 GB GPU, and so does its plain forward and backward. smollm2-shape is the
 embedded SmolLM2-135M's shape with random weights (bf16; the same work, without the model's file).
 """
 import argparse
 import gc
-import time
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # moa.py and kernel.py live one folder up
@@ -29,16 +30,20 @@ SHAPES = {"llama3-8b": LLAMA3_8B,
                                 rope_theta=100000.0, tie_word_embeddings=True)}
 
 
-def measure(fn):
-    """fn's seconds and peak GiB on the GPU, after a warm-up call (compiles); "out of memory" if it does not fit."""
+def measure(fn, repeats):
+    """fn's median seconds over `repeats` calls, their spread (max - min) and the peak GiB on the GPU, after a
+    warm-up call (compiles); None if it does not fit."""
     try:
         fn()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times), max(times) - min(times), torch.cuda.max_memory_allocated() / 2**30
     except torch.cuda.OutOfMemoryError:
         return None
     finally:
@@ -47,8 +52,8 @@ def measure(fn):
 
 
 def profile_bench(model, lengths, reference=False, launches=(), plan_density=None, train=True,
-                  trace=False):
-    """One table per length n: seconds and peak GiB of
+                  trace=False, repeats=3):
+    """One table per length n: median seconds of `repeats` timed calls, their spread, and peak GiB of
       forward+backward  the answer loss of profiling (the last 128 tokens), gradients to the activations only, SDPA:
                         the floor a profile's backward cannot go under;
       train step        (with `train`) the loss over every token, weight gradients too, SDPA;
@@ -92,15 +97,15 @@ def profile_bench(model, lengths, reference=False, launches=(), plan_density=Non
             rows.append(("profiling, reference path", profiled(fused=False)))
         if train:
             rows.append(("train step", train_step))
-        print(f"\n{'length ' + str(n):<40} {'seconds':>8} {'peak GiB':>9} {'x fwd+bwd':>10}")
+        print(f"\n{'length ' + str(n):<40} {'seconds':>8} {'spread':>7} {'peak GiB':>9} {'x fwd+bwd':>10}")
         floor = None
         for name, fn in rows:
-            got = measure(fn)
+            got = measure(fn, repeats)
             if got is None:
-                print(f"{name:<40} {'out of memory':>19}", flush=True)
+                print(f"{name:<40} {'out of memory':>27}", flush=True)
                 continue
             floor = floor or got[0]
-            print(f"{name:<40} {got[0]:>8.3f} {got[1]:>9.2f} {got[0] / floor:>10.2f}", flush=True)
+            print(f"{name:<40} {got[0]:>8.3f} {got[1]:>7.3f} {got[2]:>9.2f} {got[0] / floor:>10.2f}", flush=True)
         kernel.FUSED_PROFILE, kernel.INFLUENCE_LAUNCH = None, default
         model.requires_grad_(False).zero_grad(set_to_none=True)   # also after a train step out of memory
         if trace:
@@ -133,7 +138,10 @@ if __name__ == "__main__":
                                                              "llama3-8b)")
     p.add_argument("--no-train", action="store_true", help="skip the train step (all-token loss, weight gradients)")
     p.add_argument("--trace", action="store_true", help="print the GPU kernels of one profile by time")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per row, after a warm-up; the median is shown")
     a = p.parse_args()
+    if a.repeats < 1:
+        p.error(f"--repeats {a.repeats}: give 1 or more")
     need_gpu("bench/profiling.py")
     with cli_errors():
         model = random_model(SHAPES[a.model], "cuda") if a.model in SHAPES else load_model(a.model, "cuda")[0]
@@ -141,4 +149,4 @@ if __name__ == "__main__":
             # transformers recomputes a layer only in training mode (no dropout in these models)
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.train()
-        profile_bench(model, a.length, a.reference, a.launch, a.plan, not a.no_train, a.trace)
+        profile_bench(model, a.length, a.reference, a.launch, a.plan, not a.no_train, a.trace, a.repeats)
