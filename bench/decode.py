@@ -158,7 +158,7 @@ def largest_batch(model, plan, prompt, new_tokens, cap=None):
             ok = True
         except torch.cuda.OutOfMemoryError:
             ok = False
-        held = None
+        del held                                  # the reserve goes back before the next probe
         torch.cuda.empty_cache()
         print(f"  batch {b}: {'fits' if ok else 'out of memory'} (KV room {room})", flush=True)
         return ok
