@@ -43,6 +43,9 @@ if __name__ == "__main__":
         if unknown := set(a.levers) - set(LEVERS):
             raise moa.MoAError(f"unknown levers {sorted(unknown)}: give any of {', '.join(LEVERS)}")
         default = moa.load_plan(Path(a.run) / "plan.json")   # the settings the run had, as its plan records them
+        if "calibration" not in default:
+            raise moa.MoAError(f"{a.run}/plan.json records no calibration settings (an older pipeline's plan): give "
+                               "the --out folder of a run of today's python moa.py")
         settings = {k: default[k] for k in ("lengths", "validate_length", "seed", "samples")}
         settings.update({k: default["calibration"][k] for k in ("instructions", "frames", "synthetic", "candidates",
                                                                  "local_window")}, density=default["density_budget"])
