@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from kernel import check_length
 from moa import (Config, MoAError, Stages, cli_errors, fingerprint, following, kv_rules, length_limit, load_documents,
                  load_model, load_plan, make_samples, model_fingerprint, model_flags, plan_density, row_batches,
-                 sample_room, split_documents, tokenize_documents, uniform_plan, window, answer_losses, chat_frame)
+                 sample_room, split_documents, tokenize_documents, uniform_plan, window, answer_losses, chat_frame,
+                 encode)
 
 EVAL_LENGTHS = (1024, 2048, 4096, 8192)
 PASSKEY_LENGTHS = (1024, 2048)       # the format suite's lengths (the pass-key targets' lengths; see --passkey-lengths)
@@ -117,7 +118,7 @@ def passage(tokenizer, docs, rng):
     corpus = "\0".join(docs)
     for _ in range(1000):
         i = int(rng.integers(len(docs)))
-        ids = tokenizer(docs[i], add_special_tokens=False)["input_ids"]
+        ids = encode(tokenizer, docs[i])
         if len(ids) < SEGMENT:
             continue
         start = int(rng.integers(len(ids) - SEGMENT + 1))
@@ -133,14 +134,13 @@ def framed(tokenizer, frame, request):
     text, begun as the tokenizer begins any text (its BOS, if it adds one) and followed by `request` to continue."""
     if frame == "chat":
         return chat_frame(tokenizer, request)
-    return tokenizer("")["input_ids"], tokenizer(request, add_special_tokens=False)["input_ids"]
+    return tokenizer("")["input_ids"], encode(tokenizer, request)
 
 
 def copy_inputs(tokenizer, docs, doc_ids, words, n, kind, frame, depth, count, rng):
     """Copy retrieval: held-out text with a segment of `kind` (COPY_KINDS) at `depth`, then the segment again at the
     end, in `frame`: plain, or the chat turn asks for the text from the segment's cue on and the reply repeats it.
     [count, n]. The model reads the repeat teacher-forced; its last SEGMENT - CUE tokens are scored."""
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     rows = []
     for _ in range(count):
         segment, skip = passage(tokenizer, docs, rng) if kind == "passage" else (None, ())
@@ -148,7 +148,7 @@ def copy_inputs(tokenizer, docs, doc_ids, words, n, kind, frame, depth, count, r
         if kind == "tokens":
             segment = rng.choice(np.unique(text), SEGMENT).tolist()       # tokens of the text, in a random order
         elif kind == "words":
-            segment = encode(" " + " ".join(rng.choice(words, SEGMENT)))[:SEGMENT]
+            segment = encode(tokenizer, " " + " ".join(rng.choice(words, SEGMENT)))[:SEGMENT]
         cue = " ".join(tokenizer.decode(segment[:CUE]).split())
         before, after = framed(tokenizer, frame, FORMATS["copy"][0].format(cue=cue) if frame == "chat" else "")
         text = text[:len(text) - len(before) - len(after)]
@@ -161,17 +161,16 @@ def passkey_inputs(tokenizer, doc_ids, n, form, depth, count, rng, new_tokens):
     """Pass-key retrieval in the format PASSKEY[form]: a prompt of n - new_tokens tokens with a 5-digit key planted at
     `depth` of its filler. Returns ids [count, n - new_tokens] and the keys (str)."""
     frame, intro, planted, question, sentence = PASSKEY[form]
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
     question = FORMATS["question"][question]
     before, after = framed(tokenizer, frame, question)
-    before = before + (encode(FORMATS["intro"][intro]) if intro is not None else [])
+    before = before + (encode(tokenizer, FORMATS["intro"][intro]) if intro is not None else [])
     rows, keys = [], []
     for _ in range(count):
         key = str(rng.integers(10000, 100000))
-        secret = encode(FORMATS["planted"][planted].format(key=key))
+        secret = encode(tokenizer, FORMATS["planted"][planted].format(key=key))
         room = n - new_tokens - len(before) - len(after) - len(secret)
         text = (filler(doc_ids, room, rng) if sentence is None else
-                (encode(FORMATS["filler"][sentence]) * room)[:room])
+                (encode(tokenizer, FORMATS["filler"][sentence]) * room)[:room])
         at = int(depth * len(text))
         rows.append(before + text[:at] + secret + text[at:] + after)
         keys.append(key)
