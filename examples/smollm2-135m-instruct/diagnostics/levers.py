@@ -53,8 +53,11 @@ if __name__ == "__main__":
         validate = moa.validate
         for lever in a.levers:
             stages = Path(a.out) / lever
-            if not stages.exists():
-                shutil.copytree(a.run, stages, ignore=shutil.ignore_patterns("plan*.json"))
+            if not stages.exists():                  # copied whole or not at all: a kill mid-copy leaves no folder
+                tmp = stages.with_name(stages.name + ".copying")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(a.run, tmp, ignore=shutil.ignore_patterns("plan*.json"))
+                tmp.rename(stages)
             moa.validate = at_the_validation_length_only(validate) if lever == "validation" else validate
             try:
                 plan = moa.compress(model, tokenizer, out=stages, **settings, **LEVERS[lever])
